@@ -1,0 +1,85 @@
+"""KV blocks, their reference counts, the prefix index and the free queue."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+
+@dataclass(slots=True, eq=False)
+class KVBlock:
+    block_id: int
+    ref_cnt: int = 0
+    block_hash: int | None = None
+
+
+class BlockPool:
+    """Owns every GPU KV block.
+
+    A free block that still holds a hash stays in the prefix index, reusable by a
+    later request, until it is evicted. Free blocks without a hash are handed out
+    first, so cached content lives as long as possible; among cached free blocks
+    the least recently freed is evicted first (LRU, as vLLM).
+    """
+
+    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
+        self.blocks = [KVBlock(i) for i in range(num_blocks)]
+        self.enable_caching = enable_caching
+        self.num_blocks = num_blocks
+        self._empty: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._cached_free: OrderedDict[int, None] = OrderedDict()
+        self._index: dict[int, int] = {}  # block hash -> block id
+        self.num_free = num_blocks
+
+    def lookup(self, block_hash: int) -> KVBlock | None:
+        block_id = self._index.get(block_hash)
+        return None if block_id is None else self.blocks[block_id]
+
+    def allocate(self, n: int) -> list[KVBlock]:
+        if n > self.num_free:
+            raise RuntimeError(f"asked for {n} blocks with {self.num_free} free")
+        out = []
+        for _ in range(n):
+            if self._empty:
+                block = self.blocks[self._empty.pop()]
+            else:
+                block_id, _ = self._cached_free.popitem(last=False)
+                block = self.blocks[block_id]
+                del self._index[block.block_hash]
+                block.block_hash = None
+            block.ref_cnt = 1
+            out.append(block)
+        self.num_free -= n
+        return out
+
+    def touch(self, blocks: list[KVBlock]) -> None:
+        """Take a reference on cached blocks found by a prefix lookup."""
+        for block in blocks:
+            if block.ref_cnt == 0:
+                del self._cached_free[block.block_id]
+                self.num_free -= 1
+            block.ref_cnt += 1
+
+    def free(self, blocks: list[KVBlock]) -> None:
+        # Tail blocks first: the end of a sequence is evicted before its shared head.
+        for block in reversed(blocks):
+            block.ref_cnt -= 1
+            if block.ref_cnt == 0:
+                if block.block_hash is None:
+                    self._empty.append(block.block_id)
+                else:
+                    self._cached_free[block.block_id] = None
+                self.num_free += 1
+
+    def cache(self, block: KVBlock, block_hash: int) -> None:
+        """Index a full block; a duplicate of an already indexed block stays unindexed."""
+        if block.block_hash is None and block_hash not in self._index:
+            self._index[block_hash] = block.block_id
+            block.block_hash = block_hash
+
+    def num_evictable(self, blocks: list[KVBlock]) -> int:
+        return sum(1 for b in blocks if b.ref_cnt == 0)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free / self.num_blocks if self.num_blocks else 0.0

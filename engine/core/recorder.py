@@ -1,0 +1,52 @@
+"""Lifecycle and per-step records, as the `requests` and `steps` tables of ARCHITECTURE.md."""
+
+from __future__ import annotations
+
+from array import array
+
+from engine.core.request import Request
+
+REQUEST_COLUMNS = (
+    "request_id", "arrival_s", "first_scheduled_s", "first_token_s", "finish_s", "prompt_tokens",
+    "output_tokens", "cached_tokens", "num_preemptions", "finish_reason", "priority",
+)
+STEP_COLUMNS = (
+    "step", "start_s", "duration_s", "num_prefill_tokens", "num_decode_tokens", "num_running",
+    "num_waiting", "kv_usage", "num_preempted", "prefix_hit_tokens",
+)
+NAN = float("nan")
+
+
+def _or_nan(x: float | None) -> float:
+    return NAN if x is None else x
+
+
+class TraceRecorder:
+    """Rows are appended as tuples when they happen; tables are built once at the end."""
+
+    def __init__(self) -> None:
+        self.request_rows: list[tuple] = []
+        self.step_rows: list[tuple] = []
+        self.itl_s = array("d")  # every inter-token gap, in seconds
+
+    def on_finish(self, req: Request) -> None:
+        self.request_rows.append((
+            req.request_id, req.arrival_time, _or_nan(req.first_scheduled_time),
+            _or_nan(req.first_token_time), _or_nan(req.finish_time), req.num_prompt_tokens,
+            len(req.output_token_ids), max(req.num_cached_tokens, 0), req.num_preemptions,
+            req.finish_reason, req.priority,
+        ))
+
+    def on_step(self, row: tuple) -> None:
+        self.step_rows.append(row)
+
+    def requests_table(self) -> dict[str, list]:
+        return _columns(REQUEST_COLUMNS, self.request_rows)
+
+    def steps_table(self) -> dict[str, list]:
+        return _columns(STEP_COLUMNS, self.step_rows)
+
+
+def _columns(names: tuple[str, ...], rows: list[tuple]) -> dict[str, list]:
+    cols = list(zip(*rows)) if rows else [() for _ in names]
+    return {name: list(col) for name, col in zip(names, cols)}

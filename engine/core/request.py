@@ -1,0 +1,89 @@
+"""A request as the scheduler and both executors see it."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from engine.core.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2  # recompute: back in the waiting queue, KV freed
+    SWAPPED = 3  # swap: KV held in CPU swap space
+    FINISHED_STOPPED = 4
+    FINISHED_LENGTH = 5
+    FINISHED_ABORTED = 6
+    FINISHED_REJECTED = 7
+
+    @property
+    def finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+
+FINISH_REASON = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_REJECTED: "rejected",
+}
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """One generation request.
+
+    `cache_salt` is folded into every block hash of the request, so that requests
+    whose KV differs for the same tokens (another LoRA adapter, another image)
+    never share cached blocks. Multimodal inputs will add per-block keys later.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    arrival_time: float = 0.0
+    priority: int = 0
+    eos_token_id: int | None = None
+    lora_id: int | None = None
+    cache_salt: tuple = ()
+    deadline: float | None = None  # absolute TTFT deadline, for SLO-aware policies
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed_tokens: int = 0
+    all_token_ids: list[int] = field(default_factory=list)
+    output_token_ids: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)
+    num_cached_tokens: int = -1  # prefix-cache hit at first scheduling; -1 until then
+    num_preemptions: int = 0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float = 0.0
+    finish_time: float | None = None
+    stop_reason: int | str | None = None
+
+    def __post_init__(self) -> None:
+        self.all_token_ids = list(self.prompt_token_ids)
+        if self.lora_id is not None and not self.cache_salt:
+            self.cache_salt = ("lora", self.lora_id)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def max_tokens(self) -> int:
+        m = self.sampling_params.max_tokens
+        return m if m is not None else 1 << 62
+
+    @property
+    def finish_reason(self) -> str | None:
+        return FINISH_REASON.get(self.status)
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)

@@ -1,0 +1,258 @@
+"""One scheduler for both backends, in the spirit of vLLM V1.
+
+Each step has one token budget. Running requests are served first (a decode
+token, or the next chunk of a prefill), then swapped-out requests are resumed,
+then waiting requests are admitted, all while blocks and `max_num_seqs` allow.
+When a running request cannot get a block, a victim is preempted (recompute or
+swap). The scheduler never reads a clock: the caller passes the time.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from engine.core.config import CacheConfig, SchedulerConfig
+from engine.core.kv_cache_manager import KVCacheManager
+from engine.core.policies import make_queue, make_victim_policy
+from engine.core.recorder import TraceRecorder
+from engine.core.request import Request, RequestStatus
+from engine.core.scheduler_output import SchedulerOutput
+
+RUNNING = RequestStatus.RUNNING
+
+
+class Scheduler:
+    def __init__(
+        self,
+        scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        num_gpu_blocks: int,
+        num_cpu_blocks: int = 0,
+        recorder: TraceRecorder | None = None,
+    ) -> None:
+        self.config = scheduler_config
+        self.block_size = cache_config.block_size
+        if num_gpu_blocks * self.block_size < scheduler_config.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {num_gpu_blocks} blocks x {self.block_size} tokens = "
+                f"{num_gpu_blocks * self.block_size} tokens, less than one max_model_len="
+                f"{scheduler_config.max_model_len} request: raise gpu_memory_utilization or "
+                "num_gpu_blocks_override, or lower max_model_len"
+            )
+        self.kv = KVCacheManager(
+            num_gpu_blocks, self.block_size, cache_config.enable_prefix_caching, num_cpu_blocks
+        )
+        self.waiting = make_queue(scheduler_config.queue_policy)
+        self.victim_policy = make_victim_policy(scheduler_config.victim_policy)
+        self.running: list[Request] = []
+        self.swapped: deque[Request] = deque()
+        self.requests: dict[str, Request] = {}
+        self.recorder = recorder if recorder is not None else TraceRecorder()
+        self.num_rejected = 0
+        self.num_preemptions = 0
+        self.num_steps = 0
+        self._step_start = 0.0
+
+    # ---- requests in and out -------------------------------------------------
+    def add_request(self, req: Request, now: float) -> bool:
+        """Queue a request; False if its prompt exceeds max_model_len (rejected, never scheduled)."""
+        if req.num_prompt_tokens > self.config.max_model_len or req.num_prompt_tokens == 0:
+            self.num_rejected += 1
+            req.status = RequestStatus.FINISHED_REJECTED
+            req.finish_time = now
+            self.recorder.on_finish(req)
+            return False
+        self.requests[req.request_id] = req
+        self.waiting.push(req)
+        return True
+
+    def finish_requests(self, request_ids: list[str], status: RequestStatus, now: float) -> None:
+        """End requests from outside the step loop (abort, stop string); their blocks are freed at once."""
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is None:
+                continue
+            if req.status == RUNNING:
+                self.running.remove(req)
+            elif req.status == RequestStatus.SWAPPED:
+                self.swapped.remove(req)
+            else:
+                self.waiting.remove(req)
+            self._finish(req, status, now)
+
+    def _finish(self, req: Request, status: RequestStatus, now: float) -> None:
+        req.status = status
+        req.finish_time = now
+        self.kv.free(req)
+        del self.requests[req.request_id]
+        self.recorder.on_finish(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting) + len(self.swapped)
+
+    # ---- one step --------------------------------------------------------------
+    def schedule(self, now: float) -> SchedulerOutput:
+        cfg = self.config
+        kv = self.kv
+        out = SchedulerOutput()
+        reqs, ntoks = out.requests, out.num_scheduled_tokens
+        budget = cfg.max_num_batched_tokens
+        threshold = cfg.long_prefill_token_threshold or budget
+        running = self.running
+        i = 0
+        while i < len(running) and budget > 0:
+            req = running[i]
+            n = req.num_tokens - req.num_computed_tokens
+            if n > 1:
+                n = min(n, threshold, budget)
+            if kv.allocate_slots(req, n):
+                reqs.append(req)
+                ntoks.append(n)
+                budget -= n
+                i += 1
+                continue
+            victim = running.pop(self.victim_policy.select(running, i))
+            if victim in reqs:  # already scheduled this step: give its tokens back
+                j = reqs.index(victim)
+                del reqs[j]
+                budget += ntoks.pop(j)
+                i -= 1
+            self._preempt(victim, out)
+        if not out.preempted:
+            budget = self._resume_swapped(out, budget)
+            self._admit_waiting(out, budget, now)
+        self._describe(out)
+        self._step_start = now
+        return out
+
+    def _describe(self, out: SchedulerOutput) -> None:
+        """The batch's composition, which the step-time model and the trace need."""
+        decode = context = prefill = 0
+        chunks = out.prefill_chunks
+        for req, n in zip(out.requests, out.num_scheduled_tokens):
+            computed = req.num_computed_tokens
+            if n == 1 and computed >= req.num_prompt_tokens:
+                decode += 1
+                context += computed + 1
+            else:
+                prefill += n
+                chunks.append((n, computed))
+        out.num_decode_tokens = decode
+        out.decode_context_tokens = context
+        out.num_prefill_tokens = prefill
+        out.num_running = len(self.running)
+        out.num_waiting = len(self.waiting) + len(self.swapped)
+        out.kv_usage = self.kv.usage
+
+    def _schedule_new(self, out: SchedulerOutput, req: Request, n: int) -> None:
+        req.status = RUNNING
+        self.running.append(req)
+        out.requests.append(req)
+        out.num_scheduled_tokens.append(n)
+
+    def _resume_swapped(self, out: SchedulerOutput, budget: int) -> int:
+        max_seqs = self.config.max_num_seqs
+        threshold = self.config.long_prefill_token_threshold or budget
+        while self.swapped and budget > 0 and len(self.running) < max_seqs:
+            req = self.swapped[0]
+            n = min(req.num_tokens - req.num_computed_tokens, budget, threshold)
+            mapping = self.kv.swap_in(req, n)
+            if mapping is None:
+                break
+            self.swapped.popleft()
+            out.swap_in.extend(mapping)
+            self._schedule_new(out, req, n)
+            budget -= n
+        return budget
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int, now: float) -> None:
+        cfg = self.config
+        kv = self.kv
+        bs = self.block_size
+        while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+            req = self.waiting.peek()
+            hits = kv.get_computed_blocks(req)
+            num_hit = len(hits) * bs
+            n = req.num_tokens - num_hit
+            if cfg.long_prefill_token_threshold:
+                n = min(n, cfg.long_prefill_token_threshold)
+            if n > budget:
+                if not cfg.enable_chunked_prefill:
+                    break
+                n = budget
+            if not kv.allocate_slots(req, n, hits):
+                break
+            self.waiting.pop()
+            req.num_computed_tokens = num_hit
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_hit
+                req.first_scheduled_time = now
+            out.prefix_hit_tokens += num_hit
+            self._schedule_new(out, req, n)
+            budget -= n
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        out.preempted.append(req)
+        if self.config.preemption_mode == "swap":
+            mapping = self.kv.swap_out(req)
+            if mapping is not None:
+                req.status = RequestStatus.SWAPPED
+                out.swap_out.extend(mapping)
+                self.swapped.append(req)
+                return
+        # Recompute (or swap space full): drop the KV; the prefix cache may keep part of it.
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        self.waiting.push_front(req)
+
+    def update(self, out: SchedulerOutput, sampled: list[int] | None, now: float) -> list[Request]:
+        """Advance the step's requests, append sampled tokens, finish those that stop."""
+        max_model_len = self.config.max_model_len
+        itl = self.recorder.itl_s
+        finished = []
+        for i, req in enumerate(out.requests):
+            req.num_computed_tokens += out.num_scheduled_tokens[i]
+            if req.num_computed_tokens < req.num_tokens or req.status != RUNNING:
+                continue
+            tok = sampled[i] if sampled is not None else 0
+            req.output_token_ids.append(tok)
+            req.all_token_ids.append(tok)
+            if req.first_token_time is None:
+                req.first_token_time = now
+            else:
+                itl.append(now - req.last_token_time)
+            req.last_token_time = now
+            if len(req.output_token_ids) >= req.max_tokens or len(req.all_token_ids) >= max_model_len:
+                req.status = RequestStatus.FINISHED_LENGTH
+            else:
+                params = req.sampling_params
+                if tok == req.eos_token_id and not params.ignore_eos:
+                    req.status = RequestStatus.FINISHED_STOPPED
+                elif tok in params.stop_token_ids:
+                    req.status = RequestStatus.FINISHED_STOPPED
+                    req.stop_reason = tok
+                else:
+                    continue
+            finished.append(req)
+        if finished:
+            self.running = [r for r in self.running if r.status == RUNNING]
+            for req in finished:
+                self._finish(req, req.status, now)
+        self.recorder.on_step((
+            self.num_steps, self._step_start, now - self._step_start, out.num_prefill_tokens,
+            out.num_decode_tokens, len(self.running), self.num_waiting, out.kv_usage,
+            len(out.preempted), out.prefix_hit_tokens,
+        ))
+        self.num_steps += 1
+        return finished

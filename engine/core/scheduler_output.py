@@ -1,0 +1,41 @@
+"""What one scheduler step decided: the seam where the simulator and the GPU executor plug in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.core.request import Request
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """One step's batch.
+
+    `requests[i]` computes `num_scheduled_tokens[i]` tokens, starting at its
+    `num_computed_tokens` (not yet advanced: `Scheduler.update` advances it).
+    A request samples a token this step iff its computed tokens reach
+    `num_tokens` after the step. Decode requests are those past their prompt that
+    compute exactly one token; everything else is a prefill chunk.
+    """
+
+    requests: list[Request] = field(default_factory=list)
+    num_scheduled_tokens: list[int] = field(default_factory=list)
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+    decode_context_tokens: int = 0  # sum over decode requests of context length incl. the new token
+    prefill_chunks: list[tuple[int, int]] = field(default_factory=list)  # (new tokens, tokens already in KV)
+    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (gpu block, cpu block), before the forward
+    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (cpu block, gpu block), before the forward
+    preempted: list[Request] = field(default_factory=list)
+    prefix_hit_tokens: int = 0
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return self.num_prefill_tokens + self.num_decode_tokens
+
+    @property
+    def empty(self) -> bool:
+        return not self.requests and not self.swap_out

@@ -1,0 +1,130 @@
+"""Behaviour of the shared scheduler that users rely on."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.core import CacheConfig, Request, RequestStatus, SamplingParams, Scheduler, SchedulerConfig
+
+
+def make(n_tokens: int, rid: str, max_tokens: int = 4, priority: int = 0, t: float = 0.0, base: int = 0):
+    return Request(rid, list(range(base, base + n_tokens)), SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                   arrival_time=t, priority=priority)
+
+
+def run_all(sched: Scheduler, t: float = 0.0) -> float:
+    while sched.has_unfinished_requests():
+        out = sched.schedule(t)
+        t += 1
+        sched.update(out, None, t)
+    return t
+
+
+def test_request_longer_than_max_model_len_is_rejected_and_counted():
+    sched = Scheduler(SchedulerConfig(max_model_len=64), CacheConfig(), 100)
+    assert not sched.add_request(make(65, "long"), 0.0)
+    assert sched.add_request(make(64, "ok"), 0.0)
+    run_all(sched)
+    rows = sched.recorder.requests_table()
+    assert sched.num_rejected == 1
+    assert dict(zip(rows["request_id"], rows["finish_reason"])) == {"long": "rejected", "ok": "length"}
+
+
+def test_without_chunked_prefill_a_prompt_runs_whole():
+    cfg = SchedulerConfig(max_num_batched_tokens=100, enable_chunked_prefill=False, max_model_len=100)
+    sched = Scheduler(cfg, CacheConfig(), 100)
+    sched.add_request(make(60, "a"), 0.0)
+    sched.add_request(make(60, "b", base=1000), 0.0)
+    out = sched.schedule(0.0)
+    assert out.num_scheduled_tokens == [60]  # b does not fit the rest of the budget and is not split
+
+
+def test_chunked_off_rejects_budget_below_max_model_len():
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        SchedulerConfig(max_num_batched_tokens=100, enable_chunked_prefill=False, max_model_len=200)
+
+
+def test_kv_cache_smaller_than_one_request_is_a_clear_error():
+    with pytest.raises(ValueError, match="less than one max_model_len"):
+        Scheduler(SchedulerConfig(max_model_len=4096), CacheConfig(block_size=16), 10)
+
+
+def test_decodes_come_before_new_prefills():
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=32, max_model_len=64), CacheConfig(), 64)
+    sched.add_request(make(8, "first", max_tokens=10), 0.0)
+    sched.update(sched.schedule(0.0), None, 1.0)
+    sched.add_request(make(64, "second", base=500), 1.0)
+    out = sched.schedule(1.0)
+    assert [r.request_id for r in out.requests] == ["first", "second"]
+    assert out.num_scheduled_tokens == [1, 31] and out.num_decode_tokens == 1
+
+
+def test_priority_queue_admits_lowest_value_first():
+    cfg = SchedulerConfig(max_num_seqs=1, queue_policy="priority", max_model_len=64)
+    sched = Scheduler(cfg, CacheConfig(), 64)
+    sched.add_request(make(8, "low", priority=5), 0.0)
+    sched.add_request(make(8, "high", priority=0, t=1.0, base=100), 1.0)
+    out = sched.schedule(1.0)
+    assert [r.request_id for r in out.requests] == ["high"]
+
+
+@pytest.mark.parametrize("policy,victim", [("last_admitted", "c"), ("lowest_priority", "a")])
+def test_victim_policy_chooses_whom_to_preempt(policy, victim):
+    cfg = SchedulerConfig(max_num_seqs=3, max_model_len=32, victim_policy=policy)
+    sched = Scheduler(cfg, CacheConfig(block_size=4, enable_prefix_caching=False), 8)
+    for rid, prio in (("a", 9), ("b", 0), ("c", 1)):
+        sched.add_request(make(8, rid, max_tokens=20, priority=prio, base=ord(rid) * 100), 0.0)
+    preempted = []
+    t = 0.0
+    while not preempted:
+        out = sched.schedule(t)
+        preempted = [r.request_id for r in out.preempted]
+        t += 1
+        sched.update(out, None, t)
+    assert preempted[0] == victim
+
+
+def test_prefix_cache_hits_shared_blocks_and_never_the_last_token():
+    sched = Scheduler(SchedulerConfig(max_model_len=128), CacheConfig(block_size=4), 64)
+    sched.add_request(make(32, "a"), 0.0)
+    run_all(sched)
+    sched.add_request(make(32, "same"), 10.0)
+    sched.add_request(make(20, "prefix"), 10.0)
+    run_all(sched, 10.0)
+    rows = sched.recorder.requests_table()
+    cached = dict(zip(rows["request_id"], rows["cached_tokens"]))
+    assert cached == {"a": 0, "same": 28, "prefix": 16}
+    assert sched.kv.prefix_hits == 44
+
+
+def test_prefix_caching_off_gives_no_hits():
+    sched = Scheduler(SchedulerConfig(max_model_len=128), CacheConfig(block_size=4, enable_prefix_caching=False), 64)
+    for i in range(3):
+        sched.add_request(make(32, str(i)), 0.0)
+    run_all(sched)
+    assert sched.kv.prefix_hits == 0
+
+
+def test_stop_token_and_eos_end_a_request():
+    sched = Scheduler(SchedulerConfig(max_model_len=64), CacheConfig(), 64)
+    req = Request("r", [1, 2, 3], SamplingParams(max_tokens=10, stop_token_ids=[7]), eos_token_id=2)
+    sched.add_request(req, 0.0)
+    sched.update(sched.schedule(0.0), [5], 1.0)
+    sched.update(sched.schedule(1.0), [7], 2.0)
+    assert req.status == RequestStatus.FINISHED_STOPPED and req.stop_reason == 7
+    assert req.output_token_ids == [5, 7]
+
+
+def test_abort_frees_blocks_at_once():
+    sched = Scheduler(SchedulerConfig(max_model_len=64), CacheConfig(), 64)
+    sched.add_request(make(40, "r", max_tokens=100), 0.0)
+    sched.update(sched.schedule(0.0), None, 1.0)
+    assert sched.kv.num_free_blocks < 64
+    sched.finish_requests(["r"], RequestStatus.FINISHED_ABORTED, 1.5)
+    assert sched.kv.num_free_blocks == 64 and not sched.has_unfinished_requests()
+    assert sched.recorder.requests_table()["finish_reason"] == ["abort"]
+
+
+def test_unknown_policy_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="scheduler.queue_policy='sjf'"):
+        Scheduler(SchedulerConfig(queue_policy="sjf", max_model_len=16), CacheConfig(), 8)
