@@ -71,7 +71,9 @@ class Simulation:
                 if out.preempted:
                     continue  # a request preempted itself; it is readmitted at once
                 if scheduler.num_waiting:
-                    raise RuntimeError("the scheduler admitted nothing with an idle engine and requests waiting")
+                    raise RuntimeError(
+                        "the scheduler admitted nothing with an idle engine and requests waiting"
+                    )
                 if self._arrivals_done and not scheduler.has_unfinished_requests():
                     return
                 self._wake = env.event()

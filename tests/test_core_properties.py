@@ -82,8 +82,12 @@ def scenarios(draw):
         own = draw(st.integers(1, 60))
         prompt = [fam * 1000 + k for k in range(shared)] + [100000 + i * 1000 + k for k in range(own)]
         params = SamplingParams(max_tokens=draw(st.integers(1, 40)), ignore_eos=True)
-        reqs.append((draw(st.integers(0, 20)), Request(
-            str(i), prompt, params, arrival_time=float(i), priority=draw(st.integers(0, 2)))))
+        reqs.append(
+            (
+                draw(st.integers(0, 20)),
+                Request(str(i), prompt, params, arrival_time=float(i), priority=draw(st.integers(0, 2))),
+            )
+        )
     return cfg, cache, num_blocks, num_cpu, reqs
 
 
@@ -94,7 +98,7 @@ def test_scheduler_invariants(scenario):
     sched = Scheduler(cfg, cache, num_blocks, num_cpu)
     kv = FakeKV()
     pending = sorted(reqs, key=lambda x: x[0])
-    expected = {r.request_id: r.max_tokens for _, r in reqs}
+    expected = {r.request_id: r.sampling_params.max_tokens for _, r in reqs}
     prompt_len = {r.request_id: r.num_prompt_tokens for _, r in reqs}
     step = 0
     while pending or sched.has_unfinished_requests():
@@ -124,8 +128,9 @@ def test_scheduler_invariants(scenario):
 @settings(max_examples=60, deadline=None)
 @given(prompt=st.integers(1, 400), budget=st.integers(1, 64), threshold=st.sampled_from([0, 5, 33]))
 def test_chunked_prefill_pieces_add_up_to_the_prompt(prompt, budget, threshold):
-    cfg = SchedulerConfig(max_num_batched_tokens=budget, long_prefill_token_threshold=threshold,
-                          max_model_len=512)
+    cfg = SchedulerConfig(
+        max_num_batched_tokens=budget, long_prefill_token_threshold=threshold, max_model_len=512
+    )
     sched = Scheduler(cfg, CacheConfig(block_size=16), 64)
     req = Request("r", list(range(prompt)), SamplingParams(max_tokens=2, ignore_eos=True))
     sched.add_request(req, 0.0)
@@ -141,8 +146,10 @@ def test_chunked_prefill_pieces_add_up_to_the_prompt(prompt, budget, threshold):
 def test_swap_round_trip_keeps_progress():
     cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, preemption_mode="swap", max_model_len=64)
     sched = Scheduler(cfg, CacheConfig(block_size=4, enable_prefix_caching=False), 16, num_cpu_blocks=64)
-    reqs = [Request(str(i), list(range(i * 100, i * 100 + 30)), SamplingParams(max_tokens=30, ignore_eos=True))
-            for i in range(3)]
+    reqs = [
+        Request(str(i), list(range(i * 100, i * 100 + 30)), SamplingParams(max_tokens=30, ignore_eos=True))
+        for i in range(3)
+    ]
     kv = FakeKV()
     for r in reqs:
         sched.add_request(r, 0.0)

@@ -8,8 +8,13 @@ from engine.core import CacheConfig, Request, RequestStatus, SamplingParams, Sch
 
 
 def make(n_tokens: int, rid: str, max_tokens: int = 4, priority: int = 0, t: float = 0.0, base: int = 0):
-    return Request(rid, list(range(base, base + n_tokens)), SamplingParams(max_tokens=max_tokens, ignore_eos=True),
-                   arrival_time=t, priority=priority)
+    return Request(
+        rid,
+        list(range(base, base + n_tokens)),
+        SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+        arrival_time=t,
+        priority=priority,
+    )
 
 
 def run_all(sched: Scheduler, t: float = 0.0) -> float:
@@ -98,7 +103,9 @@ def test_prefix_cache_hits_shared_blocks_and_never_the_last_token():
 
 
 def test_prefix_caching_off_gives_no_hits():
-    sched = Scheduler(SchedulerConfig(max_model_len=128), CacheConfig(block_size=4, enable_prefix_caching=False), 64)
+    sched = Scheduler(
+        SchedulerConfig(max_model_len=128), CacheConfig(block_size=4, enable_prefix_caching=False), 64
+    )
     for i in range(3):
         sched.add_request(make(32, str(i)), 0.0)
     run_all(sched)
@@ -112,7 +119,7 @@ def test_stop_token_and_eos_end_a_request():
     sched.update(sched.schedule(0.0), [5], 1.0)
     sched.update(sched.schedule(1.0), [7], 2.0)
     assert req.status == RequestStatus.FINISHED_STOPPED and req.stop_reason == 7
-    assert req.output_token_ids == [5, 7]
+    assert req.output_token_ids == [5, 7] and req.num_output_tokens == 2
 
 
 def test_abort_frees_blocks_at_once():

@@ -9,6 +9,13 @@ from engine.core.scheduler import Scheduler
 from engine.core.scheduler_output import SchedulerOutput
 
 __all__ = [
-    "CacheConfig", "KVCacheManager", "Request", "RequestStatus", "SamplingParams", "Scheduler",
-    "SchedulerConfig", "SchedulerOutput", "TraceRecorder",
+    "CacheConfig",
+    "KVCacheManager",
+    "Request",
+    "RequestStatus",
+    "SamplingParams",
+    "Scheduler",
+    "SchedulerConfig",
+    "SchedulerOutput",
+    "TraceRecorder",
 ]

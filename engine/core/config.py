@@ -18,9 +18,7 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         if self.preemption_mode not in ("recompute", "swap"):
-            raise ValueError(
-                f"scheduler.preemption_mode={self.preemption_mode!r}: choose recompute or swap"
-            )
+            raise ValueError(f"scheduler.preemption_mode={self.preemption_mode!r}: choose recompute or swap")
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"scheduler.{name} must be >= 1, got {getattr(self, name)}")

@@ -84,6 +84,7 @@ class KVCacheManager:
                 if need > self.pool.num_free:
                     return False
                 blocks.extend(self.pool.allocate(need))
+                req.num_kv_slots = len(blocks) * bs
         else:
             total = len(computed_blocks) * bs + num_new_tokens
             need = -(-total // bs) - len(computed_blocks)
@@ -92,6 +93,7 @@ class KVCacheManager:
             self.pool.touch(computed_blocks)
             blocks = computed_blocks + self.pool.allocate(need)
             self._blocks[rid] = blocks
+            req.num_kv_slots = len(blocks) * bs
             self._num_cached[rid] = len(computed_blocks)
             self.prefix_queries += req.num_tokens
             self.prefix_hits += len(computed_blocks) * bs
@@ -106,6 +108,7 @@ class KVCacheManager:
         self._num_cached[req.request_id] = num_full
 
     def free(self, req: Request) -> None:
+        req.num_kv_slots = 0
         blocks = self._blocks.pop(req.request_id, None)
         self._num_cached.pop(req.request_id, None)
         if blocks:
@@ -128,6 +131,7 @@ class KVCacheManager:
         mapping = [(b.block_id, c) for b, c in zip(blocks, cpu)]
         del self._blocks[req.request_id]
         del self._num_cached[req.request_id]
+        req.num_kv_slots = 0
         self.pool.free(blocks)
         return mapping
 
@@ -142,6 +146,7 @@ class KVCacheManager:
         del self._swapped[req.request_id]
         self._cpu_free.extend(cpu)
         self._blocks[req.request_id] = blocks
+        req.num_kv_slots = len(blocks) * self.block_size
         self._num_cached[req.request_id] = 0
         if self.enable_caching and total // self.block_size:
             self._cache_full_blocks(req, blocks, total // self.block_size)

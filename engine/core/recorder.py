@@ -7,12 +7,29 @@ from array import array
 from engine.core.request import Request
 
 REQUEST_COLUMNS = (
-    "request_id", "arrival_s", "first_scheduled_s", "first_token_s", "finish_s", "prompt_tokens",
-    "output_tokens", "cached_tokens", "num_preemptions", "finish_reason", "priority",
+    "request_id",
+    "arrival_s",
+    "first_scheduled_s",
+    "first_token_s",
+    "finish_s",
+    "prompt_tokens",
+    "output_tokens",
+    "cached_tokens",
+    "num_preemptions",
+    "finish_reason",
+    "priority",
 )
 STEP_COLUMNS = (
-    "step", "start_s", "duration_s", "num_prefill_tokens", "num_decode_tokens", "num_running",
-    "num_waiting", "kv_usage", "num_preempted", "prefix_hit_tokens",
+    "step",
+    "start_s",
+    "duration_s",
+    "num_prefill_tokens",
+    "num_decode_tokens",
+    "num_running",
+    "num_waiting",
+    "kv_usage",
+    "num_preempted",
+    "prefix_hit_tokens",
 )
 NAN = float("nan")
 
@@ -30,12 +47,21 @@ class TraceRecorder:
         self.itl_s = array("d")  # every inter-token gap, in seconds
 
     def on_finish(self, req: Request) -> None:
-        self.request_rows.append((
-            req.request_id, req.arrival_time, _or_nan(req.first_scheduled_time),
-            _or_nan(req.first_token_time), _or_nan(req.finish_time), req.num_prompt_tokens,
-            len(req.output_token_ids), max(req.num_cached_tokens, 0), req.num_preemptions,
-            req.finish_reason, req.priority,
-        ))
+        self.request_rows.append(
+            (
+                req.request_id,
+                req.arrival_time,
+                _or_nan(req.first_scheduled_time),
+                _or_nan(req.first_token_time),
+                _or_nan(req.finish_time),
+                req.num_prompt_tokens,
+                req.num_output_tokens,
+                max(req.num_cached_tokens, 0),
+                req.num_preemptions,
+                req.finish_reason,
+                req.priority,
+            )
+        )
 
     def on_step(self, row: tuple) -> None:
         self.step_rows.append(row)

@@ -51,8 +51,7 @@ class Request:
     deadline: float | None = None  # absolute TTFT deadline, for SLO-aware policies
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
-    all_token_ids: list[int] = field(default_factory=list)
-    output_token_ids: list[int] = field(default_factory=list)
+    all_token_ids: list[int] = field(default_factory=list)  # prompt, then every sampled token
     block_hashes: list[int] = field(default_factory=list)
     num_cached_tokens: int = -1  # prefix-cache hit at first scheduling; -1 until then
     num_preemptions: int = 0
@@ -61,29 +60,37 @@ class Request:
     last_token_time: float = 0.0
     finish_time: float | None = None
     stop_reason: int | str | None = None
+    # Derived once, read on every step (plain slots are cheaper than properties in the hot loop).
+    num_prompt_tokens: int = field(init=False)
+    max_num_tokens: int = field(init=False)  # prompt + max_tokens
+    stop_ids: frozenset[int] = field(init=False)  # stop_token_ids, plus EOS unless ignore_eos
+    num_kv_slots: int = field(init=False, default=0)  # tokens its GPU blocks hold; KVCacheManager keeps it
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
+        self.num_prompt_tokens = len(self.prompt_token_ids)
+        params = self.sampling_params
+        max_tokens = params.max_tokens if params.max_tokens is not None else 1 << 62
+        self.max_num_tokens = self.num_prompt_tokens + max_tokens
+        stops = set(params.stop_token_ids)
+        if self.eos_token_id is not None and not params.ignore_eos:
+            stops.add(self.eos_token_id)
+        self.stop_ids = frozenset(stops)
         if self.lora_id is not None and not self.cache_salt:
             self.cache_salt = ("lora", self.lora_id)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
 
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
 
     @property
-    def max_tokens(self) -> int:
-        m = self.sampling_params.max_tokens
-        return m if m is not None else 1 << 62
+    def num_output_tokens(self) -> int:
+        return len(self.all_token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.all_token_ids[self.num_prompt_tokens :]
 
     @property
     def finish_reason(self) -> str | None:
         return FINISH_REASON.get(self.status)
-
-    def append_output_token(self, token_id: int) -> None:
-        self.output_token_ids.append(token_id)
-        self.all_token_ids.append(token_id)

@@ -10,6 +10,7 @@ swap). The scheduler never reads a clock: the caller passes the time.
 from __future__ import annotations
 
 from collections import deque
+from itertools import repeat
 
 from engine.core.config import CacheConfig, SchedulerConfig
 from engine.core.kv_cache_manager import KVCacheManager
@@ -110,10 +111,12 @@ class Scheduler:
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
-            n = req.num_tokens - req.num_computed_tokens
+            computed = req.num_computed_tokens
+            n = len(req.all_token_ids) - computed
             if n > 1:
                 n = min(n, threshold, budget)
-            if kv.allocate_slots(req, n):
+            # Fast path: a decode token that fits the last block without filling it needs no KV work.
+            if (n == 1 and computed + 1 < req.num_kv_slots) or kv.allocate_slots(req, n):
                 reqs.append(req)
                 ntoks.append(n)
                 budget -= n
@@ -163,7 +166,7 @@ class Scheduler:
         threshold = self.config.long_prefill_token_threshold or budget
         while self.swapped and budget > 0 and len(self.running) < max_seqs:
             req = self.swapped[0]
-            n = min(req.num_tokens - req.num_computed_tokens, budget, threshold)
+            n = min(len(req.all_token_ids) - req.num_computed_tokens, budget, threshold)
             mapping = self.kv.swap_in(req, n)
             if mapping is None:
                 break
@@ -181,7 +184,7 @@ class Scheduler:
             req = self.waiting.peek()
             hits = kv.get_computed_blocks(req)
             num_hit = len(hits) * bs
-            n = req.num_tokens - num_hit
+            n = len(req.all_token_ids) - num_hit
             if cfg.long_prefill_token_threshold:
                 n = min(n, cfg.long_prefill_token_threshold)
             if n > budget:
@@ -217,42 +220,52 @@ class Scheduler:
         self.waiting.push_front(req)
 
     def update(self, out: SchedulerOutput, sampled: list[int] | None, now: float) -> list[Request]:
-        """Advance the step's requests, append sampled tokens, finish those that stop."""
+        """Advance the step's requests, append sampled tokens, finish those that stop.
+
+        `sampled[i]` belongs to `out.requests[i]`; None (the simulator) appends placeholder tokens.
+        """
         max_model_len = self.config.max_model_len
-        itl = self.recorder.itl_s
+        itl_append = self.recorder.itl_s.append
+        tokens_iter = sampled if sampled is not None else repeat(0)
         finished = []
-        for i, req in enumerate(out.requests):
-            req.num_computed_tokens += out.num_scheduled_tokens[i]
-            if req.num_computed_tokens < req.num_tokens or req.status != RUNNING:
-                continue
-            tok = sampled[i] if sampled is not None else 0
-            req.output_token_ids.append(tok)
-            req.all_token_ids.append(tok)
+        for req, n, tok in zip(out.requests, out.num_scheduled_tokens, tokens_iter):
+            computed = req.num_computed_tokens + n
+            req.num_computed_tokens = computed
+            tokens = req.all_token_ids
+            if computed < len(tokens) or req.status != RUNNING:
+                continue  # a partial prefill chunk samples nothing
+            tokens.append(tok)
             if req.first_token_time is None:
                 req.first_token_time = now
             else:
-                itl.append(now - req.last_token_time)
+                itl_append(now - req.last_token_time)
             req.last_token_time = now
-            if len(req.output_token_ids) >= req.max_tokens or len(req.all_token_ids) >= max_model_len:
+            if len(tokens) >= req.max_num_tokens or len(tokens) >= max_model_len:
                 req.status = RequestStatus.FINISHED_LENGTH
-            else:
-                params = req.sampling_params
-                if tok == req.eos_token_id and not params.ignore_eos:
-                    req.status = RequestStatus.FINISHED_STOPPED
-                elif tok in params.stop_token_ids:
-                    req.status = RequestStatus.FINISHED_STOPPED
+            elif tok in req.stop_ids:
+                req.status = RequestStatus.FINISHED_STOPPED
+                if tok != req.eos_token_id:
                     req.stop_reason = tok
-                else:
-                    continue
+            else:
+                continue
             finished.append(req)
         if finished:
             self.running = [r for r in self.running if r.status == RUNNING]
             for req in finished:
                 self._finish(req, req.status, now)
-        self.recorder.on_step((
-            self.num_steps, self._step_start, now - self._step_start, out.num_prefill_tokens,
-            out.num_decode_tokens, len(self.running), self.num_waiting, out.kv_usage,
-            len(out.preempted), out.prefix_hit_tokens,
-        ))
+        self.recorder.on_step(
+            (
+                self.num_steps,
+                self._step_start,
+                now - self._step_start,
+                out.num_prefill_tokens,
+                out.num_decode_tokens,
+                len(self.running),
+                self.num_waiting,
+                out.kv_usage,
+                len(out.preempted),
+                out.prefix_hit_tokens,
+            )
+        )
         self.num_steps += 1
         return finished

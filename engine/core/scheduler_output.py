@@ -24,7 +24,9 @@ class SchedulerOutput:
     num_decode_tokens: int = 0
     decode_context_tokens: int = 0  # sum over decode requests of context length incl. the new token
     prefill_chunks: list[tuple[int, int]] = field(default_factory=list)  # (new tokens, tokens already in KV)
-    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (gpu block, cpu block), before the forward
+    swap_out: list[tuple[int, int]] = field(
+        default_factory=list
+    )  # (gpu block, cpu block), before the forward
     swap_in: list[tuple[int, int]] = field(default_factory=list)  # (cpu block, gpu block), before the forward
     preempted: list[Request] = field(default_factory=list)
     prefix_hit_tokens: int = 0

@@ -1,0 +1,95 @@
+"""Simulator speed: wall seconds, peak memory and simulated requests per wall second.
+
+    python benchmarks/sim_speed.py            # both cases, and Vidur beside the second
+    python benchmarks/sim_speed.py --no-vidur
+
+Case 1: the whole Azure LLM 2023 conv trace (19,366 requests), Llama-2-7B on one A100-80GB, default knobs.
+Case 2: the same trace, CodeLlama-34B on A100 with TP 2 (pairwise NVLink), Vidur's profiles, beside Vidur
+itself (its own venv, see benchmarks/vidur_baseline.py) on the same trace in the same run.
+Each simulator run is a fresh process (cold: nothing cached between runs), measured from outside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TRACE = "data/traces/AzureLLMInferenceTrace_conv.csv"
+CASES = {
+    "llama2_7b/a100/tp1": ["model=llama2_7b", "hardware=a100_80g", "parallel=tp1"],
+    "codellama_34b/a100/tp2": [
+        "model=codellama_34b",
+        "hardware=a100_80g",
+        "parallel=tp2",
+        "backend.step_time=vidur",
+    ],
+}
+
+
+def run_sim(overrides: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [
+            sys.executable,
+            "-m",
+            "workbench",
+            "workload=azure_conv",
+            f"workload.path={TRACE}",
+            "report=false",
+            "progress=false",
+            f"hydra.run.dir={tmp}",
+            *overrides,
+        ]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        t0 = time.perf_counter()
+        subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - t0
+        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        summary = json.loads((Path(tmp) / "summary.json").read_text())
+    return {
+        "wall_s": wall,
+        "peak_rss_mb": peak_mb if peak_mb > before / 1024 else float("nan"),
+        "requests": summary["num_requests"],
+        "sim_req_per_wall_s": summary["num_requests"] / wall,
+        "median_ttft_ms": summary["median_ttft_ms"],
+        "median_tpot_ms": summary["median_tpot_ms"],
+        "median_e2el_ms": summary["median_e2el_ms"],
+        "step_time_model": summary.get("step_time_model"),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--no-vidur", action="store_true", help="skip the Vidur baseline")
+    ap.add_argument("--vidur-venv", default="/tmp/vidur-venv")
+    args = ap.parse_args()
+    results = {name: run_sim(ov) for name, ov in CASES.items()}
+    if not args.no_vidur:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        from vidur_baseline import run_vidur
+
+        results["vidur codellama_34b/a100/tp2"] = run_vidur(
+            REPO / "data/traces/splitwise_conv.csv", Path(args.vidur_venv), None
+        )
+    cols = [
+        "wall_s",
+        "peak_rss_mb",
+        "sim_req_per_wall_s",
+        "median_ttft_ms",
+        "median_tpot_ms",
+        "median_e2el_ms",
+    ]
+    print(f"{'case':34s}" + "".join(f"{c:>20s}" for c in cols))
+    for name, r in results.items():
+        print(f"{name:34s}" + "".join(f"{r.get(c, float('nan')):20.2f}" for c in cols))
+    print(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
