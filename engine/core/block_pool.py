@@ -77,6 +77,11 @@ class BlockPool:
             self._index[block_hash] = block.block_id
             block.block_hash = block_hash
 
+    def uncache(self, block: KVBlock) -> None:
+        if block.block_hash is not None:
+            del self._index[block.block_hash]
+            block.block_hash = None
+
     def num_evictable(self, blocks: list[KVBlock]) -> int:
         return sum(1 for b in blocks if b.ref_cnt == 0)
 

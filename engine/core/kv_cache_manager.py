@@ -108,14 +108,27 @@ class KVCacheManager:
         self._num_cached[req.request_id] = num_full
 
     def free(self, req: Request) -> None:
-        req.num_kv_slots = 0
-        blocks = self._blocks.pop(req.request_id, None)
-        self._num_cached.pop(req.request_id, None)
+        blocks = self._release_gpu_blocks(req)
         if blocks:
             self.pool.free(blocks)
         cpu = self._swapped.pop(req.request_id, None)
         if cpu:
             self._cpu_free.extend(cpu)
+
+    def _release_gpu_blocks(self, req: Request) -> list[KVBlock] | None:
+        """Detach the request's GPU blocks, unindexing those whose tokens were never computed.
+
+        Blocks are indexed when slots are allocated, before the forward pass fills
+        them; a request preempted after it was scheduled in the same step leaves
+        such blocks behind, and no later request may hit on them.
+        """
+        req.num_kv_slots = 0
+        blocks = self._blocks.pop(req.request_id, None)
+        num_cached = self._num_cached.pop(req.request_id, 0)
+        if blocks:
+            for block in blocks[req.num_computed_tokens // self.block_size : num_cached]:
+                self.pool.uncache(block)
+        return blocks
 
     def swap_out(self, req: Request) -> list[tuple[int, int]] | None:
         """Move the request's KV to CPU swap space: (gpu block, cpu block) copies, or None if it is full.
@@ -123,17 +136,13 @@ class KVCacheManager:
         The GPU blocks are freed at once; the executor copies them out before the
         step's forward pass can overwrite them.
         """
-        blocks = self._blocks[req.request_id]
-        if len(blocks) > len(self._cpu_free):
+        if len(self._blocks[req.request_id]) > len(self._cpu_free):
             return None
+        blocks = self._release_gpu_blocks(req)
         cpu = [self._cpu_free.pop() for _ in blocks]
         self._swapped[req.request_id] = cpu
-        mapping = [(b.block_id, c) for b, c in zip(blocks, cpu)]
-        del self._blocks[req.request_id]
-        del self._num_cached[req.request_id]
-        req.num_kv_slots = 0
         self.pool.free(blocks)
-        return mapping
+        return [(b.block_id, c) for b, c in zip(blocks, cpu)]
 
     def swap_in(self, req: Request, num_new_tokens: int) -> list[tuple[int, int]] | None:
         """Bring a swapped request back and make room for its next tokens: (cpu, gpu) copies, or None."""

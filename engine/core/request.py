@@ -62,7 +62,7 @@ class Request:
     stop_reason: int | str | None = None
     # Derived once, read on every step (plain slots are cheaper than properties in the hot loop).
     num_prompt_tokens: int = field(init=False)
-    max_num_tokens: int = field(init=False)  # prompt + max_tokens
+    max_num_tokens: int = field(init=False)  # prompt + max_tokens; the scheduler caps it at max_model_len
     stop_ids: frozenset[int] = field(init=False)  # stop_token_ids, plus EOS unless ignore_eos
     num_kv_slots: int = field(init=False, default=0)  # tokens its GPU blocks hold; KVCacheManager keeps it
 

@@ -63,6 +63,7 @@ class Scheduler:
             req.finish_time = now
             self.recorder.on_finish(req)
             return False
+        req.max_num_tokens = min(req.max_num_tokens, self.config.max_model_len)
         self.requests[req.request_id] = req
         self.waiting.push(req)
         return True
@@ -224,7 +225,6 @@ class Scheduler:
 
         `sampled[i]` belongs to `out.requests[i]`; None (the simulator) appends placeholder tokens.
         """
-        max_model_len = self.config.max_model_len
         itl_append = self.recorder.itl_s.append
         tokens_iter = sampled if sampled is not None else repeat(0)
         finished = []
@@ -232,7 +232,7 @@ class Scheduler:
             computed = req.num_computed_tokens + n
             req.num_computed_tokens = computed
             tokens = req.all_token_ids
-            if computed < len(tokens) or req.status != RUNNING:
+            if computed < len(tokens):
                 continue  # a partial prefill chunk samples nothing
             tokens.append(tok)
             if req.first_token_time is None:
@@ -240,7 +240,9 @@ class Scheduler:
             else:
                 itl_append(now - req.last_token_time)
             req.last_token_time = now
-            if len(tokens) >= req.max_num_tokens or len(tokens) >= max_model_len:
+            if req.status != RUNNING:
+                continue  # aborted after this step was scheduled
+            if len(tokens) >= req.max_num_tokens:  # max_tokens or max_model_len
                 req.status = RequestStatus.FINISHED_LENGTH
             elif tok in req.stop_ids:
                 req.status = RequestStatus.FINISHED_STOPPED

@@ -1,0 +1,130 @@
+"""Serving benchmark against a running OpenAI-compatible server (ours or vLLM), as `vllm bench serve`.
+
+    python -m engine.server --model DIR --dtype float16 --max-model-len 4096 --port 8000 &
+    python benchmarks/serve.py --url http://127.0.0.1:8000 --workload sharegpt --num-requests 500 \
+        --request-rate 4
+
+Starts nothing. Replays the workload (workbench/workloads.py presets) with streaming, prints the metrics block
+of `vllm bench serve` and writes a run folder (requests.parquet, empty steps.parquet, itl.npy, summary.json).
+Preemptions and prefix-cache hits are unknown at the client: they come from the server's /metrics counters,
+read before and after the run. Requests whose prompt + output exceed the server's max_model_len are dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from functools import partial
+from pathlib import Path
+
+import httpx
+import pandas as pd
+from prometheus_client.parser import text_string_to_metric_families
+
+from workbench.metrics import STEP_COLUMNS, summarize
+from workbench.runs import write_run
+from workbench.serve_client import APIS, run_serving_benchmark
+from workbench.workloads import DEFAULTS, load_workload
+
+SERVER_COUNTERS = ("vllm:num_preemptions", "vllm:prefix_cache_queries", "vllm:prefix_cache_hits")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--workload", default="sharegpt", choices=list(DEFAULTS))
+    p.add_argument("--num-requests", type=int, default=500)
+    p.add_argument("--request-rate", type=float, default=None, help="req/s (default: all at once, or the "
+                   "trace's own rate)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--api", choices=list(APIS), default="completions")
+    p.add_argument("--model", default=None, help="model name to send (default: the server's only model)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the served model's root dir, "
+                   "when it exists here; else workloads' approximate tokenizer)")
+    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--api-key", default=None)
+    for key in ("ttft_ms", "tpot_ms", "e2el_ms"):
+        p.add_argument(f"--slo-{key.replace('_', '-')}", type=float, default=None, help="goodput limit")
+    p.add_argument("--output-dir", default=None, help="run folder (default: runs/serve/WORKLOAD-TIME)")
+    return p.parse_args()
+
+
+def server_counters(http: httpx.Client) -> dict[str, float]:
+    samples = {s.name: s.value for fam in text_string_to_metric_families(http.get("/metrics").text)
+               for s in fam.samples}
+    return {name: samples.get(name + "_total", float("nan")) for name in SERVER_COUNTERS}
+
+
+def load_tokenizer(path: str | None):
+    if path is None or not Path(path).is_dir():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def print_summary(s: dict, requests: pd.DataFrame) -> None:
+    done = requests[requests["finish_reason"].isin(("stop", "length"))]
+    rows = [("Successful requests:", s["num_finished"]),
+            ("Failed requests:", s["num_requests"] - s["num_finished"]),
+            ("Benchmark duration (s):", s["duration_s"]),
+            ("Total input tokens:", int(done["prompt_tokens"].sum())),
+            ("Total generated tokens:", int(done["output_tokens"].sum())),
+            ("Request throughput (req/s):", s["request_throughput"]),
+            ("Output token throughput (tok/s):", s["output_throughput"]),
+            ("Total Token throughput (tok/s):", s["total_token_throughput"])]
+    if s["goodput"] == s["goodput"]:
+        rows.append(("Request goodput (req/s):", s["goodput"]))
+    print(f"{' Serving Benchmark Result ':=^50}")
+    for label, value in rows:
+        print(f"{label:<40}{value:<10.2f}" if isinstance(value, float) else f"{label:<40}{value:<10}")
+    for key, title in (("ttft", "Time to First Token"), ("tpot", "Time per Output Token (excl. 1st token)"),
+                       ("itl", "Inter-token Latency"), ("e2el", "End-to-end Latency")):
+        print(f"{title:-^50}")
+        for stat in ("mean", "median", "p90", "p99"):
+            label = f"{stat.capitalize()} {key.upper()} (ms):"
+            print(f"{label:<40}{s[f'{stat}_{key}_ms']:<10.2f}")
+    print(f"{'Server (from /metrics)':-^50}")
+    print(f"{'Preemptions:':<40}{s['num_preemptions']}")
+    print(f"{'Prefix cache hit rate:':<40}{s['prefix_cache_hit_rate']:<10.4f}")
+    print("=" * 50)
+
+
+def main() -> None:
+    args = parse_args()
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
+    with httpx.Client(base_url=args.url, headers=headers, timeout=30) as http:
+        try:
+            card = http.get("/v1/models").raise_for_status().json()["data"][0]
+        except httpx.HTTPError as e:
+            raise SystemExit(f"serve.py: no OpenAI server at --url {args.url}: {e}") from None
+        tokenizer = load_tokenizer(args.tokenizer or card.get("root"))
+        encode = partial(tokenizer.encode, add_special_tokens=False) if tokenizer is not None else None
+        workload = load_workload({"name": args.workload, "num_requests": args.num_requests,
+                                  "request_rate": args.request_rate, "seed": args.seed}, encode)
+        max_len = card.get("max_model_len")
+        if max_len:
+            fits = workload["prompt_tokens"] + workload["output_tokens"] <= max_len
+            print(f"dropped {int((~fits).sum())} of {len(workload)} requests longer than "
+                  f"max_model_len={max_len}")
+            workload = workload[fits].reset_index(drop=True)
+        before = server_counters(http)
+        model = args.model or card["id"]
+        requests, itl = run_serving_benchmark(args.url, workload, tokenizer, model, args.api,
+                                              max_concurrency=args.max_concurrency, api_key=args.api_key)
+        after = server_counters(http)
+    slo = {key: getattr(args, f"slo_{key}") for key in ("ttft_ms", "tpot_ms", "e2el_ms")}
+    summary = summarize(requests, None, itl, slo)
+    queries = after["vllm:prefix_cache_queries"] - before["vllm:prefix_cache_queries"]
+    summary["num_preemptions"] = int(after["vllm:num_preemptions"] - before["vllm:num_preemptions"])
+    summary["prefix_cache_hit_rate"] = ((after["vllm:prefix_cache_hits"] - before["vllm:prefix_cache_hits"])
+                                        / queries if queries > 0 else float("nan"))
+    summary["config"] = {"backend": "server", **vars(args), "model": model, "api_key": None}
+    print_summary(summary, requests)
+    out = Path(args.output_dir or f"runs/serve/{args.workload}-{time.strftime('%Y%m%d-%H%M%S')}")
+    steps = pd.DataFrame({c: pd.Series(dtype=float) for c in STEP_COLUMNS})  # only the server knows its steps
+    print(f"run folder: {write_run(out, requests, steps, summary, itl)}")
+
+
+if __name__ == "__main__":
+    main()

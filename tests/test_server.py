@@ -1,0 +1,322 @@
+"""The OpenAI-compatible server, driven by the official `openai` client over real localhost HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import uvicorn
+
+from engine import LLM, LLMEngine, SamplingParams
+from engine.config import EngineArgs
+from engine.server.api import build_app
+from workbench.metrics import REQUEST_COLUMNS, summarize
+from workbench.serve_client import run_serving_benchmark
+from workbench.workloads import load_workload
+
+MODEL = "tiny"
+ENGINE_KW = {"max_model_len": 256, "num_gpu_blocks_override": 512, "max_num_seqs": 256, "device": "cpu"}
+PROMPTS = ["Hello, world!", "The quick brown fox", "Once upon a time there was"]
+CHAT = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "What is 42?"}]
+
+
+class ServerThread:
+    """uvicorn serving `app` on a free 127.0.0.1 port, in a thread of the test process."""
+
+    def __init__(self, app) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        wait_until(lambda: self.server.started, "the server did not start")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+def wait_until(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(what)
+        time.sleep(0.01)
+
+
+def start(model_dir, api_key: str | None = None) -> tuple[ServerThread, LLMEngine]:
+    engine = LLMEngine(EngineArgs(model=str(model_dir), **ENGINE_KW))
+    return ServerThread(build_app(engine, MODEL, str(model_dir), api_key)), engine
+
+
+@pytest.fixture(scope="module")
+def served(tiny_llama_dir) -> Iterator[tuple[ServerThread, LLMEngine]]:
+    server, engine = start(tiny_llama_dir)
+    yield server, engine
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def url(served) -> str:
+    return served[0].url
+
+
+@pytest.fixture(scope="module")
+def client(url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama_dir) -> LLM:
+    return LLM(str(tiny_llama_dir), **ENGINE_KW)
+
+
+def greedy(max_tokens: int = 12, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, **kw)
+
+
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def assert_idle(url: str, engine: LLMEngine) -> None:
+    """Nothing runs or waits, and every KV block is free again (prefix-cached blocks count as free)."""
+    def all_free() -> bool:  # engine state read from this thread: only once nothing runs
+        stats = engine.stats
+        return stats.num_free_blocks == stats.num_gpu_blocks
+
+    wait_until(all_free, "KV blocks stayed allocated")
+    wait_until(lambda: metric(url, "vllm:num_requests_running") == 0, "/metrics still shows running requests")
+    assert metric(url, "vllm:num_requests_waiting") == 0
+    assert metric(url, "vllm:kv_cache_usage_perc") == 0
+
+
+def stream_text(chunks, chat: bool) -> tuple[str, int, str | None]:
+    """(text, chunks with a choice, finish reason) of a streamed response; usage checked by the caller."""
+    text, n, reason = "", 0, None
+    for c in chunks:
+        if c.choices:
+            n += 1
+            text += (c.choices[0].delta.content if chat else c.choices[0].text) or ""
+            reason = c.choices[0].finish_reason or reason
+    return text, n, reason
+
+
+# ---- outputs equal the offline API under greedy sampling ---------------------------------------------------
+
+@pytest.mark.parametrize("stop", [None, "stop-from-output"])
+def test_completions_match_llm_generate(client, llm, stop) -> None:
+    refs = llm.generate(PROMPTS, greedy(), use_tqdm=False)
+    if stop:  # a stop string from inside the greedy output: the text must end right before it
+        stop = refs[0].outputs[0].text[3:5]
+        refs = llm.generate(PROMPTS, greedy(stop=[stop]), use_tqdm=False)
+    for prompt, ref in zip(PROMPTS, refs, strict=True):
+        want = ref.outputs[0]
+        kw = {"model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0, "stop": stop}
+        resp = client.completions.create(**kw)
+        assert resp.choices[0].text == want.text
+        assert resp.choices[0].finish_reason == want.finish_reason
+        assert resp.usage.completion_tokens == len(want.token_ids)
+        assert resp.usage.prompt_tokens == len(ref.prompt_token_ids)
+        chunks = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+        text, n, reason = stream_text(chunks, chat=False)
+        assert (text, n, reason) == (want.text, len(want.token_ids), want.finish_reason)
+        assert chunks[-1].usage.completion_tokens == len(want.token_ids)
+
+
+def test_token_id_prompt_matches_llm_generate(client, llm) -> None:
+    ids = llm.get_tokenizer().encode(PROMPTS[2])
+    want = llm.generate({"prompt_token_ids": ids}, greedy(), use_tqdm=False)[0].outputs[0]
+    resp = client.completions.create(model=MODEL, prompt=ids, max_tokens=12, temperature=0)
+    assert resp.choices[0].text == want.text
+    assert resp.usage.completion_tokens == len(want.token_ids)
+
+
+def test_chat_matches_llm_chat(client, llm) -> None:
+    want = llm.chat(CHAT, greedy(), use_tqdm=False)[0]
+    resp = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12, temperature=0)
+    assert resp.choices[0].message.role == "assistant"
+    assert resp.choices[0].message.content == want.outputs[0].text
+    assert resp.usage.prompt_tokens == len(want.prompt_token_ids)
+    assert resp.usage.completion_tokens == len(want.outputs[0].token_ids)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text, n, _ = stream_text(chunks, chat=True)
+    assert (text, n) == (want.outputs[0].text, len(want.outputs[0].token_ids))
+    assert chunks[-1].usage.completion_tokens == n
+
+
+# ---- concurrency, disconnects, bad input: the server keeps serving and frees every block ------------------
+
+def test_200_concurrent_streams_batch_and_free_everything(served) -> None:
+    server, engine = served
+    max_tokens = 6
+
+    async def one(client: openai.AsyncOpenAI, i: int) -> tuple[int, int]:
+        stream = await client.completions.create(
+            model=MODEL, prompt=f"{PROMPTS[i % 3]} {i}", max_tokens=max_tokens, temperature=0.8, seed=i,
+            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        chunks = [c async for c in stream]
+        return sum(1 for c in chunks if c.choices), chunks[-1].usage.completion_tokens
+
+    async def main() -> list[tuple[int, int]]:
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
+                                      http_client=openai.DefaultAsyncHttpxClient(limits=limits)) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(200)))
+
+    before = metric(server.url, "vllm:generation_tokens_total")
+    first_step = len(engine.recorder.step_rows)
+    assert asyncio.run(main()) == [(max_tokens, max_tokens)] * 200
+    assert metric(server.url, "vllm:generation_tokens_total") - before == 200 * max_tokens
+    assert_idle(server.url, engine)
+    running = engine.recorder.steps_table()["num_running"][first_step:]
+    assert max(running) > 50  # the scheduler batched requests of different connections
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_aborts_and_frees_blocks(served, stream, monkeypatch) -> None:
+    server, engine = served
+    step = engine.step
+
+    def slow_step() -> list:  # 200 tokens take >= 1 s on any machine, far longer than the client stays
+        time.sleep(0.005)
+        return step()
+
+    monkeypatch.setattr(engine, "step", slow_step)
+    body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 200, "ignore_eos": True, "stream": stream}
+    before = metric(server.url, "vllm:generation_tokens_total")
+    with httpx.Client(base_url=server.url) as http:
+        if stream:
+            with http.stream("POST", "/v1/completions", json=body) as resp:
+                lines = resp.iter_lines()  # dropping this iterator would close the connection already
+                assert all(next(lines).startswith("data: ") and next(lines) == "" for _ in range(3))
+                assert metric(server.url, "vllm:kv_cache_usage_perc") > 0
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                http.post("/v1/completions", json=body, timeout=0.3)
+    assert_idle(server.url, engine)
+    assert metric(server.url, "vllm:generation_tokens_total") - before < 200  # stopped early
+
+
+BAD_INPUTS = [  # (route, JSON body or raw bytes, the param the error names)
+    ("completions", b'{"prompt": "Hello", ', None),
+    ("completions", {"model": MODEL}, "prompt"),
+    ("completions", {"prompt": 5}, "prompt"),
+    ("completions", {"prompt": "Hello", "max_tokens": "many"}, "max_tokens"),
+    ("completions", {"prompt": "Hello", "model": "gpt-4"}, "model"),
+    ("completions", {"prompt": ""}, "prompt"),
+    ("completions", {"prompt": []}, "prompt"),
+    ("completions", {"prompt": [1, 2, 10**6]}, "prompt"),
+    ("completions", {"prompt": "Hello", "max_tokens": 253}, "max_tokens"),
+    ("completions", {"prompt": [5] * 300}, "prompt"),
+    ("completions", {"prompt": "Hello", "temperature": -0.5}, "temperature"),
+    ("completions", {"prompt": "Hello", "top_p": 0}, "top_p"),
+    ("completions", {"prompt": "Hello", "top_p": 1.5}, "top_p"),
+    ("completions", {"prompt": "Hello", "max_tokens": 0}, "max_tokens"),
+    ("completions", {"prompt": "Hello", "n": 2}, "n"),
+    ("completions", {"prompt": "Hello", "seed": 2**70}, "seed"),
+    ("chat/completions", {"model": MODEL}, "messages"),
+    ("chat/completions", {"messages": []}, "messages"),
+    ("chat/completions", {"messages": [{"content": "hi"}]}, "messages"),
+    ("chat/completions", {"messages": CHAT, "max_tokens": 250}, "max_tokens"),
+]
+
+
+def test_bad_inputs_get_openai_errors_and_the_server_goes_on(served, client) -> None:
+    server, engine = served
+    with httpx.Client(base_url=server.url + "/v1") as http:
+        for route, body, param in BAD_INPUTS:
+            raw = isinstance(body, bytes)
+            kw = {"content": body, "headers": {"content-type": "application/json"}} if raw else {"json": body}
+            resp = http.post(f"/{route}", **kw)
+            assert resp.status_code == 400, (body, resp.text)
+            error = resp.json()["error"]
+            assert error["type"] == "BadRequestError" and error["code"] == 400
+            assert error["param"] == param, (body, error)
+            assert error["message"]
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model=MODEL, prompt="Hello", temperature=-1)
+    assert client.completions.create(model=MODEL, prompt="Hello", max_tokens=3).usage.completion_tokens == 3
+    assert_idle(server.url, engine)
+
+
+def test_api_key(tiny_llama_dir) -> None:
+    server, _ = start(tiny_llama_dir, api_key="secret")
+    try:
+        body = {"prompt": "Hello", "max_tokens": 2}
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            resp = httpx.post(server.url + "/v1/completions", json=body, headers=headers)
+            assert resp.status_code == 401 and resp.json()["error"]["message"]
+        assert httpx.get(server.url + "/health").status_code == 200
+        good = openai.OpenAI(base_url=server.url + "/v1", api_key="secret", max_retries=0)
+        assert good.completions.create(model=MODEL, prompt="Hello", max_tokens=2).usage.completion_tokens == 2
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0).models.list()
+    finally:
+        server.stop()
+
+
+def test_engine_failure_fails_requests_and_health(tiny_llama_dir) -> None:
+    server, engine = start(tiny_llama_dir)
+
+    def broken_step() -> list:
+        raise RuntimeError("device lost")
+
+    engine.step = broken_step
+    try:
+        for _ in range(2):  # the request in flight, then a new one
+            resp = httpx.post(server.url + "/v1/completions", json={"prompt": "Hello"})
+            assert resp.status_code == 500 and "device lost" in resp.json()["error"]["message"]
+        assert httpx.get(server.url + "/health").status_code == 503
+    finally:
+        server.stop()
+
+
+def test_models_health_version_metrics(url, client) -> None:
+    (card,) = client.models.list().data
+    assert card.id == MODEL and card.max_model_len == 256
+    assert httpx.get(url + "/health").status_code == 200
+    assert httpx.get(url + "/version").json()["version"]
+    text = httpx.get(url + "/metrics").text
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                 "vllm:num_preemptions_total", "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
+                 "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
+                 "vllm:time_to_first_token_seconds_count", "vllm:inter_token_latency_seconds_count",
+                 "vllm:e2e_request_latency_seconds_count", "vllm:request_queue_time_seconds_count"):
+        assert f'{name}{{model_name="{MODEL}"' in text, name
+
+
+# ---- the benchmark client ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("api", ["completions", "chat"])
+def test_serving_benchmark_client(served, llm, api) -> None:
+    server, engine = served
+    workload = load_workload({"name": "synthetic", "num_requests": 12, "request_rate": 100.0, "input_len": 16,
+                              "output_len": {"dist": "uniform", "min": 3, "max": 8}})
+    requests, itl = run_serving_benchmark(server.url, workload, llm.get_tokenizer(), MODEL, api=api,
+                                          max_concurrency=4)
+    assert list(requests.columns) == list(REQUEST_COLUMNS)
+    assert (requests["finish_reason"] == "length").all()
+    assert requests["output_tokens"].tolist() == workload["output_tokens"].tolist()
+    if api == "completions":
+        assert requests["prompt_tokens"].tolist() == workload["prompt_tokens"].tolist()
+    assert (requests["first_token_s"] >= requests["arrival_s"]).all()
+    assert (requests["finish_s"] >= requests["first_token_s"]).all()
+    assert len(itl) == (workload["output_tokens"] - 1).sum() and (itl >= 0).all()
+    summary = summarize(requests, None, itl)
+    assert summary["num_finished"] == 12 and np.isfinite(summary["mean_ttft_ms"])
+    assert_idle(server.url, engine)

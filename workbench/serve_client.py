@@ -1,0 +1,144 @@
+"""Serving benchmark client: replay a workload against an OpenAI-compatible server, as `vllm bench serve`.
+
+Each request is sent at its arrival time with streaming on; TTFT, every inter-chunk gap (ITL) and E2E
+are measured at the client. The requests table has the ARCHITECTURE.md columns; what only the server
+knows (first scheduling, preemptions) is NaN, cached tokens come from `usage` where the server reports them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+import pandas as pd
+
+from workbench.workloads import APPROX_VOCAB, prompt_token_ids
+
+NAN = float("nan")
+APIS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+
+
+@dataclass(slots=True)
+class RequestResult:
+    request_id: str
+    arrival_s: float = NAN
+    first_token_s: float = NAN
+    finish_s: float = NAN
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: float = NAN
+    finish_reason: str | None = None
+    itl_s: list[float] = field(default_factory=list)
+
+
+def run_serving_benchmark(
+    url: str, workload_df: pd.DataFrame, tokenizer_or_none: Any, model_name: str, api: str = "completions",
+    slo: Any = None, max_concurrency: int | None = None, api_key: str | None = None,
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """Replay `workload_df` against the server at `url` (e.g. http://127.0.0.1:8000).
+
+    Prompts are the rows' `prompt_token_ids` (or ids synthesized from `prompt_tokens` / `hash_ids`), sent as
+    token ids to /v1/completions; `api='chat'` sends their decoded text as one user message (needs a
+    tokenizer). Every request asks for exactly `output_tokens` tokens (`ignore_eos`). `slo` is accepted for
+    the caller's goodput summary and unused here. Times are seconds from the benchmark start; a request's
+    `arrival_s` is when it was sent (later than its workload arrival when `max_concurrency` holds it back).
+    Returns the requests table and every inter-chunk gap in seconds.
+    """
+    del slo  # goodput is computed from the returned table
+    if api not in APIS:
+        raise ValueError(f"api={api!r}: choose one of {', '.join(APIS)}")
+    if api == "chat" and tokenizer_or_none is None:
+        raise ValueError("api='chat' sends text: pass the model's tokenizer to decode the workload's prompts")
+    results = asyncio.run(_replay(url.rstrip("/") + APIS[api], workload_df, tokenizer_or_none, model_name,
+                                  api, max_concurrency, api_key))
+    table = pd.DataFrame({
+        "request_id": [r.request_id for r in results],
+        "arrival_s": [r.arrival_s for r in results],
+        "first_scheduled_s": NAN,
+        "first_token_s": [r.first_token_s for r in results],
+        "finish_s": [r.finish_s for r in results],
+        "prompt_tokens": [r.prompt_tokens for r in results],
+        "output_tokens": [r.output_tokens for r in results],
+        "cached_tokens": [r.cached_tokens for r in results],
+        "num_preemptions": NAN,
+        "finish_reason": [r.finish_reason for r in results],
+    })
+    itl = np.fromiter((gap for r in results for gap in r.itl_s), dtype=float)
+    return table, itl
+
+
+async def _replay(url: str, df: pd.DataFrame, tokenizer: Any, model: str, api: str,
+                  max_concurrency: int | None, api_key: str | None) -> list[RequestResult]:
+    vocab_size = len(tokenizer) if tokenizer is not None else APPROX_VOCAB
+    limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    limits = httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency)
+    async with httpx.AsyncClient(timeout=None, limits=limits, headers=headers) as client:
+        t0 = time.perf_counter()
+        tasks = []
+        for i, row in enumerate(df.itertuples(index=False)):
+            ids = prompt_token_ids(row, i, vocab_size)
+            body = _body(api, model, ids, int(row.output_tokens), tokenizer)
+            delay = t0 + float(row.arrival_s) - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            result = RequestResult(str(row.request_id), prompt_tokens=len(ids))
+            tasks.append(asyncio.create_task(_send(client, url, body, result, t0, limit)))
+        return await asyncio.gather(*tasks)
+
+
+def _body(api: str, model: str, ids: list[int], max_tokens: int, tokenizer: Any) -> dict:
+    body = {"model": model, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    if api == "chat":
+        body["messages"] = [{"role": "user", "content": tokenizer.decode(ids, skip_special_tokens=True)}]
+    else:
+        body["prompt"] = ids
+    return body
+
+
+async def _send(client: httpx.AsyncClient, url: str, body: dict, r: RequestResult, t0: float,
+                limit: asyncio.Semaphore | None) -> RequestResult:
+    if limit is not None:
+        async with limit:
+            return await _send(client, url, body, r, t0, None)
+    r.arrival_s = time.perf_counter() - t0
+    last = r.arrival_s
+    try:
+        async with client.stream("POST", url, json=body) as resp:
+            if resp.status_code != 200:
+                r.finish_reason = f"error: HTTP {resp.status_code} {(await resp.aread())[:200]!r}"
+                return r
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                now = time.perf_counter() - t0
+                if chunk.get("choices"):
+                    if math.isnan(r.first_token_s):
+                        r.first_token_s = now
+                    else:
+                        r.itl_s.append(now - last)
+                    last = now
+                    r.output_tokens += 1  # one chunk per token; `usage` below corrects it when sent
+                    r.finish_reason = chunk["choices"][0].get("finish_reason") or r.finish_reason
+                if usage := chunk.get("usage"):
+                    _read_usage(r, usage)
+        r.finish_s = last
+    except httpx.HTTPError as e:
+        r.finish_reason = f"error: {e!r}"
+    return r
+
+
+def _read_usage(r: RequestResult, usage: dict) -> None:
+    r.output_tokens = usage["completion_tokens"]
+    r.prompt_tokens = usage["prompt_tokens"]
+    details = usage.get("prompt_tokens_details") or {}
+    if details.get("cached_tokens") is not None:
+        r.cached_tokens = details["cached_tokens"]
