@@ -32,6 +32,7 @@ class KVCacheManager:
         self.num_gpu_blocks = num_gpu_blocks
         self.num_cpu_blocks = num_cpu_blocks
         self._blocks: dict[str, list[KVBlock]] = {}
+        self._block_ids: dict[str, list[int]] = {}  # the same tables as ids, for the executor
         self._num_cached: dict[str, int] = {}  # leading blocks of the request already indexed
         self._cpu_free: list[int] = list(range(num_cpu_blocks - 1, -1, -1))
         self._swapped: dict[str, list[int]] = {}
@@ -51,7 +52,7 @@ class KVCacheManager:
         return len(self._cpu_free)
 
     def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self._blocks.get(request_id, ())]
+        return self._block_ids.get(request_id, [])
 
     def get_computed_blocks(self, req: Request) -> list[KVBlock]:
         """Longest cached prefix of full blocks; never the last token, which must be computed."""
@@ -83,7 +84,9 @@ class KVCacheManager:
             if need > 0:
                 if need > self.pool.num_free:
                     return False
-                blocks.extend(self.pool.allocate(need))
+                new = self.pool.allocate(need)
+                blocks.extend(new)
+                self._block_ids[rid].extend(b.block_id for b in new)
                 req.num_kv_slots = len(blocks) * bs
         else:
             total = len(computed_blocks) * bs + num_new_tokens
@@ -93,6 +96,7 @@ class KVCacheManager:
             self.pool.touch(computed_blocks)
             blocks = computed_blocks + self.pool.allocate(need)
             self._blocks[rid] = blocks
+            self._block_ids[rid] = [b.block_id for b in blocks]
             req.num_kv_slots = len(blocks) * bs
             self._num_cached[rid] = len(computed_blocks)
             self.prefix_queries += req.num_tokens
@@ -124,6 +128,7 @@ class KVCacheManager:
         """
         req.num_kv_slots = 0
         blocks = self._blocks.pop(req.request_id, None)
+        self._block_ids.pop(req.request_id, None)
         num_cached = self._num_cached.pop(req.request_id, 0)
         if blocks:
             for block in blocks[req.num_computed_tokens // self.block_size : num_cached]:
@@ -155,6 +160,7 @@ class KVCacheManager:
         del self._swapped[req.request_id]
         self._cpu_free.extend(cpu)
         self._blocks[req.request_id] = blocks
+        self._block_ids[req.request_id] = [b.block_id for b in blocks]
         req.num_kv_slots = len(blocks) * self.block_size
         self._num_cached[req.request_id] = 0
         if self.enable_caching and total // self.block_size:

@@ -1,0 +1,302 @@
+"""Offline throughput of the engine on an H100, against HF transformers' continuous batching and the roofline.
+
+    python benchmarks/engine_throughput.py --workload all          # W7 and W0.6, engine + HF
+    python benchmarks/engine_throughput.py --workload W7 --skip-hf
+
+Workloads (dummy bf16 weights from a config.json written here; no hub, no internet):
+  W7   Llama-2-7B shape, 128 requests, prompt lengths U[100, 1024], 256 output tokens, ignore_eos, all at t=0.
+  W0.6 Qwen3-0.6B shape, 256 requests, prompt and output lengths U[100, 1024].
+Prompt token ids are uniform in [100, vocab - 100), from random.Random(0).
+
+Prints output tok/s and total tok/s of the engine and of HF `generate_batch` (continuous batching, CUDA graphs
+and async batching where the installed transformers has them), their ratio, the roofline bound (weights + KV
+bytes at 3.0e12 B/s, FLOPs at 7.69e14 FLOP/s) and the engine's fraction of it, and the decode step latency at
+batch 1, 8 and 64 against the weight-read bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import inspect
+import json
+import os
+import random
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from engine import LLM, SamplingParams
+
+HBM_BYTES_PER_S = 3.0e12
+PEAK_FLOPS = 7.69e14  # H100 SXM dense bf16 at the boost clock the profiles were taken at
+MAX_MODEL_LEN = 2048  # longest prompt + output of both workloads
+DECODE_PROMPT, DECODE_STEPS = 128, 64  # decode-latency runs: context grows from 128 to 192 tokens
+
+LLAMA2_7B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+    "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+    "vocab_size": 32000,
+    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2,
+}
+QWEN3_06B = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 1024,
+    "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 151936, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+    "hidden_act": "silu", "tie_word_embeddings": True, "torch_dtype": "bfloat16", "bos_token_id": 151643,
+    "eos_token_id": 151645, "attention_bias": False,
+}
+
+
+@dataclass(slots=True)
+class Workload:
+    name: str
+    config: dict
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(map(len, self.prompts))
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(self.output_lens)
+
+
+def make_workload(name: str) -> Workload:
+    rng = random.Random(0)
+    config, n, fixed_output = {"W7": (LLAMA2_7B, 128, 256), "W0.6": (QWEN3_06B, 256, None)}[name]
+    vocab = config["vocab_size"]
+    prompts, output_lens = [], []
+    for _ in range(n):
+        length = rng.randint(100, 1024)
+        prompts.append([rng.randrange(100, vocab - 100) for _ in range(length)])
+        output_lens.append(fixed_output or rng.randint(100, 1024))
+    return Workload(name, config, prompts, output_lens)
+
+
+def write_model_dir(config: dict, path: Path) -> Path:
+    """config.json plus a word-level tokenizer covering the whole vocabulary (every id decodes)."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    vocab = {f"<t{i}>": i for i in range(config["vocab_size"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<t0>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    bos, eos = f"<t{config['bos_token_id']}>", f"<t{config['eos_token_id']}>"
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos)
+    fast.save_pretrained(path)
+    return path
+
+
+# ---- roofline ------------------------------------------------------------------------
+@dataclass(slots=True)
+class Shape:
+    layers: int
+    hidden: int
+    q_dim: int
+    kv_dim: int
+    inter: int
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def of(cls, c: dict) -> Shape:
+        head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+        return cls(c["num_hidden_layers"], c["hidden_size"], c["num_attention_heads"] * head_dim,
+                   c["num_key_value_heads"] * head_dim, c["intermediate_size"], c["vocab_size"],
+                   c["tie_word_embeddings"])
+
+    @property
+    def layer_params(self) -> int:
+        h = self.hidden
+        return self.layers * (h * (self.q_dim + 2 * self.kv_dim) + self.q_dim * h + 3 * h * self.inter)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes read per forward pass: layers and the LM head (embedding rows read are negligible)."""
+        return 2 * (self.layer_params + self.hidden * self.vocab)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * 2 * self.layers * self.kv_dim
+
+    def flops(self, new_tokens: int, context_sum: int, sampled: int) -> float:
+        """Linear layers for every new token, attention over `context_sum` (query, key) pairs, LM head."""
+        return 2 * self.layer_params * new_tokens + 4 * self.layers * self.q_dim * context_sum \
+            + 2 * self.hidden * self.vocab * sampled
+
+
+def roofline_seconds(w: Workload) -> dict[str, float]:
+    """A lower bound: all requests decode together (max output length steps, each reading the weights once),
+    every token's K/V is written once and every decode token reads its context; FLOPs at peak."""
+    s = Shape.of(w.config)
+    steps = max(w.output_lens)
+    kv_read = sum(o * p + o * (o - 1) // 2 for p, o in zip(map(len, w.prompts), w.output_lens))
+    kv_write = w.prompt_tokens + w.output_tokens
+    prefill_pairs = sum(p * (p + 1) // 2 for p in map(len, w.prompts))
+    mem = (steps * s.weight_bytes + (kv_read + kv_write) * s.kv_bytes_per_token) / HBM_BYTES_PER_S
+    sampled = len(w.prompts) + w.output_tokens
+    flops = s.flops(w.prompt_tokens + w.output_tokens, prefill_pairs + kv_read, sampled)
+    return {"memory_s": mem, "compute_s": flops / PEAK_FLOPS, "bound_s": max(mem, flops / PEAK_FLOPS)}
+
+
+# ---- runs ------------------------------------------------------------------------------
+def run_engine(w: Workload, model_dir: Path) -> tuple[float, LLM]:
+    llm = LLM(model=str(model_dir), load_format="dummy", dtype="bfloat16", max_model_len=MAX_MODEL_LEN)
+    warm = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": p} for p in w.prompts[:4]], warm, use_tqdm=False)  # Triton JIT
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in w.output_lens]
+    t0 = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in w.prompts], params, use_tqdm=False)
+    elapsed = time.perf_counter() - t0
+    assert [len(o.outputs[0].token_ids) for o in outs] == w.output_lens
+    return elapsed, llm
+
+
+def decode_latency(llm: LLM, w: Workload, batch: int, steps: int = DECODE_STEPS) -> float:
+    """Median duration of pure decode steps with `batch` requests of DECODE_PROMPT-token prompts."""
+    engine = llm.engine
+    first = len(engine.recorder.step_rows)
+    rng = random.Random(batch)
+    vocab = w.config["vocab_size"]
+    prompts = [{"prompt_token_ids": [rng.randrange(100, vocab - 100) for _ in range(DECODE_PROMPT)]}
+               for _ in range(batch)]
+    llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True), use_tqdm=False)
+    rows = engine.recorder.step_rows[first:]
+    # (step, start_s, duration_s, num_prefill_tokens, num_decode_tokens, ...)
+    return statistics.median(r[2] for r in rows if r[3] == 0 and r[4] == batch)
+
+
+def hf_cb_config():
+    """ContinuousBatchingConfig(use_cuda_graph=True, use_async_batching=True), where transformers has it."""
+    cls = getattr(transformers, "ContinuousBatchingConfig", None)
+    if cls is None:
+        return None, "no ContinuousBatchingConfig in this transformers: defaults"
+    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    wanted = {k: True for k in ("use_cuda_graph", "use_async_batching") if not names or k in names}
+    try:
+        return cls(**wanted), f"ContinuousBatchingConfig({', '.join(f'{k}=True' for k in wanted)})"
+    except TypeError as e:
+        return None, f"ContinuousBatchingConfig rejected {wanted} ({e}): defaults"
+
+
+def run_hf(w: Workload) -> tuple[float, str]:
+    config = transformers.AutoConfig.for_model(**{k: v for k, v in w.config.items() if k != "architectures"})
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    gen = transformers.GenerationConfig(max_new_tokens=max(w.output_lens), do_sample=False, eos_token_id=None,
+                                        pad_token_id=0)
+    model.generation_config = gen
+    cb, how = hf_cb_config()
+    kwargs = {"continuous_batching_config": cb} if cb is not None else {}
+    context = getattr(model, "continuous_batching_context_manager", None)
+    if context is not None and not _accepts(context, kwargs):
+        kwargs, how = {}, how + " (not accepted by continuous_batching_context_manager: defaults)"
+    if context is not None and _accepts(context, {"block": 1, "timeout": 1}):
+        # What generate_batch runs, with per-request max_new_tokens and the warmup (graph capture) untimed.
+        with context(generation_config=gen, block=True, timeout=5, **kwargs) as manager:
+            t0 = time.perf_counter()
+            for i, (p, n) in enumerate(zip(w.prompts, w.output_lens)):
+                manager.add_request(p, request_id=f"r{i}", max_new_tokens=n)
+            done = 0
+            while done < len(w.prompts):
+                result = manager.get_result(timeout=1)
+                if result is not None and result.is_finished():
+                    done += 1
+                elif result is None and not manager.is_running():
+                    raise RuntimeError("HF continuous batching loop died")
+            elapsed = time.perf_counter() - t0
+        how += "; continuous_batching_context_manager + add_request (generate_batch's loop, warmup untimed)"
+    else:
+        if len(set(w.output_lens)) > 1:
+            raise RuntimeError("this transformers has generate_batch only: no per-request max_new_tokens")
+        t0 = time.perf_counter()
+        model.generate_batch(inputs=w.prompts, generation_config=gen, **kwargs)
+        elapsed = time.perf_counter() - t0
+        how += "; generate_batch (its warmup timed)"
+    how += f"; attn={model.config._attn_implementation}"
+    del model
+    return elapsed, how
+
+
+def _accepts(fn, kwargs: dict) -> bool:
+    params = inspect.signature(fn).parameters
+    return all(k in params for k in kwargs) or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def free_gpu() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _rates(w: Workload, seconds: float) -> str:
+    total = w.prompt_tokens + w.output_tokens
+    return (f"{seconds:.2f} s  {w.output_tokens / seconds:,.0f} output tok/s  "
+            f"{total / seconds:,.0f} total tok/s")
+
+
+def report(w: Workload, skip_hf: bool) -> dict:
+    total = w.prompt_tokens + w.output_tokens
+    print(f"\n== {w.name}: {len(w.prompts)} requests, {w.prompt_tokens} prompt + {w.output_tokens} output "
+          "tokens")
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = write_model_dir(w.config, Path(tmp) / w.name)
+        elapsed, llm = run_engine(w, model_dir)
+        stats = llm.engine.stats
+        print(f"engine: {_rates(w, elapsed)}  ({stats.num_preemptions} preemptions, {stats.num_gpu_blocks} "
+              "KV blocks)")
+        row = {"workload": w.name, "engine_s": elapsed, "engine_output_tok_s": w.output_tokens / elapsed,
+               "engine_total_tok_s": total / elapsed}
+        bound = roofline_seconds(w)
+        print(f"roofline: memory {bound['memory_s']:.2f} s, compute {bound['compute_s']:.2f} s -> bound "
+              f"{bound['bound_s']:.2f} s; engine at {bound['bound_s'] / elapsed:.1%} of it")
+        row.update(bound)
+        s = Shape.of(w.config)
+        for batch in (1, 8, 64):
+            step = decode_latency(llm, w, batch)
+            context = DECODE_PROMPT + DECODE_STEPS // 2
+            floor = (s.weight_bytes + batch * context * s.kv_bytes_per_token) / HBM_BYTES_PER_S
+            print(f"decode step, batch {batch:3d}: {step * 1e3:.2f} ms  (weight+KV read bound "
+                  f"{floor * 1e3:.2f} ms, {floor / step:.0%})")
+            row[f"decode_ms_b{batch}"] = step * 1e3
+        del llm
+        free_gpu()
+    if not skip_hf:
+        hf_s, how = run_hf(w)
+        free_gpu()
+        print(f"HF transformers {transformers.__version__}: {_rates(w, hf_s)}  [{how}]")
+        print(f"engine / HF throughput: {hf_s / elapsed:.2f}x")
+        row.update(hf_s=hf_s, hf_how=how, speedup_vs_hf=hf_s / elapsed)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workload", choices=["W7", "W0.6", "all"], default="all")
+    ap.add_argument("--skip-hf", action="store_true", help="engine only")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("engine_throughput.py needs a CUDA GPU")
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  "
+          f"transformers {transformers.__version__}")
+    names = ["W7", "W0.6"] if args.workload == "all" else [args.workload]
+    rows = [report(make_workload(n), args.skip_hf) for n in names]
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

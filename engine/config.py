@@ -1,0 +1,187 @@
+"""Engine arguments (vLLM's names and defaults) and the model facts read from a HF `config.json`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.core.config import CacheConfig, SchedulerConfig
+
+DTYPES = {"float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
+          "float32": torch.float32, "float": torch.float32}
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    """What the model code needs from config.json, the same for every supported family."""
+
+    path: Path
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    qk_norm: bool
+    initializer_range: float
+    dtype: torch.dtype  # the checkpoint's
+    sliding_window: int | None
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model path {path} is not a local Hugging Face model directory (no config.json)")
+        cfg = json.loads((path / "config.json").read_text())
+        arch = (cfg.get("architectures") or ["?"])[0]
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"{path / 'config.json'}: architectures={arch!r} is not supported; "
+                             f"supported: {', '.join(ARCHITECTURES)}")
+        heads = cfg["num_attention_heads"]
+        return cls(
+            path=path, architecture=arch, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"], num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=_rope_theta(cfg),
+            rope_scaling=_rope_scaling(cfg),
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            # Qwen2 hard-codes a q/k/v bias; Llama-style configs say it with attention_bias.
+            qkv_bias=arch == "Qwen2ForCausalLM" or cfg.get("attention_bias", False),
+            qk_norm=arch == "Qwen3ForCausalLM", initializer_range=cfg.get("initializer_range", 0.02),
+            dtype=DTYPES.get(cfg.get("torch_dtype") or cfg.get("dtype") or "float32", torch.float32),
+            sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
+        )
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """EOS ids from generation_config.json (Llama 3 lists several), else config.json."""
+        for name in ("generation_config.json", "config.json"):
+            file = self.path / name
+            eos = json.loads(file.read_text()).get("eos_token_id") if file.is_file() else None
+            if eos is not None:
+                return eos if isinstance(eos, list) else [eos]
+        return []
+
+
+def _rope_params(cfg: dict) -> dict:
+    # transformers 5 writes rope_parameters; released checkpoints have rope_theta + rope_scaling.
+    return cfg.get("rope_parameters") or {}
+
+
+def _rope_theta(cfg: dict) -> float:
+    return float(cfg.get("rope_theta") or _rope_params(cfg).get("rope_theta") or 10000.0)
+
+
+def _rope_scaling(cfg: dict) -> dict | None:
+    scaling = cfg.get("rope_scaling") or {k: v for k, v in _rope_params(cfg).items() if k != "rope_theta"}
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    return None if kind == "default" else {**scaling, "rope_type": kind}
+
+
+@dataclass(slots=True)
+class EngineArgs:
+    """The knobs of `LLM(...)` and `LLMEngine`, named and defaulted as in vLLM."""
+
+    model: str
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    swap_space: float = 4.0
+    block_size: int = 16
+    seed: int = 0
+    enforce_eager: bool = False
+    load_format: str = "auto"
+    kv_cache_memory_bytes: int | None = None
+    preemption_mode: str = "recompute"
+    num_gpu_blocks_override: int | None = None
+    scheduling_policy: str = "fcfs"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size != 1:
+            raise NotImplementedError(
+                f"tensor_parallel_size={self.tensor_parallel_size}: only 1 GPU is supported")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}: choose auto, float16, bfloat16 or float32")
+        if self.load_format not in ("auto", "safetensors", "dummy"):
+            raise ValueError(f"load_format={self.load_format!r}: choose auto, safetensors or dummy")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"device={self.device!r}: choose auto, cuda or cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' but torch sees no CUDA device")
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs: Any) -> EngineArgs:
+        """Like `EngineArgs(model, **kwargs)`, with one clear error for unknown names."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(
+                f"unknown engine argument(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(model=model, **kwargs)
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self, model_config: ModelConfig) -> torch.dtype:
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        # As vLLM: a float32 checkpoint runs in half precision on a GPU (bfloat16 here, the safer range).
+        if model_config.dtype == torch.float32 and self.torch_device.type == "cuda":
+            return torch.bfloat16
+        return model_config.dtype
+
+    def resolved_max_model_len(self, model_config: ModelConfig) -> int:
+        limit = model_config.max_position_embeddings
+        if model_config.sliding_window:  # no sliding-window attention: stay inside one window
+            limit = min(limit, model_config.sliding_window)
+        if self.max_model_len is None:
+            return limit
+        if self.max_model_len > limit:
+            raise ValueError(
+                f"max_model_len={self.max_model_len} exceeds the model's limit of {limit} tokens "
+                f"(max_position_embeddings / sliding_window in {model_config.path / 'config.json'})")
+        return self.max_model_len
+
+    def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
+        budget = self.max_num_batched_tokens
+        if budget is None:  # vLLM: 8192 with chunked prefill, else room for one whole prompt
+            budget = 8192 if self.enable_chunked_prefill else max(max_model_len, 2048)
+        return SchedulerConfig(
+            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget,
+            enable_chunked_prefill=self.enable_chunked_prefill, preemption_mode=self.preemption_mode,
+            max_model_len=max_model_len, queue_policy=self.scheduling_policy,
+        )
+
+    def cache_config(self) -> CacheConfig:
+        return CacheConfig(
+            block_size=self.block_size, gpu_memory_utilization=self.gpu_memory_utilization,
+            swap_space=self.swap_space, enable_prefix_caching=self.enable_prefix_caching,
+            num_gpu_blocks_override=self.num_gpu_blocks_override,
+        )

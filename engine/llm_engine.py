@@ -1,0 +1,174 @@
+"""LLMEngine: tokenizer, the shared scheduler, the model runner and detokenization, stepped by one thread."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+from transformers import AutoTokenizer
+
+from engine.config import EngineArgs, ModelConfig
+from engine.core.recorder import TraceRecorder
+from engine.core.request import Request, RequestStatus
+from engine.core.sampling_params import SamplingParams
+from engine.core.scheduler import Scheduler
+from engine.detokenizer import Detokenizer
+from engine.model_runner import ModelRunner
+from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    num_free_blocks: int
+    num_gpu_blocks: int
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of which found there
+    num_preemptions: int
+
+
+@dataclass(slots=True)
+class _Tracked:
+    req: Request
+    prompt: str | None
+    detokenizer: Detokenizer
+    num_reported: int = 0  # output tokens already returned by step()
+
+
+class LLMEngine:
+    """Add requests, call `step()` until `has_unfinished_requests()` is False.
+
+    Times (arrival, first token, ...) are seconds in a wall clock (time.time()) that advances by
+    time.perf_counter(), so the recorder's step durations are precise.
+    """
+
+    def __init__(self, args: EngineArgs) -> None:
+        self.args = args
+        self.model_config = cfg = ModelConfig.from_dir(args.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+        if not hasattr(self.tokenizer, "backend_tokenizer"):
+            raise ValueError(f"{args.tokenizer or args.model}: a fast tokenizer (tokenizer.json) is required")
+        self.max_model_len = args.resolved_max_model_len(cfg)
+        sched_config = args.scheduler_config(self.max_model_len)
+        self.runner = ModelRunner(args, cfg, sched_config)
+        self.recorder = TraceRecorder()
+        self.scheduler = Scheduler(sched_config, args.cache_config(), self.runner.num_gpu_blocks,
+                                   self.runner.num_cpu_blocks, self.recorder)
+        eos = cfg.eos_token_ids
+        self.eos_token_id = next((e for e in [self.tokenizer.eos_token_id, *eos] if e is not None), None)
+        self._extra_eos = [e for e in eos if e != self.eos_token_id]  # Llama 3 ends turns with several
+        self._tracked: dict[str, _Tracked] = {}
+        self._wall0, self._perf0 = time.time(), time.perf_counter()
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs) -> LLMEngine:
+        return cls(EngineArgs.from_kwargs(model, **kwargs))
+
+    def now(self) -> float:
+        return self._wall0 + (time.perf_counter() - self._perf0)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model_config.vocab_size
+
+    # ---- requests ------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None = None,
+                    params: SamplingParams | None = None, arrival_time: float | None = None,
+                    priority: int = 0) -> None:
+        """Queue a request; `prompt_token_ids` wins over `prompt`, which is then only echoed back."""
+        params = params or SamplingParams()
+        if request_id in self._tracked:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise ValueError(f"request {request_id}: give a prompt or prompt_token_ids")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        self._validate(request_id, prompt_token_ids, params)
+        if self._extra_eos and not params.ignore_eos:
+            params = dataclasses.replace(params, stop_token_ids=[*params.stop_token_ids, *self._extra_eos])
+        now = self.now()
+        arrival = arrival_time if arrival_time is not None else now
+        req = Request(request_id, list(prompt_token_ids), params, arrival, priority,
+                      eos_token_id=self.eos_token_id)
+        detok = Detokenizer(self.tokenizer.backend_tokenizer, req.prompt_token_ids, params.stop)
+        self.scheduler.add_request(req, now)
+        self._tracked[request_id] = _Tracked(req, prompt, detok)
+
+    def _validate(self, request_id: str, ids: list[int], params: SamplingParams) -> None:
+        n, limit = len(ids), self.max_model_len
+        if n == 0:
+            raise ValueError(f"request {request_id}: the prompt is empty")
+        if n > limit:
+            raise ValueError(
+                f"request {request_id}: the prompt has {n} tokens, more than max_model_len={limit}")
+        if params.max_tokens is not None and n + params.max_tokens > limit:
+            raise ValueError(f"request {request_id}: prompt ({n} tokens) + max_tokens ({params.max_tokens}) "
+                             f"exceeds max_model_len={limit}")
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise ValueError(f"request {request_id}: prompt token ids must be in [0, {self.vocab_size})")
+
+    def abort_request(self, request_id: str) -> None:
+        """End a request now and free its KV blocks; unknown or finished ids are ignored."""
+        if self._tracked.pop(request_id, None) is not None:
+            self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_ABORTED, self.now())
+            self.runner.sampler.forget(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ---- one step ------------------------------------------------------------------
+    def step(self, final_only: bool = False) -> list[RequestOutput]:
+        """Schedule, run and sample one batch; outputs of the requests that got tokens or finished.
+
+        final_only (the offline API): outputs of finished requests only, and text decoded only where a
+        stop string needs it before then (the rest is decoded at once at the end: the same text).
+        """
+        out = self.scheduler.schedule(self.now())
+        if out.empty:
+            return []
+        sampled = self.runner.execute(out, self.scheduler.kv)
+        now = self.now()
+        self.scheduler.update(out, sampled, now)
+        outputs = []
+        for req in out.requests:
+            tracked = self._tracked.get(req.request_id)
+            if tracked is None or req.num_output_tokens == tracked.num_reported:
+                continue
+            if final_only and not req.status.finished and not tracked.detokenizer.stop:
+                continue
+            self._detokenize(tracked, now)
+            if req.status.finished:
+                outputs.append(self._output(tracked))
+                del self._tracked[req.request_id]
+                self.runner.sampler.forget(req.request_id)
+            elif not final_only:
+                outputs.append(self._output(tracked))
+        return outputs
+
+    def _detokenize(self, tracked: _Tracked, now: float) -> None:
+        req = tracked.req
+        stop = tracked.detokenizer.append(req.all_token_ids[req.num_prompt_tokens + tracked.num_reported:])
+        tracked.num_reported = req.num_output_tokens
+        if stop is None:
+            return
+        if req.status.finished:  # ended by length or EOS on the very token that completed the stop string
+            req.status = RequestStatus.FINISHED_STOPPED
+        else:
+            self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED, now)
+        req.stop_reason = stop
+
+    def _output(self, tracked: _Tracked) -> RequestOutput:
+        req = tracked.req
+        completion = CompletionOutput(0, tracked.detokenizer.text, req.output_token_ids,
+                                      finish_reason=req.finish_reason, stop_reason=req.stop_reason)
+        return RequestOutput(req.request_id, tracked.prompt, req.prompt_token_ids, [completion],
+                             req.status.finished, RequestMetrics.of(req), max(req.num_cached_tokens, 0))
+
+    @property
+    def stats(self) -> EngineStats:
+        s, kv = self.scheduler, self.scheduler.kv
+        return EngineStats(s.num_running, s.num_waiting, kv.usage, kv.num_free_blocks, kv.num_gpu_blocks,
+                           kv.prefix_queries, kv.prefix_hits, s.num_preemptions)

@@ -1,0 +1,94 @@
+"""Build a model on its device and fill it from a local HF checkpoint (safetensors) or at random (dummy)."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from engine.config import ModelConfig
+from engine.models import LlamaForCausalLM
+
+# HF tensors with no parameter here: rotary tables that some checkpoints still carry.
+SKIPPED = re.compile(r"rotary_emb\.inv_freq$")
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_position: int,
+               load_format: str = "auto", seed: int = 0) -> LlamaForCausalLM:
+    with _default_dtype(dtype), torch.device(device):
+        model = LlamaForCausalLM(cfg, max_position)
+    if load_format == "dummy":
+        _init_dummy(model, seed)
+    else:
+        load_safetensors(model, cfg.path)
+    return model.eval().requires_grad_(False)
+
+
+def _init_dummy(model: LlamaForCausalLM, seed: int) -> None:
+    """Random weights of the checkpoint's scale: N(0, initializer_range), norms at one."""
+    gen = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.data.fill_(1.0)
+        else:
+            p.data.normal_(0.0, model.config.initializer_range, generator=gen)
+
+
+def _checkpoint_files(path: Path) -> list[Path]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"{path}: no *.safetensors weights (pass load_format='dummy' for random weights)")
+    return files
+
+
+def load_safetensors(model: LlamaForCausalLM, path: Path) -> None:
+    params = dict(model.named_parameters())
+    missing = set(params)
+    for file in _checkpoint_files(path):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for hf_name in f.keys():
+                name = _load_tensor(model, params, hf_name, f.get_tensor(hf_name), file)
+                missing.discard(name)
+    if model.config.tie_word_embeddings:
+        missing.discard("lm_head.weight")
+    if missing:
+        raise ValueError(f"{path}: the checkpoint lacks weights for {', '.join(sorted(missing)[:5])}"
+                         f"{' ...' if len(missing) > 5 else ''}")
+
+
+def _load_tensor(model: LlamaForCausalLM, params: dict[str, torch.nn.Parameter], hf_name: str,
+                 tensor: torch.Tensor, file: Path) -> str | None:
+    """Copy one HF tensor into its parameter (or its shard of a merged one); returns the parameter name."""
+    if SKIPPED.search(hf_name) or (hf_name == "lm_head.weight" and model.config.tie_word_embeddings):
+        return None
+    parent, _, leaf = hf_name.rpartition(".")
+    module_path, _, module = parent.rpartition(".")
+    target, start, size = hf_name, 0, None
+    if module in model.packed_modules:
+        merged, start, size = model.packed_modules[module]
+        target = f"{module_path}.{merged}.{leaf}"
+    if target not in params:
+        raise ValueError(f"{file}: tensor {hf_name} has no place in {model.config.architecture}")
+    dst = params[target].data
+    if size is not None:
+        dst = dst.narrow(0, start, size)
+    if dst.shape != tensor.shape:
+        raise ValueError(
+            f"{file}: tensor {hf_name} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
+    dst.copy_(tensor)
+    return target

@@ -1,0 +1,61 @@
+"""Token sampling on the device: greedy, temperature, top-k, top-p, per-request seeds."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.core.request import Request
+
+
+class Sampler:
+    """Samples one token per logits row.
+
+    Random rows use the exponential-race trick (argmax of p / Exp(1) noise is a draw from p), so a
+    seeded request only needs its own noise row from its own generator: its tokens then depend on its
+    seed alone, whatever else shares the batch.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._generators: dict[str, torch.Generator] = {}
+
+    def forget(self, request_id: str) -> None:
+        self._generators.pop(request_id, None)
+
+    def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        greedy_tokens = logits.argmax(dim=-1)
+        params = [r.sampling_params for r in reqs]
+        if all(p.greedy for p in params):
+            return greedy_tokens
+        temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=self.device)
+        logits = logits / temps[:, None]
+        top_k = [p.top_k if p.top_k > 0 else logits.shape[-1] for p in params]
+        top_p = [p.top_p for p in params]
+        if any(k < logits.shape[-1] for k in top_k) or any(p < 1.0 for p in top_p):
+            logits = _top_k_top_p(logits, torch.tensor(top_k, device=self.device),
+                                  torch.tensor(top_p, device=self.device))
+        probs = logits.softmax(dim=-1)
+        noise = torch.empty_like(probs).exponential_()
+        for i, r in enumerate(reqs):
+            if r.sampling_params.seed is not None:
+                noise[i].exponential_(generator=self._generator(r))
+        sampled = probs.div_(noise).argmax(dim=-1)
+        is_greedy = torch.tensor([p.greedy for p in params], device=self.device)
+        return torch.where(is_greedy, greedy_tokens, sampled)
+
+    def _generator(self, req: Request) -> torch.Generator:
+        gen = self._generators.get(req.request_id)
+        if gen is None:
+            gen = torch.Generator(device=self.device).manual_seed(req.sampling_params.seed)
+            self._generators[req.request_id] = gen
+        return gen
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask to -inf every token outside a row's top-k and outside its top-p nucleus (at least one stays)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(logits.shape[-1], device=logits.device)
+    mask = ranks[None, :] >= top_k[:, None]
+    probs = sorted_logits.masked_fill(mask, float("-inf")).softmax(dim=-1)
+    mask |= (probs.cumsum(dim=-1) - probs) > top_p[:, None]
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits.masked_fill(mask, float("-inf")))

@@ -1,0 +1,214 @@
+"""The CPU engine (torch reference kernels, fp32) against HF transformers on tiny random models.
+
+Engines are pinned to device="cpu" so that the suite checks the same path on a GPU box (where
+tests/test_engine_gpu.py covers CUDA); only the vLLM-style example picks its device itself.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_model import build_tiny_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from engine import LLM, SamplingParams
+from engine.llm_engine import LLMEngine
+
+PROMPTS = [
+    "Hello, world!",
+    "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step.",
+    "1",
+    "Once upon a time there was a small model that answered every question with a story about the sea. "
+    "Large language models generate text one token at a time, reading keys and values from a paged cache.",
+    "What is the capital of France?",
+    "def f(x): return x * 2 + 1",
+]
+SHARED = "Large language models generate text one token at a time, reading keys and values from a cache. "
+PREFIX_PROMPTS = [SHARED + s for s in ("Hello, world!", "To be or not", "Numbers: 0 1 2 3", "Paris is.")]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
+
+_hf_cache: dict[tuple, list[int]] = {}
+
+
+def hf_greedy(model_dir, prompt: str, max_tokens: int) -> list[int]:
+    """HF transformers' greedy continuation, cut after the first EOS as the engine stops there."""
+    key = (str(model_dir), prompt, max_tokens)
+    if key not in _hf_cache:
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        ids = tok(prompt, return_tensors="pt").input_ids
+        out = model.generate(ids, do_sample=False, max_new_tokens=max_tokens, pad_token_id=tok.eos_token_id)
+        new = out[0, ids.shape[1]:].tolist()
+        _hf_cache[key] = new[: new.index(tok.eos_token_id) + 1] if tok.eos_token_id in new else new
+    return _hf_cache[key]
+
+
+def assert_matches_hf(model_dir, prompts, outputs, max_tokens=GREEDY.max_tokens):
+    assert [o.prompt for o in outputs] == prompts
+    for prompt, out in zip(prompts, outputs):
+        assert out.finished
+        assert out.outputs[0].token_ids == hf_greedy(model_dir, prompt, max_tokens), prompt
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_qwen2"), "qwen2")
+
+
+@pytest.fixture(scope="module")
+def mistral_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_mistral"), "mistral")
+
+
+@pytest.fixture(scope="module")
+def llama3_rope_dir(tmp_path_factory):
+    """Llama 3.1's rope scaling, with an original context short enough for the prompts to pass it."""
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_llama3"), "llama", rope_parameters=rope)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama_dir):
+    return LLM(model=str(tiny_llama_dir), dtype="float32", device="cpu")
+
+
+@pytest.mark.parametrize("model", ["tiny_llama_dir", "tiny_qwen3_dir", "qwen2_dir", "mistral_dir",
+                                   "llama3_rope_dir"])
+def test_greedy_matches_hf(model, request):
+    model_dir = request.getfixturevalue(model)
+    llm = LLM(model=str(model_dir), dtype="float32", device="cpu", enable_prefix_caching=False)
+    assert_matches_hf(model_dir, PROMPTS, llm.generate(PROMPTS, GREEDY, use_tqdm=False))
+
+
+def test_prefix_caching_matches_hf(tiny_llama_dir):
+    llm = LLM(model=str(tiny_llama_dir), dtype="float32", device="cpu", enable_prefix_caching=True)
+    first = llm.generate(PREFIX_PROMPTS[:1], GREEDY, use_tqdm=False)
+    rest = llm.generate(PREFIX_PROMPTS[1:], GREEDY, use_tqdm=False)
+    assert_matches_hf(tiny_llama_dir, PREFIX_PROMPTS, first + rest)
+    assert all(o.num_cached_tokens >= 16 for o in rest)
+    assert llm.engine.stats.prefix_cache_hits > 0
+
+
+def test_chunked_prefill_matches_hf(tiny_qwen3_dir):
+    llm = LLM(model=str(tiny_qwen3_dir), dtype="float32", device="cpu", enable_chunked_prefill=True,
+              max_num_batched_tokens=16)
+    assert_matches_hf(tiny_qwen3_dir, PROMPTS, llm.generate(PROMPTS, GREEDY, use_tqdm=False))
+    steps = llm.engine.recorder.steps_table()
+    assert max(p + d for p, d in zip(steps["num_prefill_tokens"], steps["num_decode_tokens"])) <= 16
+
+
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+def test_preemption_matches_hf(tiny_llama_dir, mode):
+    # 16 blocks x 16 tokens hold 256 tokens, the requests need about 380 when all have run.
+    llm = LLM(model=str(tiny_llama_dir), dtype="float32", device="cpu", max_model_len=256,
+              num_gpu_blocks_override=16, preemption_mode=mode, swap_space=0.01, enable_prefix_caching=False)
+    params = SamplingParams(temperature=0.0, max_tokens=40)
+    assert_matches_hf(tiny_llama_dir, PROMPTS, llm.generate(PROMPTS, params, use_tqdm=False), max_tokens=40)
+    assert llm.engine.stats.num_preemptions > 0
+    assert llm.engine.stats.num_free_blocks == 16
+
+
+def test_sampling_example_runs_and_is_recorded(tiny_llama_dir):
+    llm = LLM(model=str(tiny_llama_dir), dtype="float32")
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0.8, top_p=0.95, max_tokens=100))
+    for out in outs:
+        c = out.outputs[0]
+        assert 1 <= len(c.token_ids) <= 100 and c.finish_reason in ("stop", "length")
+        m = out.metrics
+        assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finish_time
+    steps, reqs = llm.engine.recorder.steps_table(), llm.engine.recorder.requests_table()
+    assert len(steps["step"]) > 0 and all(d > 0 for d in steps["duration_s"])
+    assert {o.request_id for o in outs} <= set(reqs["request_id"])
+
+
+def test_seeded_sampling_is_reproducible(llm):
+    seeded = SamplingParams(temperature=1.0, top_k=50, seed=1234, max_tokens=20, ignore_eos=True)
+    alone = llm.generate(PROMPTS[0], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    others = SamplingParams(temperature=1.0, max_tokens=20)
+    mixed = llm.generate(PROMPTS[:3], [others, others, seeded][::-1], use_tqdm=False)[0].outputs[0].token_ids
+    other_seed = SamplingParams(temperature=1.0, top_k=50, seed=99, max_tokens=20, ignore_eos=True)
+    assert alone == mixed
+    assert llm.generate(PROMPTS[0], other_seed, use_tqdm=False)[0].outputs[0].token_ids != alone
+
+
+def test_stop_string_truncates_text(llm):
+    full = llm.generate(PROMPTS[1], GREEDY, use_tqdm=False)[0].outputs[0]
+    stop = full.text[6:8]
+    cut = llm.generate(PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=24, stop=[stop]),
+                       use_tqdm=False)[0].outputs[0]
+    assert cut.text == full.text[: full.text.find(stop)]
+    assert (cut.finish_reason, cut.stop_reason) == ("stop", stop)
+    assert cut.token_ids == full.token_ids[: len(cut.token_ids)] and len(cut.token_ids) < len(full.token_ids)
+
+
+def test_stop_token_ids_max_tokens_and_ignore_eos(tiny_llama_dir):
+    LEN12 = SamplingParams(temperature=0.0, max_tokens=12)
+    engine = LLMEngine.from_kwargs(str(tiny_llama_dir), dtype="float32", device="cpu")
+    llm = LLM.__new__(LLM)
+    llm.engine, llm._ids = engine, iter(range(10**6))
+    greedy = llm.generate(PROMPTS[0], LEN12, use_tqdm=False)[0].outputs[0]
+    assert (len(greedy.token_ids), greedy.finish_reason) == (12, "length")
+    tok = greedy.token_ids[4]
+    stopped = llm.generate(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[tok]),
+                           use_tqdm=False)[0].outputs[0]
+    assert stopped.token_ids == greedy.token_ids[: greedy.token_ids.index(tok) + 1]
+    assert (stopped.finish_reason, stopped.stop_reason) == ("stop", tok)
+    engine.eos_token_id = tok  # make the model "emit EOS" at a known step
+    eos = llm.generate(PROMPTS[0], LEN12, use_tqdm=False)[0].outputs[0]
+    assert eos.token_ids == stopped.token_ids and eos.finish_reason == "stop"
+    ignored = llm.generate(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+                           use_tqdm=False)[0].outputs[0]
+    assert ignored.token_ids == greedy.token_ids
+
+
+def test_token_id_prompts_and_chat(llm):
+    ids = llm.get_tokenizer().encode(PROMPTS[0])
+    by_ids = llm.generate({"prompt_token_ids": ids}, GREEDY, use_tqdm=False)[0]
+    by_text = llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)[0]
+    assert by_ids.prompt_token_ids == ids and by_ids.outputs[0].token_ids == by_text.outputs[0].token_ids
+    chat = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=4), use_tqdm=False)[0]
+    assert chat.prompt.endswith("<|im_start|>assistant\n") and len(chat.outputs[0].token_ids) <= 4
+
+
+def test_bad_arguments_are_clear_errors(tiny_llama_dir, tmp_path):
+    with pytest.raises(TypeError, match="unknown engine argument.*not_a_knob"):
+        LLM(model=str(tiny_llama_dir), not_a_knob=1)
+    with pytest.raises(NotImplementedError, match="tensor_parallel_size=2"):
+        LLM(model=str(tiny_llama_dir), tensor_parallel_size=2)
+    with pytest.raises(FileNotFoundError, match="is not a local Hugging Face model directory"):
+        LLM(model=str(tmp_path))
+    with pytest.raises(ValueError, match="max_model_len=100000 exceeds"):
+        LLM(model=str(tiny_llama_dir), max_model_len=100000)
+
+
+def test_bad_requests_and_abort(llm):
+    engine = llm.engine
+    with pytest.raises(ValueError, match="prompt is empty"):
+        engine.add_request("a", None, [], SamplingParams())
+    with pytest.raises(ValueError, match="more than max_model_len=512"):
+        engine.add_request("b", None, [5] * 600, SamplingParams())
+    with pytest.raises(ValueError, match="exceeds max_model_len=512"):
+        engine.add_request("c", None, [5] * 500, SamplingParams(max_tokens=20))
+    total = engine.stats.num_gpu_blocks
+    engine.add_request("d", PROMPTS[3], None, SamplingParams(max_tokens=50))
+    outs = engine.step()
+    assert [o.request_id for o in outs] == ["d"] and not outs[0].finished
+    assert engine.stats.num_free_blocks < total
+    engine.abort_request("d")
+    assert engine.stats.num_free_blocks == total and not engine.has_unfinished_requests()
+
+
+def test_streaming_steps_are_cumulative(llm):
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=10)
+    engine.add_request("s", PROMPTS[1], None, params)
+    seen = []
+    while engine.has_unfinished_requests():
+        seen += engine.step()
+    assert all(o.request_id == "s" for o in seen) and [o.finished for o in seen][-1]
+    for prev, cur in zip(seen, seen[1:]):
+        assert cur.outputs[0].token_ids[:-1] == prev.outputs[0].token_ids
+        assert cur.outputs[0].text.startswith(prev.outputs[0].text)
+    offline = llm.generate(PROMPTS[1], params, use_tqdm=False)[0].outputs[0]
+    assert (seen[-1].outputs[0].text, seen[-1].outputs[0].token_ids) == (offline.text, offline.token_ids)

@@ -1,0 +1,118 @@
+"""The CUDA engine (Triton kernels, CUDA graphs) against HF transformers. Run on a GPU box:
+
+    pytest -m gpu tests/test_engine_gpu.py -v -s
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+
+import pytest
+import torch
+import transformers
+from test_engine_correctness import PROMPTS, assert_matches_hf
+from tiny_model import ARCHS, build_tokenizer, tiny_config
+
+from engine import LLM, SamplingParams
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+NUM_PROMPTS, NUM_TOKENS = 64, 32
+# ~1.0B parameters (TinyLlama's shape) on the tiny tokenizer's vocabulary.
+ONE_B = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
+         "num_key_value_heads": 4, "head_dim": 64, "max_position_embeddings": 2048, "initializer_range": 0.02}
+
+
+@pytest.fixture(autouse=True)
+def release_gpu():
+    """Each engine sizes its KV cache from the free memory: give back the previous test's first."""
+    yield
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+@pytest.fixture(scope="module")
+def one_b_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("one_b")
+    tok = build_tokenizer(path)
+    config = tiny_config("llama", len(tok), tok.bos_token_id, tok.eos_token_id, **ONE_B)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = getattr(transformers, ARCHS["llama"])(config).to(torch.bfloat16)
+    model.generation_config = transformers.GenerationConfig(bos_token_id=tok.bos_token_id,
+                                                            eos_token_id=tok.eos_token_id)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def prompts(one_b_dir):
+    rng = random.Random(0)
+    bos = transformers.AutoTokenizer.from_pretrained(one_b_dir).bos_token_id
+    return [[bos] + [rng.randrange(5, 384) for _ in range(rng.randint(8, 300))] for _ in range(NUM_PROMPTS)]
+
+
+def hf_model(path, dtype):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).cuda().eval()
+
+
+@torch.inference_mode()
+def engine_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
+    """Logits of every position of one prompt, computed in the idle engine's first KV blocks (which
+    overwrites whatever prefix they cached: generate nothing with this engine afterwards)."""
+    runner = llm.engine.runner
+    blocks = list(range(-(-len(ids) // runner.block_size)))
+    batch = runner._make_batch([ids], [0], [blocks], [0])
+    return runner.model.compute_logits(runner.model(batch.input_ids, batch.positions, batch.meta))
+
+
+@torch.inference_mode()
+def test_one_b_bf16_matches_hf(one_b_dir, prompts):
+    # Half the GPU: the HF models (fp32 and bf16) are loaded beside the engine.
+    llm = LLM(model=str(one_b_dir), dtype="bfloat16", max_model_len=1024, gpu_memory_utilization=0.5)
+    params = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True)
+    ours = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+
+    # Logits: our bf16 error against fp32 HF is within twice HF's own bf16 error.
+    hf16, hf32 = hf_model(one_b_dir, torch.bfloat16), hf_model(one_b_dir, torch.float32)
+    for ids in prompts[:8]:
+        x = torch.tensor([ids], device="cuda")
+        ref = hf32(x).logits[0].float()
+        hf_err = (hf16(x).logits[0].float() - ref).abs()
+        our_err = (engine_logits(llm, ids) - ref).abs()
+        assert our_err.mean() <= 2 * hf_err.mean() + 1e-3 and our_err.max() <= 2 * hf_err.max() + 1e-2
+
+    # Greedy: the same 32 tokens as HF bf16, or a first divergence where HF's two candidates are within bf16
+    # noise of each other (random weights give flat logits, so such near-ties are common).
+    exact = near_tie = 0
+    hf16.generation_config.eos_token_id = None  # as ignore_eos: EOS may be generated, and does not stop
+    for ids, mine in zip(prompts, ours):
+        x = torch.tensor([ids], device="cuda")
+        theirs = hf16.generate(x, do_sample=False, max_new_tokens=NUM_TOKENS, pad_token_id=0)[0, len(ids):]
+        theirs = theirs.tolist()
+        if mine == theirs:
+            exact += 1
+            continue
+        k = next(i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b)
+        logits = hf32(torch.tensor([ids + mine[:k]], device="cuda")).logits[0, -1].float()
+        near_tie += bool(abs(logits[mine[k]] - logits[theirs[k]]) <= 0.1 * logits.std())
+    print(f"greedy: {exact}/{NUM_PROMPTS} identical, {near_tie} diverge at a near-tie")
+    assert exact + near_tie >= 0.95 * NUM_PROMPTS
+
+
+@pytest.mark.parametrize("knobs", [
+    {},
+    {"enable_prefix_caching": True, "max_num_batched_tokens": 16},
+    {"max_model_len": 256, "num_gpu_blocks_override": 16, "preemption_mode": "swap", "swap_space": 0.01},
+    {"max_model_len": 256, "num_gpu_blocks_override": 16, "preemption_mode": "recompute",
+     "enforce_eager": True},
+], ids=["graphs", "prefix+chunked", "swap", "recompute-eager"])
+def test_tiny_fp32_exact_on_gpu(tiny_llama_dir, knobs):
+    """Every step kind (prefill chunks, prefix hits, decode graphs, swaps) on the Triton path, in fp32."""
+    # A small share of the GPU: a tiny model would otherwise get millions of blocks.
+    llm = LLM(model=str(tiny_llama_dir), dtype="float32", gpu_memory_utilization=0.05, **knobs)
+    params = SamplingParams(temperature=0.0, max_tokens=40)
+    assert_matches_hf(tiny_llama_dir, PROMPTS, llm.generate(PROMPTS, params, use_tqdm=False), max_tokens=40)
+    if "num_gpu_blocks_override" in knobs:
+        assert llm.engine.stats.num_preemptions > 0

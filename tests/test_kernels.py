@@ -1,0 +1,353 @@
+"""Kernels against their torch references, and the references against HF transformers.
+
+Triton decides at import whether kernels run in its CPU interpreter, so the `test_triton_*` cases only run
+with TRITON_INTERPRET=1 in the environment: test_interpreter_suite re-runs them in a subprocess that sets it
+(run them directly with `TRITON_INTERPRET=1 pytest tests/test_kernels.py -k triton`). GPU cases: -m gpu.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels import attention
+from kernels import reference as ref
+from kernels.attention import TileConfig, default_num_splits
+from kernels.dispatch import INTERPRET
+from kernels.rotary import build_cos_sin_cache
+
+interp = pytest.mark.skipif(not INTERPRET, reason="runs in test_interpreter_suite (TRITON_INTERPRET=1)")
+
+
+def gpu(test: Callable) -> Callable:
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(test))
+
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192}
+ROPE_SCALINGS = [None, {"rope_type": "linear", "factor": 4.0}, LLAMA3_SCALING,
+                 {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}]
+
+
+def make_batch(seqs: list[tuple[int, int]], num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
+               dtype: torch.dtype, device: str = "cpu", seed: int = 0) -> dict:
+    """Paged-attention inputs for sequences given as (query_len, seq_len), blocks scattered over the cache;
+    table entries past a sequence's blocks point far outside it, so reading one crashes."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [-(-seq_len // block_size) for _, seq_len in seqs]
+    num_blocks = sum(blocks_per_seq) + 3
+    perm = torch.randperm(num_blocks, generator=gen)
+    tables = torch.full((len(seqs), max(blocks_per_seq) + 2), 2**24)
+    used = 0
+    for i, n in enumerate(blocks_per_seq):
+        tables[i, :n] = perm[used:used + n]
+        used += n
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    q_lens = [q_len for q_len, _ in seqs]
+    return dict(
+        q=randn(sum(q_lens), num_heads, head_dim),
+        k_cache=randn(num_blocks, block_size, num_kv_heads, head_dim),
+        v_cache=randn(num_blocks, block_size, num_kv_heads, head_dim),
+        block_tables=tables.to(device=device, dtype=torch.int32),
+        seq_lens=torch.tensor([s for _, s in seqs], dtype=torch.int32, device=device),
+        query_start_loc=torch.tensor([0, *q_lens], device=device).cumsum(0).to(torch.int32),
+        scale=head_dim ** -0.5, max_query_len=max(q_lens), max_seq_len=max(s for _, s in seqs),
+    )
+
+
+def reference_attention(batch: dict) -> torch.Tensor:
+    keys = ("q", "k_cache", "v_cache", "block_tables", "seq_lens", "query_start_loc", "scale")
+    return ref.paged_attention(*(batch[k] for k in keys))
+
+
+def check_attention(batch: dict, atol: float, **kwargs) -> None:
+    out = kernels.paged_attention(**batch, **kwargs)
+    assert out.dtype == batch["q"].dtype
+    torch.testing.assert_close(out.float(), reference_attention(batch).float(), atol=atol, rtol=0)
+
+
+# --- references against HF transformers and the CPU dispatch (run in-process) ---
+
+@pytest.mark.parametrize("rope_scaling", ROPE_SCALINGS, ids=["default", "linear", "llama3", "yarn"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cos_sin_cache_matches_hf(rope_scaling: dict | None, dtype: torch.dtype) -> None:
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    params = {"rope_theta": 500000.0, **(rope_scaling or {"rope_type": "default"})}
+    config = LlamaConfig(hidden_size=1024, num_attention_heads=8, head_dim=128,
+                         max_position_embeddings=131072, rope_parameters=params)
+    positions = torch.arange(0, 131072, 997)
+    cos, sin = LlamaRotaryEmbedding(config)(torch.zeros(1, dtype=dtype), positions[None])
+    cache = build_cos_sin_cache(128, 131072, 500000.0, rope_scaling, dtype)[positions]
+    assert torch.equal(cache, torch.cat((cos[0, :, :64], sin[0, :, :64]), dim=-1))
+
+
+def test_partial_rotary_cache_matches_hf() -> None:
+    from transformers import StableLmConfig
+    from transformers.models.stablelm.modeling_stablelm import StableLmRotaryEmbedding
+
+    params = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}
+    config = StableLmConfig(hidden_size=1024, num_attention_heads=8, rope_parameters=params)
+    positions = torch.arange(0, 4096, 7)
+    cos, sin = StableLmRotaryEmbedding(config)(torch.zeros(1), positions[None])
+    cache = build_cos_sin_cache(128, 4096, 10000.0, params)[positions]
+    assert torch.equal(cache, torch.cat((cos[0, :, :16], sin[0, :, :16]), dim=-1))
+
+
+def test_unknown_rope_type_is_rejected() -> None:
+    with pytest.raises(ValueError, match="rope_type='longrope'"):
+        build_cos_sin_cache(128, 16, 10000.0, {"rope_type": "longrope"})
+
+
+def test_reference_rotary_and_norm_match_hf_bf16() -> None:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+    torch.manual_seed(0)
+    num_tokens, heads, head_dim = 9, 4, 64
+    cache = build_cos_sin_cache(head_dim, 256, 10000.0, LLAMA3_SCALING, torch.bfloat16)
+    positions = torch.randint(0, 256, (num_tokens,))
+    q, k = torch.randn(2, num_tokens, heads * head_dim, dtype=torch.bfloat16)
+    cos, sin = (torch.cat((h, h), dim=-1)[None] for h in cache[positions].chunk(2, dim=-1))
+    q_hf, k_hf = apply_rotary_pos_emb(q.view(1, num_tokens, heads, head_dim).transpose(1, 2),
+                                      k.view(1, num_tokens, heads, head_dim).transpose(1, 2), cos, sin)
+    ref.apply_rotary(positions, q, k, cache, head_dim)
+    assert torch.equal(q.view(num_tokens, heads, head_dim), q_hf[0].transpose(0, 1))
+    assert torch.equal(k.view(num_tokens, heads, head_dim), k_hf[0].transpose(0, 1))
+
+    norm = LlamaRMSNorm(256, eps=1e-5).to(torch.bfloat16)
+    norm.weight.data.normal_()
+    x, residual = torch.randn(2, num_tokens, 256, dtype=torch.bfloat16)
+    out, new_residual = ref.rms_norm(x, norm.weight, 1e-5, residual)
+    assert torch.equal(new_residual, x + residual) and torch.equal(out, norm(x + residual))
+
+
+def test_reference_attention_matches_sdpa() -> None:
+    # A prefill chunk of 5 tokens after a 12-token cached prefix, GQA 4:2.
+    batch = make_batch([(5, 17)], num_heads=4, num_kv_heads=2, head_dim=16, block_size=4, dtype=torch.float32)
+    blocks = batch["block_tables"][0, :5].long()
+    k = batch["k_cache"][blocks].flatten(0, 1)[:17].transpose(0, 1)
+    v = batch["v_cache"][blocks].flatten(0, 1)[:17].transpose(0, 1)
+    mask = torch.ones(5, 17, dtype=torch.bool).tril(diagonal=12)
+    q = batch["q"].transpose(0, 1)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(reference_attention(batch), expected.transpose(0, 1))
+
+
+def test_auto_runs_reference_on_cpu_and_rejects_bad_impl() -> None:
+    x, w = torch.randn(3, 8), torch.ones(8)
+    assert torch.equal(kernels.rms_norm(x, w, 1e-6), ref.rms_norm(x, w, 1e-6))
+    with pytest.raises(ValueError, match="impl must be one of"):
+        kernels.silu_and_mul(x, impl="cuda")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        kernels.store_kv(x, x, x, x, torch.zeros(3, dtype=torch.int32), impl="compile")
+
+
+@pytest.mark.skipif(INTERPRET, reason="the interpreter makes impl='triton' valid on CPU")
+def test_triton_on_cpu_without_interpreter_names_the_fix() -> None:
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        kernels.silu_and_mul(torch.randn(2, 8), impl="triton")
+
+
+def test_default_num_splits() -> None:
+    assert default_num_splits(num_seqs=256, num_kv_heads=32, max_seq_len=8192) == 1  # batch fills the GPU
+    assert default_num_splits(num_seqs=1, num_kv_heads=32, max_seq_len=8192) == 16
+    assert default_num_splits(num_seqs=1, num_kv_heads=8, max_seq_len=300) == 1  # short context
+    assert default_num_splits(num_seqs=3, num_kv_heads=8, max_seq_len=4096) == 16  # a power of two
+
+
+@pytest.mark.skipif(INTERPRET, reason="already inside the interpreter run")
+def test_interpreter_suite() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "test_triton_"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+
+
+# --- Triton kernels in the CPU interpreter ---
+
+DTYPES = [(torch.float32, 1e-5), (torch.float16, 2e-3)]
+ATTENTION_CASES = {  # name: (sequences as (query_len, seq_len), num_heads, num_kv_heads, block_size)
+    "prefill": ([(20, 20), (37, 37), (2, 2)], 2, 2, 16),
+    "prefill_with_prefix": ([(16, 50), (5, 21), (40, 41)], 4, 2, 16),
+    "decode": ([(1, 37), (1, 1), (1, 100), (1, 16)], 4, 4, 16),
+    "mixed_gqa3": ([(1, 70), (23, 23), (1, 5), (9, 40), (1, 33)], 6, 2, 8),
+    "mixed_block32": ([(3, 90), (1, 64), (30, 30)], 8, 2, 32),
+}
+
+
+@interp
+@pytest.mark.parametrize("case", ATTENTION_CASES)
+@pytest.mark.parametrize("dtype,atol", DTYPES, ids=["fp32", "fp16"])
+def test_triton_paged_attention(case: str, dtype: torch.dtype, atol: float) -> None:
+    seqs, heads, kv_heads, block_size = ATTENTION_CASES[case]
+    check_attention(make_batch(seqs, heads, kv_heads, 32, block_size, dtype), atol, impl="triton")
+
+
+@interp
+@pytest.mark.parametrize("dtype,atol", DTYPES, ids=["fp32", "fp16"])
+def test_triton_paged_attention_split_k(dtype: torch.dtype, atol: float) -> None:
+    # Contexts shorter than num_splits tiles leave some splits empty; a prefill sequence shares the batch.
+    batch = make_batch([(1, 300), (1, 3), (12, 60), (1, 129)], 4, 2, 32, 16, dtype)
+    check_attention(batch, atol, impl="triton", num_splits=8)
+
+
+@interp
+@pytest.mark.parametrize("dtype,atol", DTYPES, ids=["fp32", "fp16"])
+def test_triton_paged_attention_small_tiles(dtype: torch.dtype, atol: float,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # Several query tiles per sequence, and key tiles both fully visible and straddling the diagonal.
+    small = TileConfig(block_m=16, tile_n=16, num_warps=4, num_stages=1)
+    monkeypatch.setattr(attention, "PREFILL_TILE", small)
+    monkeypatch.setattr(attention, "DECODE_TILE", small)
+    batch = make_batch([(37, 60), (1, 45), (16, 16), (17, 17)], 4, 2, 32, 16, dtype)
+    check_attention(batch, atol, impl="triton")
+
+
+@interp
+def test_triton_paged_attention_strided_q_and_empty_sequence() -> None:
+    # q sliced from a fused qkv projection; a sequence with no query tokens (a padded batch slot) is skipped.
+    batch = make_batch([(4, 10), (0, 0), (1, 20)], 4, 2, 32, 16, torch.float32)
+    qkv = torch.randn(5, 8, 32)
+    qkv[:, :4] = batch["q"]
+    batch["q"] = qkv[:, :4]
+    check_attention(batch, 1e-5, impl="triton")
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_store_kv(dtype: torch.dtype) -> None:
+    num_blocks, block_size, kv_heads, head_dim = 6, 16, 3, 32
+    k_cache, v_cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim).to(dtype)
+    key, value = torch.randn(2, 10, kv_heads, head_dim).to(dtype)
+    slots = torch.randperm(num_blocks * block_size)[:10]
+    slots[[2, 7]] = -1  # padding tokens
+    caches = [(k_cache.clone(), v_cache.clone()) for _ in range(2)]
+    kernels.store_kv(key, value, *caches[0], slots, impl="triton")
+    ref.store_kv(key, value, *caches[1], slots)
+    assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_rms_norm(dtype: torch.dtype) -> None:
+    x, residual = torch.randn(2, 5, 3, 200).to(dtype)
+    weight = torch.randn(200).to(dtype)
+    tol = dict(atol=1e-5, rtol=2e-3)  # fp32 sums in another order: one fp16 ulp
+    out = kernels.rms_norm(x, weight, 1e-6, impl="triton")
+    torch.testing.assert_close(out, ref.rms_norm(x, weight, 1e-6), **tol)
+    out, new_residual = kernels.rms_norm(x, weight, 1e-6, residual, impl="triton")
+    expected, expected_residual = ref.rms_norm(x, weight, 1e-6, residual)
+    torch.testing.assert_close(out, expected, **tol)
+    assert torch.equal(new_residual, expected_residual)
+
+
+@interp
+@pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
+@pytest.mark.parametrize("rot_factor", [1.0, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_rotary(is_neox: bool, rot_factor: float, dtype: torch.dtype) -> None:
+    num_tokens, heads, kv_heads, head_dim = 7, 4, 2, 32
+    cache = build_cos_sin_cache(head_dim, 64, 10000.0, {"partial_rotary_factor": rot_factor}, dtype)
+    positions = torch.randint(0, 64, (num_tokens,))
+    qkv = torch.randn(num_tokens, (heads + 2 * kv_heads) * head_dim).to(dtype)
+    expected_qkv = qkv.clone()
+    q_end, k_end = heads * head_dim, (heads + kv_heads) * head_dim
+    q, k = qkv[:, :q_end].view(num_tokens, heads, head_dim), qkv[:, q_end:k_end]  # both layouts
+    kernels.apply_rotary(positions, q, k, cache, head_dim, is_neox, impl="triton")
+    expected_q, expected_k = expected_qkv[:, :q_end], expected_qkv[:, q_end:k_end]
+    ref.apply_rotary(positions, expected_q, expected_k, cache, head_dim, is_neox)
+    torch.testing.assert_close(qkv, expected_qkv)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_silu_and_mul(dtype: torch.dtype) -> None:
+    x = torch.randn(3, 4, 2 * 1100).to(dtype)  # more than one column block
+    torch.testing.assert_close(kernels.silu_and_mul(x, impl="triton"), ref.silu_and_mul(x))
+
+
+# --- real shapes on the GPU ---
+
+MODELS = {"llama2_7b": (32, 32, 128), "qwen3_0.6b": (16, 8, 128)}  # num_heads, num_kv_heads, head_dim
+
+
+@gpu
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("dtype,atol", [(torch.float16, 2e-2), (torch.bfloat16, 2e-2), (torch.float32, 1e-3)],
+                         ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("num_splits", [None, 8])
+def test_gpu_paged_attention_mixed(model: str, dtype: torch.dtype, atol: float, block_size: int,
+                                   num_splits: int | None) -> None:
+    seqs = [(1, 1500), (1, 17), (300, 300), (1, 4000), (250, 2300), (1, 129), (77, 77)]
+    batch = make_batch(seqs, *MODELS[model], block_size, dtype, device="cuda")
+    check_attention(batch, atol, num_splits=num_splits)
+
+
+@gpu
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_long_decode_uses_split_k(model: str, dtype: torch.dtype) -> None:
+    batch = make_batch([(1, 8000), (1, 3001)], *MODELS[model], 16, dtype, device="cuda")
+    assert default_num_splits(2, MODELS[model][1], batch["max_seq_len"]) > 1
+    check_attention(batch, 2e-2)
+
+
+@gpu
+def test_gpu_decode_replays_in_cuda_graph() -> None:
+    # Captured once, replayed with other context lengths (the block tables cover the longest): no host sync.
+    batch = make_batch([(1, 1000)] * 4, *MODELS["qwen3_0.6b"], 16, torch.bfloat16, device="cuda")
+    kernels.paged_attention(**batch)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = kernels.paged_attention(**batch)
+    batch["seq_lens"].copy_(torch.tensor([1, 500, 999, 64]))
+    graph.replay()
+    torch.testing.assert_close(out.float(), reference_attention(batch).float(), atol=2e-2, rtol=0)
+
+
+@gpu
+@pytest.mark.parametrize("impl", ["triton", "compile"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_elementwise(impl: str, dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    x, residual = torch.randn(2, 300, 4096, device="cuda", dtype=dtype)
+    weight = torch.randn(4096, device="cuda", dtype=dtype)
+    out, new_residual = kernels.rms_norm(x, weight, 1e-6, residual, impl=impl)
+    expected, expected_residual = ref.rms_norm(x, weight, 1e-6, residual)
+    torch.testing.assert_close(out, expected, atol=5e-2, rtol=1e-2)
+    torch.testing.assert_close(new_residual, expected_residual)
+    gate_up = torch.randn(300, 2 * 11008, device="cuda", dtype=dtype)
+    torch.testing.assert_close(kernels.silu_and_mul(gate_up, impl=impl), ref.silu_and_mul(gate_up),
+                               atol=2e-2, rtol=1e-2)
+    cache = build_cos_sin_cache(128, 8192, 500000.0, LLAMA3_SCALING, dtype).cuda()
+    positions = torch.randint(0, 8192, (300,), device="cuda")
+    qkv = torch.randn(300, (32 + 2 * 8) * 128, device="cuda", dtype=dtype)
+    expected_qkv = qkv.clone()
+    kernels.apply_rotary(positions, qkv[:, :4096], qkv[:, 4096:5120], cache, 128, impl=impl)
+    ref.apply_rotary(positions, expected_qkv[:, :4096], expected_qkv[:, 4096:5120], cache, 128)
+    torch.testing.assert_close(qkv, expected_qkv, atol=2e-2, rtol=1e-2)
+
+
+@gpu
+def test_gpu_store_kv() -> None:
+    k_cache, v_cache = torch.randn(2, 64, 16, 8, 128, device="cuda", dtype=torch.bfloat16)
+    key, value = torch.randn(2, 500, 8, 128, device="cuda", dtype=torch.bfloat16)
+    slots = torch.randperm(64 * 16, device="cuda")[:500]
+    slots[::7] = -1
+    caches = [(k_cache.clone(), v_cache.clone()) for _ in range(2)]
+    kernels.store_kv(key, value, *caches[0], slots)
+    ref.store_kv(key, value, *caches[1], slots)
+    assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+

@@ -1,0 +1,121 @@
+"""The harness end to end: the default experiment, the Mooncake prefix-sharing check, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MOONCAKE = REPO / "data/traces/mooncake_conversation_trace.jsonl"
+REQUEST_COLUMNS = {
+    "request_id", "arrival_s", "first_scheduled_s", "first_token_s", "finish_s", "prompt_tokens",
+    "output_tokens", "cached_tokens", "num_preemptions", "finish_reason",
+}
+
+
+def workbench(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "workbench", f"hydra.run.dir={run_dir}", "progress=false", *overrides]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_default_experiment_writes_a_complete_run_with_report(tmp_path):
+    res = workbench(tmp_path)
+    assert res.returncode == 0, res.stderr
+    for name in ("requests.parquet", "steps.parquet", "summary.json", "report.md", "report.html"):
+        assert (tmp_path / name).exists(), name
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["config"]["model"]["name"] == "llama2_7b"
+    assert summary["config"]["hardware"]["name"] == "a100_80g"
+    # the first 20 minutes of the Azure conv trace; prompts over Llama-2's 4096 tokens are rejected
+    assert summary["num_requests"] == summary["num_finished"] + summary["num_rejected"]
+    assert 5500 < summary["num_requests"] < 7000 and summary["num_rejected"] > 0
+    for key in ("p99_ttft_ms", "median_tpot_ms", "mean_itl_ms", "p99_e2el_ms", "output_throughput"):
+        assert summary[key] > 0, key
+    requests = pd.read_parquet(tmp_path / "requests.parquet")
+    assert REQUEST_COLUMNS <= set(requests.columns)
+    finished = requests[requests.finish_reason == "length"]
+    assert (finished.first_token_s >= finished.arrival_s).all()
+    assert (finished.finish_s >= finished.first_token_s).all()
+
+
+def trace_prefix_reuse(num_requests: int) -> float:
+    """The trace's own reuse: tokens of each prompt whose hash-id prefix an earlier request had (infinite cache)."""
+    seen: set[tuple] = set()
+    hit = total = 0
+    with MOONCAKE.open() as f:
+        for _, line in zip(range(num_requests), f):
+            row = json.loads(line)
+            chain: tuple = ()
+            matched = 0
+            for i, h in enumerate(row["hash_ids"]):
+                chain = (chain, h)
+                if chain in seen and matched == i:
+                    matched += 1
+                seen.add(chain)
+            hit += min(matched * 512, row["input_length"] - 1)
+            total += row["input_length"]
+    return hit / total
+
+
+@pytest.mark.parametrize("num_requests", [400])
+def test_mooncake_prefix_caching_matches_the_traces_own_reuse(tmp_path, num_requests):
+    common = ("model=llama3_1_8b", "hardware=h100_80g", "workload=mooncake", f"workload.num_requests={num_requests}",
+              "report=false")
+    # slow arrivals and a cache that holds everything: the simulator must find exactly the trace's reuse
+    roomy = ("workload.time_scale=20", "cache.num_gpu_blocks_override=400000")
+    runs = {}
+    for name, extra in {"on": ("cache.enable_prefix_caching=true", *roomy),
+                        "off": ("cache.enable_prefix_caching=false", *roomy),
+                        "real_cache": ("cache.enable_prefix_caching=true",)}.items():
+        res = workbench(tmp_path / name, *common, *extra)
+        assert res.returncode == 0, res.stderr
+        runs[name] = json.loads((tmp_path / name / "summary.json").read_text())
+    reference = trace_prefix_reuse(num_requests)
+    assert reference > 0.1
+    assert runs["on"]["prefix_cache_hit_rate"] == pytest.approx(reference, rel=0.01)
+    assert runs["off"]["prefix_cache_hit_rate"] == 0
+    assert runs["off"]["mean_ttft_ms"] > runs["on"]["mean_ttft_ms"]
+    # at the trace's real rate, queueing and a finite cache can only lose hits
+    assert 0 < runs["real_cache"]["prefix_cache_hit_rate"] <= reference
+
+
+def test_same_seed_same_result(tmp_path):
+    args = ("workload=synthetic", "workload.num_requests=300", "workload.request_rate=20", "report=false")
+    for name in ("a", "b"):
+        assert workbench(tmp_path / name, *args).returncode == 0
+    a = pd.read_parquet(tmp_path / "a/requests.parquet")
+    b = pd.read_parquet(tmp_path / "b/requests.parquet")
+    pd.testing.assert_frame_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("scheduler.max_num_seqz=8", "scheduler.max_num_seqz"),
+        ("model=gpt5", "model/gpt5"),
+        ("workload.path=/no/such/trace.csv", "/no/such/trace.csv"),
+        ("cache.num_gpu_blocks_override=10", "less than one max_model_len"),
+        ("scheduler.preemption_mode=sometimes", "scheduler.preemption_mode"),
+    ],
+)
+def test_bad_input_is_one_clear_error_and_no_complete_run(tmp_path, override, message):
+    res = workbench(tmp_path, override, "report=false")
+    assert res.returncode != 0
+    assert message in res.stderr.splitlines()[0] or message in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_malformed_trace_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,12,3\n"
+                   "2023-11-16 18:15:47.0000000,ten,3\n")
+    res = workbench(tmp_path / "run", "workload=azure_conv", f"workload.path={bad}", "report=false")
+    assert res.returncode == 2
+    assert "bad.csv" in res.stderr and "line 3" in res.stderr
+    assert not (tmp_path / "run/summary.json").exists()

@@ -1,0 +1,82 @@
+"""Tiny random Hugging Face model directories for tests: no hub, built in about a second.
+
+`build_tiny_model(path, arch)` writes what a real checkpoint has: config.json, model.safetensors
+(saved by transformers' own model class), a byte-level BPE tokenizer trained on a built-in text with
+a chat template, and generation_config.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+         "mistral": "MistralForCausalLM"}
+SPECIAL = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+VOCAB_SIZE = 384
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = """\
+The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step.
+To be or not to be, that is the question. All that glitters is not gold. The early bird catches the worm.
+Once upon a time there was a small model that answered every question with a story about the sea.
+Large language models generate text one token at a time, reading keys and values from a paged cache.
+Hello, world! How are you today? I am fine, thank you. What is the capital of France? Paris is.
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 1000. Code: def f(x): return x * 2 + 1
+""" * 4
+
+
+def build_tokenizer(path: Path) -> transformers.PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS.splitlines(), trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", bos)])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>", pad_token="</s>")
+    fast.save_pretrained(path)
+    # The template also goes in tokenizer_config.json, where older transformers look for it.
+    cfg_path = path / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(chat_template=CHAT_TEMPLATE, tokenizer_class="PreTrainedTokenizerFast")
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    return fast
+
+
+def tiny_config(arch: str, vocab_size: int, bos: int, eos: int, **overrides) -> transformers.PretrainedConfig:
+    if arch not in ARCHS:
+        raise ValueError(f"arch={arch!r}: choose one of {sorted(ARCHS)}")
+    kw = {"vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 512,
+          "rms_norm_eps": 1e-6, "bos_token_id": bos, "eos_token_id": eos,
+          "tie_word_embeddings": arch == "qwen3",
+          # A wider init than HF's 0.02 keeps greedy logits far from ties, so exact-match tests are stable.
+          "initializer_range": 0.1, "architectures": [ARCHS[arch]]}
+    return transformers.AutoConfig.for_model(arch, **(kw | overrides))
+
+
+def build_tiny_model(path: str | os.PathLike, arch: str = "llama", seed: int = 0, **overrides) -> Path:
+    """Write a tiny random `arch` model directory at `path`; `overrides` go to the HF config."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(path)
+    config = tiny_config(arch, len(tok), tok.bos_token_id, tok.eos_token_id, **overrides)
+    torch.manual_seed(seed)
+    model = getattr(transformers, ARCHS[arch])(config).to(torch.float32)
+    model.generation_config = transformers.GenerationConfig(bos_token_id=tok.bos_token_id,
+                                                            eos_token_id=tok.eos_token_id)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
