@@ -33,9 +33,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers
 
 from engine import LLM, SamplingParams
+from engine.dummy import write_dummy_model_dir
 
 HBM_BYTES_PER_S = 3.0e12
 PEAK_FLOPS = 7.69e14  # H100 SXM dense bf16 at the boost clock the profiles were taken at
@@ -85,19 +85,6 @@ def make_workload(name: str) -> Workload:
         prompts.append([rng.randrange(100, vocab - 100) for _ in range(length)])
         output_lens.append(fixed_output or rng.randint(100, 1024))
     return Workload(name, config, prompts, output_lens)
-
-
-def write_model_dir(config: dict, path: Path) -> Path:
-    """config.json plus a word-level tokenizer covering the whole vocabulary (every id decodes)."""
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config, indent=2))
-    vocab = {f"<t{i}>": i for i in range(config["vocab_size"])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<t0>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    bos, eos = f"<t{config['bos_token_id']}>", f"<t{config['eos_token_id']}>"
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos)
-    fast.save_pretrained(path)
-    return path
 
 
 # ---- roofline ------------------------------------------------------------------------
@@ -252,7 +239,7 @@ def report(w: Workload, skip_hf: bool) -> dict:
     print(f"\n== {w.name}: {len(w.prompts)} requests, {w.prompt_tokens} prompt + {w.output_tokens} output "
           "tokens")
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = write_model_dir(w.config, Path(tmp) / w.name)
+        model_dir = write_dummy_model_dir(w.config, Path(tmp) / w.name)
         elapsed, llm = run_engine(w, model_dir)
         stats = llm.engine.stats
         print(f"engine: {_rates(w, elapsed)}  ({stats.num_preemptions} preemptions, {stats.num_gpu_blocks} "

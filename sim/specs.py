@@ -31,9 +31,11 @@ class ModelSpec:
     dtype_bytes: int = 2
     tie_word_embeddings: bool = False
     hf_name: str | None = None  # Hugging Face repo id, for the engine's loader
-    vidur_name: str | None = (
-        None  # folder under vidur_profiles/compute/<device>/, e.g. meta-llama/Llama-2-7b-hf
-    )
+    vidur_name: str | None = None  # folder under vidur_profiles/compute/<device>/
+    # What the engine needs to build the same shape with random weights (backend=engine, no checkpoint)
+    architecture: str = "LlamaForCausalLM"
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
         if self.head_dim is None:

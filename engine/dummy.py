@@ -1,0 +1,45 @@
+"""A local model folder from a config alone: config.json and a word-level tokenizer over the whole vocabulary.
+
+With `load_format="dummy"` the engine fills the weights at random, so benchmarks and the workbench's
+engine backend run any model shape without a checkpoint or a hub.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+
+def write_dummy_model_dir(config: dict, path: Path) -> Path:
+    """config.json plus a tokenizer in which every id decodes (`<tN>`), bos/eos as the config says."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    vocab = {f"<t{i}>": i for i in range(config["vocab_size"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<t0>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    bos, eos = f"<t{config['bos_token_id']}>", f"<t{config['eos_token_id']}>"
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos)
+    fast.save_pretrained(path)
+    return path
+
+
+def hf_config(spec: dict) -> dict:
+    """A Hugging Face config.json for a workbench `model` group (conf/model/*.yaml)."""
+    cfg = {
+        "architectures": [spec.get("architecture", "LlamaForCausalLM")],
+        "hidden_size": spec["hidden_size"], "intermediate_size": spec["intermediate_size"],
+        "num_hidden_layers": spec["num_layers"], "num_attention_heads": spec["num_attention_heads"],
+        "num_key_value_heads": spec["num_key_value_heads"], "vocab_size": spec["vocab_size"],
+        "max_position_embeddings": spec["max_model_len"], "rms_norm_eps": spec.get("rms_norm_eps", 1e-5),
+        "rope_theta": spec.get("rope_theta", 10000.0), "hidden_act": "silu",
+        "tie_word_embeddings": spec.get("tie_word_embeddings", False), "torch_dtype": "bfloat16",
+        "bos_token_id": 1, "eos_token_id": 2,
+    }
+    if spec.get("head_dim"):
+        cfg["head_dim"] = spec["head_dim"]
+    cfg["model_type"] = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2",
+                         "MistralForCausalLM": "mistral"}.get(cfg["architectures"][0], "llama")
+    return cfg
