@@ -39,8 +39,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--api", choices=list(APIS), default="completions")
     p.add_argument("--model", default=None, help="model name to send (default: the server's only model)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the served model's root dir, "
-                   "when it exists here; else workloads' approximate tokenizer)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer dir, or 'approx' for the workloads' approximate tokenizer "
+                   "(default: the served model's root dir when it exists here, else approx)")
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--api-key", default=None)
     for key in ("ttft_ms", "tpot_ms", "e2el_ms"):

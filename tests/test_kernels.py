@@ -1,8 +1,9 @@
 """Kernels against their torch references, and the references against HF transformers.
 
 Triton decides at import whether kernels run in its CPU interpreter, so the `test_triton_*` cases only run
-with TRITON_INTERPRET=1 in the environment: test_interpreter_suite re-runs them in a subprocess that sets it
-(run them directly with `TRITON_INTERPRET=1 pytest tests/test_kernels.py -k triton`). GPU cases: -m gpu.
+with TRITON_INTERPRET=1 in the environment: test_interpreter_suite re-runs them in a subprocess that sets it,
+on machines without CUDA (run them directly with `TRITON_INTERPRET=1 pytest tests/test_kernels.py -k triton`).
+With CUDA, the `test_gpu_*` cases (marker gpu) run the kernels natively on real shapes.
 """
 
 from __future__ import annotations
@@ -84,9 +85,8 @@ def test_cos_sin_cache_matches_hf(rope_scaling: dict | None, dtype: torch.dtype)
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    params = {"rope_theta": 500000.0, **(rope_scaling or {"rope_type": "default"})}
     config = LlamaConfig(hidden_size=1024, num_attention_heads=8, head_dim=128,
-                         max_position_embeddings=131072, rope_parameters=params)
+                         max_position_embeddings=131072, rope_theta=500000.0, rope_scaling=rope_scaling)
     positions = torch.arange(0, 131072, 997)
     cos, sin = LlamaRotaryEmbedding(config)(torch.zeros(1, dtype=dtype), positions[None])
     cache = build_cos_sin_cache(128, 131072, 500000.0, rope_scaling, dtype)[positions]
@@ -97,11 +97,11 @@ def test_partial_rotary_cache_matches_hf() -> None:
     from transformers import StableLmConfig
     from transformers.models.stablelm.modeling_stablelm import StableLmRotaryEmbedding
 
-    params = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}
-    config = StableLmConfig(hidden_size=1024, num_attention_heads=8, rope_parameters=params)
+    config = StableLmConfig(hidden_size=1024, num_attention_heads=8, rope_theta=10000.0,
+                            partial_rotary_factor=0.25)
     positions = torch.arange(0, 4096, 7)
     cos, sin = StableLmRotaryEmbedding(config)(torch.zeros(1), positions[None])
-    cache = build_cos_sin_cache(128, 4096, 10000.0, params)[positions]
+    cache = build_cos_sin_cache(128, 4096, 10000.0, {"partial_rotary_factor": 0.25})[positions]
     assert torch.equal(cache, torch.cat((cos[0, :, :16], sin[0, :, :16]), dim=-1))
 
 
@@ -167,6 +167,7 @@ def test_default_num_splits() -> None:
 
 
 @pytest.mark.skipif(INTERPRET, reason="already inside the interpreter run")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the gpu tests run the kernels natively")
 def test_interpreter_suite() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "test_triton_"]
@@ -282,12 +283,15 @@ def test_triton_silu_and_mul(dtype: torch.dtype) -> None:
 MODELS = {"llama2_7b": (32, 32, 128), "qwen3_0.6b": (16, 8, 128)}  # num_heads, num_kv_heads, head_dim
 
 
+GPU_ATTENTION_CASES = [  # dtype, atol, block_size, num_splits (None: default_num_splits)
+    (torch.bfloat16, 2e-2, 16, None), (torch.bfloat16, 2e-2, 64, 8), (torch.float16, 2e-2, 16, 8),
+    (torch.float16, 2e-2, 32, None), (torch.float32, 1e-3, 16, None),
+]
+
+
 @gpu
 @pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("dtype,atol", [(torch.float16, 2e-2), (torch.bfloat16, 2e-2), (torch.float32, 1e-3)],
-                         ids=["fp16", "bf16", "fp32"])
-@pytest.mark.parametrize("block_size", [16, 64])
-@pytest.mark.parametrize("num_splits", [None, 8])
+@pytest.mark.parametrize("dtype,atol,block_size,num_splits", GPU_ATTENTION_CASES)
 def test_gpu_paged_attention_mixed(model: str, dtype: torch.dtype, atol: float, block_size: int,
                                    num_splits: int | None) -> None:
     seqs = [(1, 1500), (1, 17), (300, 300), (1, 4000), (250, 2300), (1, 129), (77, 77)]

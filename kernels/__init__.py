@@ -1,0 +1,14 @@
+"""Triton kernels of the engine's forward pass, each with a plain torch reference (kernels.reference).
+
+Every op takes impl='auto' | 'triton' | 'torch' (and 'compile' for the element-wise ops): 'auto' runs
+Triton on CUDA tensors (or torch.compile where kernels.dispatch.CUDA_BACKEND says so) and the torch
+reference on CPU; 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before this package is imported.
+"""
+
+from kernels.activation import silu_and_mul
+from kernels.attention import paged_attention
+from kernels.kv_write import store_kv
+from kernels.norm import rms_norm
+from kernels.rotary import apply_rotary, build_cos_sin_cache
+
+__all__ = ["apply_rotary", "build_cos_sin_cache", "paged_attention", "rms_norm", "silu_and_mul", "store_kv"]

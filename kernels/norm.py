@@ -1,0 +1,56 @@
+"""RMSNorm, optionally fused with the residual add that precedes it."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import reference
+from kernels.dispatch import compiled, pick
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr, eps, hidden,
+                     stride_x, stride_r, stride_o, stride_nr,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        # The sum is rounded to the activation dtype before the norm, as in HF's decoder layers.
+        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        tl.store(new_res_ptr + row * stride_nr + cols, x, mask=mask)
+    h = x.to(tl.float32)
+    h = h * tl.rsqrt(tl.sum(h * h, 0) / hidden + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    out = w * h.to(x.dtype).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             impl: str = "auto") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """out = weight * rmsnorm(x) in x's dtype (statistics in fp32, HF's rounding); x [..., hidden].
+    With residual: x + residual is normalized and (out, x + residual) is returned."""
+    backend = pick("rms_norm", x, impl)
+    if backend != "triton":
+        fn = reference.rms_norm if backend == "torch" else compiled(reference.rms_norm)
+        return fn(x, weight, eps, residual)
+    hidden = x.shape[-1]
+    x2 = x.reshape(-1, hidden)
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    res2 = residual.reshape(-1, hidden) if residual is not None else x2
+    new_res = torch.empty_like(out) if residual is not None else out
+    for t in (x2, res2, weight):
+        if t.stride(-1) != 1:
+            raise ValueError("rms_norm: x, residual and weight need a contiguous last (hidden) dimension")
+    block = triton.next_power_of_2(hidden)
+    _rms_norm_kernel[(x2.shape[0],)](
+        x2, res2, weight, out, new_res, eps, hidden,
+        x2.stride(0), res2.stride(0), out.stride(0), new_res.stride(0),
+        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(max(block // 512, 1), 16),
+    )
+    out = out.view(x.shape)
+    return out if residual is None else (out, new_res.view(x.shape))

@@ -1,0 +1,68 @@
+"""Plain torch references: the CPU path of every kernel and the ground truth of the tests.
+
+They follow HF transformers' rounding (ops in the input dtype, reductions in fp32) so that the CPU engine
+reproduces HF outputs; the Triton kernels round at the same points.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    block_size = k_cache.shape[1]
+    blocks, offsets = slots // block_size, slots % block_size
+    k_cache[blocks, offsets] = key[keep].to(k_cache.dtype)
+    v_cache[blocks, offsets] = value[keep].to(v_cache.dtype)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float) -> torch.Tensor:
+    out = torch.zeros_like(q)
+    block_size, group = k_cache.shape[1], q.shape[1] // k_cache.shape[2]
+    starts, lens = query_start_loc.tolist(), seq_lens.tolist()
+    for i, seq_len in enumerate(lens):
+        q_start, q_end = starts[i], starts[i + 1]
+        if q_end == q_start:
+            continue
+        blocks = block_tables[i, : -(-seq_len // block_size)].long()
+        k = k_cache[blocks].flatten(0, 1)[:seq_len].repeat_interleave(group, dim=1).float()
+        v = v_cache[blocks].flatten(0, 1)[:seq_len].repeat_interleave(group, dim=1).float()
+        scores = torch.einsum("qhd,khd->hqk", q[q_start:q_end].float(), k) * scale
+        pos = torch.arange(seq_len - (q_end - q_start), seq_len, device=q.device)
+        visible = torch.arange(seq_len, device=q.device)[None, :] <= pos[:, None]
+        probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+        out[q_start:q_end] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    if residual is not None:
+        x = x + residual
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    out = (weight * h.to(x.dtype)).to(x.dtype)
+    return out if residual is None else (out, x)
+
+
+def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
+                 head_dim: int, is_neox: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
+    rot_dim = cos_sin_cache.shape[-1]
+    for x in (q, k):
+        rot = x.view(x.shape[0], -1, head_dim)[..., :rot_dim]
+        c, s = cos.to(x.dtype), sin.to(x.dtype)
+        x1, x2 = (rot.chunk(2, dim=-1) if is_neox else (rot[..., 0::2], rot[..., 1::2]))
+        o1, o2 = x1 * c - x2 * s, x2 * c + x1 * s
+        rot.copy_(torch.cat((o1, o2), dim=-1) if is_neox else torch.stack((o1, o2), dim=-1).flatten(-2))
+    return q, k
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
