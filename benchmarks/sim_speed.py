@@ -4,8 +4,9 @@
     python benchmarks/sim_speed.py --no-vidur
 
 Case 1: the whole Azure LLM 2023 conv trace (19,366 requests), Llama-2-7B on one A100-80GB, default knobs.
-Case 2: the same trace, CodeLlama-34B on A100 with TP 2 (pairwise NVLink), Vidur's profiles, beside Vidur
-itself (its own venv, see benchmarks/vidur_baseline.py) on the same trace in the same run.
+Case 2: the same trace, CodeLlama-34B on A100 with TP 2 (pairwise NVLink), Vidur's profiles, with vLLM V1's
+default knobs and with V0's (what Vidur models), beside Vidur itself (its own venv, see
+benchmarks/vidur_baseline.py) on the same trace in the same run.
 Each simulator run is a fresh process (cold: nothing cached between runs), measured from outside.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
 import tempfile
@@ -22,13 +23,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TRACE = "data/traces/AzureLLMInferenceTrace_conv.csv"
+CODELLAMA_TP2 = ["model=codellama_34b", "hardware=a100_80g", "parallel=tp2", "backend.step_time=vidur"]
 CASES = {
     "llama2_7b/a100/tp1": ["model=llama2_7b", "hardware=a100_80g", "parallel=tp1"],
-    "codellama_34b/a100/tp2": [
-        "model=codellama_34b",
-        "hardware=a100_80g",
-        "parallel=tp2",
-        "backend.step_time=vidur",
+    "codellama_34b/a100/tp2": CODELLAMA_TP2,
+    # the knobs of vLLM V0, which Vidur's scheduler models: no prefix caching, no chunked prefill
+    "codellama_34b/a100/tp2/v0": [
+        *CODELLAMA_TP2,
+        "cache.enable_prefix_caching=false",
+        "scheduler.enable_chunked_prefill=false",
     ],
 }
 
@@ -46,15 +49,16 @@ def run_sim(overrides: list[str]) -> dict:
             f"hydra.run.dir={tmp}",
             *overrides,
         ]
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         t0 = time.perf_counter()
-        subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, not the max over all children
         wall = time.perf_counter() - t0
-        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        if status:
+            raise SystemExit(f"simulator run failed: {' '.join(cmd)}")
         summary = json.loads((Path(tmp) / "summary.json").read_text())
     return {
         "wall_s": wall,
-        "peak_rss_mb": peak_mb if peak_mb > before / 1024 else float("nan"),
+        "peak_rss_mb": usage.ru_maxrss / 1024,
         "requests": summary["num_requests"],
         "sim_req_per_wall_s": summary["num_requests"] / wall,
         "median_ttft_ms": summary["median_ttft_ms"],
