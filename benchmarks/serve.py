@@ -19,14 +19,17 @@ from pathlib import Path
 
 import httpx
 import pandas as pd
-from prometheus_client.parser import text_string_to_metric_families
 
 from workbench.metrics import STEP_COLUMNS, summarize
 from workbench.runs import write_run
-from workbench.serve_client import APIS, run_serving_benchmark
+from workbench.serve_client import (
+    APIS,
+    counter_deltas,
+    load_tokenizer,
+    run_serving_benchmark,
+    server_counters,
+)
 from workbench.workloads import DEFAULTS, load_workload
-
-SERVER_COUNTERS = ("vllm:num_preemptions", "vllm:prefix_cache_queries", "vllm:prefix_cache_hits")
 
 
 def parse_args() -> argparse.Namespace:
@@ -48,20 +51,6 @@ def parse_args() -> argparse.Namespace:
         p.add_argument(f"--slo-{key.replace('_', '-')}", type=float, default=None, help="goodput limit")
     p.add_argument("--output-dir", default=None, help="run folder (default: runs/serve/WORKLOAD-TIME)")
     return p.parse_args()
-
-
-def server_counters(http: httpx.Client) -> dict[str, float]:
-    samples = {s.name: s.value for fam in text_string_to_metric_families(http.get("/metrics").text)
-               for s in fam.samples}
-    return {name: samples.get(name + "_total", float("nan")) for name in SERVER_COUNTERS}
-
-
-def load_tokenizer(path: str | None):
-    if path is None or not Path(path).is_dir():
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
 
 
 def print_summary(s: dict, requests: pd.DataFrame) -> None:
@@ -116,10 +105,7 @@ def main() -> None:
         after = server_counters(http)
     slo = {key: getattr(args, f"slo_{key}") for key in ("ttft_ms", "tpot_ms", "e2el_ms")}
     summary = summarize(requests, None, itl, slo)
-    queries = after["vllm:prefix_cache_queries"] - before["vllm:prefix_cache_queries"]
-    summary["num_preemptions"] = int(after["vllm:num_preemptions"] - before["vllm:num_preemptions"])
-    summary["prefix_cache_hit_rate"] = ((after["vllm:prefix_cache_hits"] - before["vllm:prefix_cache_hits"])
-                                        / queries if queries > 0 else float("nan"))
+    summary.update(counter_deltas(before, after))
     summary["config"] = {"backend": "server", **vars(args), "model": model, "api_key": None}
     print_summary(summary, requests)
     out = Path(args.output_dir or f"runs/serve/{args.workload}-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -320,3 +320,22 @@ def test_serving_benchmark_client(served, llm, api) -> None:
     summary = summarize(requests, None, itl)
     assert summary["num_finished"] == 12 and np.isfinite(summary["mean_ttft_ms"])
     assert_idle(server.url, engine)
+
+
+def test_workbench_server_backend_writes_a_run_folder(served, tmp_path) -> None:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from workbench.cli import CONF_DIR
+    from workbench.experiment import run_experiment
+
+    server, engine = served
+    overrides = ["backend=server", f"backend.url={server.url}", "workload=synthetic", "report=false",
+                 "workload.num_requests=10", "workload.request_rate=50", "workload.input_len=16",
+                 "workload.output_len=5"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
+    summary = run_experiment(cfg, tmp_path)
+    assert summary["backend"] == "server" and summary["num_finished"] == 10
+    assert summary["num_preemptions"] == 0 and (tmp_path / "summary.json").exists()
+    assert_idle(server.url, engine)

@@ -13,8 +13,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 MOONCAKE = REPO / "data/traces/mooncake_conversation_trace.jsonl"
 REQUEST_COLUMNS = {
-    "request_id", "arrival_s", "first_scheduled_s", "first_token_s", "finish_s", "prompt_tokens",
-    "output_tokens", "cached_tokens", "num_preemptions", "finish_reason",
+    "request_id",
+    "arrival_s",
+    "first_scheduled_s",
+    "first_token_s",
+    "finish_s",
+    "prompt_tokens",
+    "output_tokens",
+    "cached_tokens",
+    "num_preemptions",
+    "finish_reason",
 }
 
 
@@ -44,7 +52,7 @@ def test_default_experiment_writes_a_complete_run_with_report(tmp_path):
 
 
 def trace_prefix_reuse(num_requests: int) -> float:
-    """The trace's own reuse: tokens of each prompt whose hash-id prefix an earlier request had (infinite cache)."""
+    """The trace's own reuse: prompt tokens whose hash-id prefix an earlier request had (infinite cache)."""
     seen: set[tuple] = set()
     hit = total = 0
     with MOONCAKE.open() as f:
@@ -64,14 +72,21 @@ def trace_prefix_reuse(num_requests: int) -> float:
 
 @pytest.mark.parametrize("num_requests", [400])
 def test_mooncake_prefix_caching_matches_the_traces_own_reuse(tmp_path, num_requests):
-    common = ("model=llama3_1_8b", "hardware=h100_80g", "workload=mooncake", f"workload.num_requests={num_requests}",
-              "report=false")
+    common = (
+        "model=llama3_1_8b",
+        "hardware=h100_80g",
+        "workload=mooncake",
+        f"workload.num_requests={num_requests}",
+        "report=false",
+    )
     # slow arrivals and a cache that holds everything: the simulator must find exactly the trace's reuse
     roomy = ("workload.time_scale=20", "cache.num_gpu_blocks_override=400000")
     runs = {}
-    for name, extra in {"on": ("cache.enable_prefix_caching=true", *roomy),
-                        "off": ("cache.enable_prefix_caching=false", *roomy),
-                        "real_cache": ("cache.enable_prefix_caching=true",)}.items():
+    for name, extra in {
+        "on": ("cache.enable_prefix_caching=true", *roomy),
+        "off": ("cache.enable_prefix_caching=false", *roomy),
+        "real_cache": ("cache.enable_prefix_caching=true",),
+    }.items():
         res = workbench(tmp_path / name, *common, *extra)
         assert res.returncode == 0, res.stderr
         runs[name] = json.loads((tmp_path / name / "summary.json").read_text())
@@ -113,8 +128,10 @@ def test_bad_input_is_one_clear_error_and_no_complete_run(tmp_path, override, me
 
 def test_malformed_trace_names_the_file_and_line(tmp_path):
     bad = tmp_path / "bad.csv"
-    bad.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,12,3\n"
-                   "2023-11-16 18:15:47.0000000,ten,3\n")
+    bad.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,12,3\n"
+        "2023-11-16 18:15:47.0000000,ten,3\n"
+    )
     res = workbench(tmp_path / "run", "workload=azure_conv", f"workload.path={bad}", "report=false")
     assert res.returncode == 2
     assert "bad.csv" in res.stderr and "line 3" in res.stderr

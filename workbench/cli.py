@@ -11,7 +11,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from workbench.experiment import ConfigError, run_experiment
 
-
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 

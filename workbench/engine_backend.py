@@ -31,8 +31,14 @@ def replay_on_engine(cfg: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, A
     while nxt is not None or engine.has_unfinished_requests():
         now = engine.now() - t0
         while nxt is not None and nxt.arrival_time <= now:
-            engine.add_request(nxt.request_id, None, nxt.prompt_token_ids, nxt.sampling_params,
-                               arrival_time=t0 + nxt.arrival_time, priority=nxt.priority)
+            engine.add_request(
+                nxt.request_id,
+                None,
+                nxt.prompt_token_ids,
+                nxt.sampling_params,
+                arrival_time=t0 + nxt.arrival_time,
+                priority=nxt.priority,
+            )
             nxt = next(pending, None)
         if engine.has_unfinished_requests():
             engine.step(final_only=True)
@@ -61,13 +67,21 @@ def _engine_args(cfg: dict[str, Any], model_dir: str, engine_args: type) -> Any:
     b, cache = cfg["backend"], cache_config(cfg)
     sched = scheduler_config(cfg, cfg["model"]["max_model_len"])
     return engine_args(
-        model=model_dir, dtype=b.get("dtype", "auto"), seed=b.get("seed", 0),
-        enforce_eager=b.get("enforce_eager", False), device=b.get("device", "auto"),
+        model=model_dir,
+        dtype=b.get("dtype", "auto"),
+        seed=b.get("seed", 0),
+        enforce_eager=b.get("enforce_eager", False),
+        device=b.get("device", "auto"),
         load_format="auto" if b.get("model_path") else "dummy",
-        max_model_len=sched.max_model_len, max_num_seqs=sched.max_num_seqs,
-        max_num_batched_tokens=sched.max_num_batched_tokens, enable_chunked_prefill=sched.enable_chunked_prefill,
-        preemption_mode=sched.preemption_mode, scheduling_policy=sched.queue_policy,
-        enable_prefix_caching=cache.enable_prefix_caching, gpu_memory_utilization=cache.gpu_memory_utilization,
-        swap_space=cache.swap_space, block_size=cache.block_size,
+        max_model_len=sched.max_model_len,
+        max_num_seqs=sched.max_num_seqs,
+        max_num_batched_tokens=sched.max_num_batched_tokens,
+        enable_chunked_prefill=sched.enable_chunked_prefill,
+        preemption_mode=sched.preemption_mode,
+        scheduling_policy=sched.queue_policy,
+        enable_prefix_caching=cache.enable_prefix_caching,
+        gpu_memory_utilization=cache.gpu_memory_utilization,
+        swap_space=cache.swap_space,
+        block_size=cache.block_size,
         num_gpu_blocks_override=cache.num_gpu_blocks_override,
     )

@@ -12,6 +12,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -142,3 +143,32 @@ def _read_usage(r: RequestResult, usage: dict) -> None:
     details = usage.get("prompt_tokens_details") or {}
     if details.get("cached_tokens") is not None:
         r.cached_tokens = details["cached_tokens"]
+
+
+SERVER_COUNTERS = ("vllm:num_preemptions", "vllm:prefix_cache_queries", "vllm:prefix_cache_hits")
+
+
+def server_counters(http: httpx.Client) -> dict[str, float]:
+    """The server's cumulative counters from /metrics: preemptions and prefix-cache tokens."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {s.name: s.value for fam in text_string_to_metric_families(http.get("/metrics").text)
+               for s in fam.samples}
+    return {name: samples.get(name + "_total", NAN) for name in SERVER_COUNTERS}
+
+
+def counter_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """What the client cannot see, from the counters around a run: preemptions and the prefix hit rate."""
+    queries = after["vllm:prefix_cache_queries"] - before["vllm:prefix_cache_queries"]
+    hits = after["vllm:prefix_cache_hits"] - before["vllm:prefix_cache_hits"]
+    return {"num_preemptions": int(after["vllm:num_preemptions"] - before["vllm:num_preemptions"]),
+            "prefix_cache_hit_rate": hits / queries if queries > 0 else NAN}
+
+
+def load_tokenizer(path: str | None) -> Any:
+    """The served model's tokenizer where its folder exists here; None: the workloads' approximate one."""
+    if path is None or not Path(path).is_dir():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)

@@ -109,6 +109,7 @@ class Scheduler:
         budget = cfg.max_num_batched_tokens
         threshold = cfg.long_prefill_token_threshold or budget
         running = self.running
+        decode = context = 0
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
@@ -122,45 +123,52 @@ class Scheduler:
                 ntoks.append(n)
                 budget -= n
                 i += 1
+                if n == 1 and computed >= req.num_prompt_tokens:  # _count's decode case, inlined: hot
+                    decode += 1
+                    context += computed + 1
+                else:
+                    self._count(out, req, n, 1)
                 continue
             victim = running.pop(self.victim_policy.select(running, i))
             if victim in reqs:  # already scheduled this step: give its tokens back
                 j = reqs.index(victim)
                 del reqs[j]
-                budget += ntoks.pop(j)
+                n = ntoks.pop(j)
+                budget += n
                 i -= 1
+                self._count(out, victim, n, -1)
             self._preempt(victim, out)
+        out.num_decode_tokens += decode
+        out.decode_context_tokens += context
         if not out.preempted:
             budget = self._resume_swapped(out, budget)
             self._admit_waiting(out, budget, now)
-        self._describe(out)
+        out.num_running = len(running)
+        out.num_waiting = len(self.waiting) + len(self.swapped)
+        out.kv_usage = kv.usage
         self._step_start = now
         return out
-
-    def _describe(self, out: SchedulerOutput) -> None:
-        """The batch's composition, which the step-time model and the trace need."""
-        decode = context = prefill = 0
-        chunks = out.prefill_chunks
-        for req, n in zip(out.requests, out.num_scheduled_tokens):
-            computed = req.num_computed_tokens
-            if n == 1 and computed >= req.num_prompt_tokens:
-                decode += 1
-                context += computed + 1
-            else:
-                prefill += n
-                chunks.append((n, computed))
-        out.num_decode_tokens = decode
-        out.decode_context_tokens = context
-        out.num_prefill_tokens = prefill
-        out.num_running = len(self.running)
-        out.num_waiting = len(self.waiting) + len(self.swapped)
-        out.kv_usage = self.kv.usage
 
     def _schedule_new(self, out: SchedulerOutput, req: Request, n: int) -> None:
         req.status = RUNNING
         self.running.append(req)
         out.requests.append(req)
         out.num_scheduled_tokens.append(n)
+        self._count(out, req, n, 1)
+
+    @staticmethod
+    def _count(out: SchedulerOutput, req: Request, n: int, sign: int) -> None:
+        """Add (sign 1) or remove (-1) `n` tokens of `req` to the batch's composition."""
+        computed = req.num_computed_tokens
+        if n == 1 and computed >= req.num_prompt_tokens:
+            out.num_decode_tokens += sign
+            out.decode_context_tokens += sign * (computed + 1)
+        elif sign > 0:
+            out.prefill_chunks.append((n, computed))
+            out.num_prefill_tokens += n
+        else:
+            out.prefill_chunks.remove((n, computed))
+            out.num_prefill_tokens -= n
 
     def _resume_swapped(self, out: SchedulerOutput, budget: int) -> int:
         max_seqs = self.config.max_num_seqs
@@ -240,16 +248,17 @@ class Scheduler:
             else:
                 itl_append(now - req.last_token_time)
             req.last_token_time = now
-            if req.status != RUNNING:
-                continue  # aborted after this step was scheduled
             if len(tokens) >= req.max_num_tokens:  # max_tokens or max_model_len
-                req.status = RequestStatus.FINISHED_LENGTH
+                status = RequestStatus.FINISHED_LENGTH
             elif tok in req.stop_ids:
-                req.status = RequestStatus.FINISHED_STOPPED
-                if tok != req.eos_token_id:
-                    req.stop_reason = tok
+                status = RequestStatus.FINISHED_STOPPED
             else:
                 continue
+            if req.status != RUNNING:
+                continue  # aborted after this step was scheduled
+            req.status = status
+            if tok != req.eos_token_id and status == RequestStatus.FINISHED_STOPPED:
+                req.stop_reason = tok
             finished.append(req)
         if finished:
             self.running = [r for r in self.running if r.status == RUNNING]
