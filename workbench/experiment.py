@@ -46,7 +46,6 @@ def _build(cls: type, group: str, values: dict[str, Any]) -> Any:
 def run_experiment(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """Run the backend the config names and write requests/steps/summary (and the report) into run_dir."""
     from workbench.metrics import summarize
-    from workbench.report import write_report
     from workbench.runs import write_run
 
     backend = cfg["backend"]["name"]
@@ -69,6 +68,8 @@ def run_experiment(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     summary["config"] = cfg
     write_run(run_dir, requests, steps, summary, itl_s)
     if cfg.get("report", True):
+        from workbench.report import write_report  # matplotlib: imported only when a report is wanted
+
         write_report(run_dir)
     return summary
 

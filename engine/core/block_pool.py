@@ -38,14 +38,14 @@ class BlockPool:
     def allocate(self, n: int) -> list[KVBlock]:
         if n > self.num_free:
             raise RuntimeError(f"asked for {n} blocks with {self.num_free} free")
+        blocks, empty, cached_free, index = self.blocks, self._empty, self._cached_free, self._index
         out = []
         for _ in range(n):
-            if self._empty:
-                block = self.blocks[self._empty.pop()]
+            if empty:
+                block = blocks[empty.pop()]
             else:
-                block_id, _ = self._cached_free.popitem(last=False)
-                block = self.blocks[block_id]
-                del self._index[block.block_hash]
+                block = blocks[cached_free.popitem(last=False)[0]]
+                del index[block.block_hash]
                 block.block_hash = None
             block.ref_cnt = 1
             out.append(block)
@@ -71,11 +71,14 @@ class BlockPool:
                     self._cached_free[block.block_id] = None
                 self.num_free += 1
 
-    def cache(self, block: KVBlock, block_hash: int) -> None:
-        """Index a full block; a duplicate of an already indexed block stays unindexed."""
-        if block.block_hash is None and block_hash not in self._index:
-            self._index[block_hash] = block.block_id
-            block.block_hash = block_hash
+    def cache(self, blocks: list[KVBlock], hashes: list[int], start: int, end: int) -> None:
+        """Index full blocks[start:end] by hashes[start:end]; a duplicate of an indexed block stays out."""
+        index = self._index
+        for i in range(start, end):
+            block, h = blocks[i], hashes[i]
+            if block.block_hash is None and h not in index:
+                index[h] = block.block_id
+                block.block_hash = h
 
     def uncache(self, block: KVBlock) -> None:
         if block.block_hash is not None:

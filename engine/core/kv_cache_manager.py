@@ -86,7 +86,7 @@ class KVCacheManager:
                     return False
                 new = self.pool.allocate(need)
                 blocks.extend(new)
-                self._block_ids[rid].extend(b.block_id for b in new)
+                self._block_ids[rid].extend([b.block_id for b in new])
                 req.num_kv_slots = len(blocks) * bs
         else:
             total = len(computed_blocks) * bs + num_new_tokens
@@ -107,8 +107,7 @@ class KVCacheManager:
 
     def _cache_full_blocks(self, req: Request, blocks: list[KVBlock], num_full: int) -> None:
         hashes = block_hashes(req, self.block_size, num_full)
-        for i in range(self._num_cached[req.request_id], num_full):
-            self.pool.cache(blocks[i], hashes[i])
+        self.pool.cache(blocks, hashes, self._num_cached[req.request_id], num_full)
         self._num_cached[req.request_id] = num_full
 
     def free(self, req: Request) -> None:

@@ -10,7 +10,7 @@ swap). The scheduler never reads a clock: the caller passes the time.
 from __future__ import annotations
 
 from collections import deque
-from itertools import repeat
+from itertools import islice, repeat
 
 from engine.core.config import CacheConfig, SchedulerConfig
 from engine.core.kv_cache_manager import KVCacheManager
@@ -110,34 +110,39 @@ class Scheduler:
         threshold = cfg.long_prefill_token_threshold or budget
         running = self.running
         decode = context = 0
-        i = 0
-        while i < len(running) and budget > 0:
-            req = running[i]
-            computed = req.num_computed_tokens
-            n = len(req.all_token_ids) - computed
-            if n > 1:
-                n = min(n, threshold, budget)
-            # Fast path: a decode token that fits the last block without filling it needs no KV work.
-            if (n == 1 and computed + 1 < req.num_kv_slots) or kv.allocate_slots(req, n):
-                reqs.append(req)
-                ntoks.append(n)
-                budget -= n
-                i += 1
-                if n == 1 and computed >= req.num_prompt_tokens:  # _count's decode case, inlined: hot
-                    decode += 1
-                    context += computed + 1
-                else:
-                    self._count(out, req, n, 1)
-                continue
-            victim = running.pop(self.victim_policy.select(running, i))
-            if victim in reqs:  # already scheduled this step: give its tokens back
-                j = reqs.index(victim)
-                del reqs[j]
-                n = ntoks.pop(j)
-                budget += n
-                i -= 1
-                self._count(out, victim, n, -1)
-            self._preempt(victim, out)
+        blocked = True  # a request could not get its blocks: preempt, then go on from where we were
+        while blocked:
+            blocked = False
+            # running[:len(reqs)] are this step's batch so far: resume right after them
+            for req in islice(running, len(reqs), None):
+                if budget <= 0:
+                    break
+                computed = req.num_computed_tokens
+                n = len(req.all_token_ids) - computed
+                if n > 1:
+                    n = min(n, threshold, budget)
+                # Fast path: a decode token that fits the last block without filling it needs no KV work.
+                if (n == 1 and computed + 1 < req.num_kv_slots) or kv.allocate_slots(req, n):
+                    reqs.append(req)
+                    ntoks.append(n)
+                    budget -= n
+                    if n == 1 and computed >= req.num_prompt_tokens:  # _count's decode case, inlined: hot
+                        decode += 1
+                        context += computed + 1
+                    else:
+                        self._count(out, req, n, 1)
+                    continue
+                blocked = True
+                break
+            if blocked:
+                victim = running.pop(self.victim_policy.select(running, len(reqs)))
+                if victim in reqs:  # already scheduled this step: give its tokens back
+                    j = reqs.index(victim)
+                    del reqs[j]
+                    n = ntoks.pop(j)
+                    budget += n
+                    self._count(out, victim, n, -1)
+                self._preempt(victim, out)
         out.num_decode_tokens += decode
         out.decode_context_tokens += context
         if not out.preempted:
@@ -260,10 +265,9 @@ class Scheduler:
             if tok != req.eos_token_id and status == RequestStatus.FINISHED_STOPPED:
                 req.stop_reason = tok
             finished.append(req)
-        if finished:
-            self.running = [r for r in self.running if r.status == RUNNING]
-            for req in finished:
-                self._finish(req, req.status, now)
+        for req in finished:
+            self.running.remove(req)
+            self._finish(req, req.status, now)
         self.recorder.on_step(
             (
                 self.num_steps,
