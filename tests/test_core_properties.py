@@ -70,8 +70,10 @@ def scenarios(draw):
         long_prefill_token_threshold=draw(st.sampled_from([0, 0, 17])),
         preemption_mode=draw(st.sampled_from(["recompute", "swap"])),
         max_model_len=MAX_MODEL_LEN,
-        queue_policy=draw(st.sampled_from(["fcfs", "priority"])),
-        victim_policy=draw(st.sampled_from(["last_admitted", "lowest_priority"])),
+        queue_policy=draw(st.sampled_from(["fcfs", "priority", "shortest_prompt", "edf"])),
+        victim_policy=draw(
+            st.sampled_from(["last_admitted", "lowest_priority", "least_computed", "most_blocks"])
+        ),
     )
     cache = CacheConfig(block_size=bs, enable_prefix_caching=draw(st.booleans()))
     num_blocks = draw(st.integers(min_blocks, min_blocks * 4))

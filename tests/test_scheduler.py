@@ -135,3 +135,36 @@ def test_abort_frees_blocks_at_once():
 def test_unknown_policy_name_is_a_clear_error():
     with pytest.raises(ValueError, match="scheduler.queue_policy='sjf'"):
         Scheduler(SchedulerConfig(queue_policy="sjf", max_model_len=16), CacheConfig(), 8)
+
+
+@pytest.mark.parametrize("policy,first", [("shortest_prompt", "short"), ("edf", "urgent"), ("fcfs", "long")])
+def test_queue_policies_order_admission(policy, first):
+    cfg = SchedulerConfig(max_num_seqs=1, queue_policy=policy, max_model_len=64)
+    sched = Scheduler(cfg, CacheConfig(), 64)
+    sched.add_request(make(40, "long", t=0.0), 0.0)
+    sched.add_request(make(8, "short", t=1.0, base=100), 1.0)
+    urgent = make(20, "urgent", t=2.0, base=200)
+    urgent.deadline = 2.5
+    sched.add_request(urgent, 2.0)
+    assert [r.request_id for r in sched.schedule(2.0).requests] == [first]
+
+
+def test_least_computed_victim_loses_less_work_than_last_admitted():
+    """The same overload: least_computed recomputes fewer tokens than vLLM's choice of victim."""
+    recomputed = {}
+    for policy in ("last_admitted", "least_computed"):
+        cfg = SchedulerConfig(max_num_seqs=8, max_model_len=128, victim_policy=policy)
+        sched = Scheduler(cfg, CacheConfig(block_size=4, enable_prefix_caching=False), 40)
+        reqs = [make(8 + 12 * i, str(i), max_tokens=40, t=float(i), base=1000 * i) for i in range(8)]
+        for req in reqs:
+            sched.add_request(req, 0.0)
+        scheduled, t = 0, 0.0
+        while sched.has_unfinished_requests():
+            out = sched.schedule(t)
+            scheduled += sum(out.num_scheduled_tokens)
+            t += 1
+            sched.update(out, None, t)
+        needed = sum(r.num_prompt_tokens + 40 - 1 for r in reqs)  # each token computed once, the last sampled
+        recomputed[policy] = scheduled - needed
+        assert sched.num_preemptions > 0
+    assert recomputed["least_computed"] < recomputed["last_admitted"]

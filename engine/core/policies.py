@@ -5,7 +5,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from engine.core.request import Request
 
@@ -38,33 +38,53 @@ class FCFSQueue:
         return iter(self._q)
 
 
-class PriorityQueue:
-    """Lowest `priority` value first, then arrival (vLLM's priority scheduling)."""
+class HeapQueue:
+    """Smallest `rank(request)` first, arrival order on ties; a preempted request keeps its rank."""
+
+    rank: Callable[[Request], tuple]
 
     def __init__(self) -> None:
-        self._heap: list[tuple[int, float, int, Request]] = []
+        self._heap: list[tuple[tuple, int, Request]] = []
         self._seq = itertools.count()
 
     def push(self, req: Request) -> None:
-        heapq.heappush(self._heap, (req.priority, req.arrival_time, next(self._seq), req))
+        heapq.heappush(self._heap, (self.rank(req), next(self._seq), req))
 
-    push_front = push  # a preempted request keeps its rank by priority and arrival
+    push_front = push
 
     def peek(self) -> Request:
-        return self._heap[0][3]
+        return self._heap[0][2]
 
     def pop(self) -> Request:
-        return heapq.heappop(self._heap)[3]
+        return heapq.heappop(self._heap)[2]
 
     def remove(self, req: Request) -> None:
-        self._heap = [e for e in self._heap if e[3] is not req]
+        self._heap = [e for e in self._heap if e[2] is not req]
         heapq.heapify(self._heap)
 
     def __len__(self) -> int:
         return len(self._heap)
 
     def __iter__(self) -> Iterator[Request]:
-        return (e[3] for e in self._heap)
+        return (e[2] for e in self._heap)
+
+
+class PriorityQueue(HeapQueue):
+    """Lowest `priority` value first, then arrival (vLLM's priority scheduling)."""
+
+    rank = staticmethod(lambda r: (r.priority, r.arrival_time))
+
+
+class ShortestPromptFirst(HeapQueue):
+    """Fewest prompt tokens first: cuts mean TTFT, can starve long prompts."""
+
+    rank = staticmethod(lambda r: (r.num_prompt_tokens, r.arrival_time))
+
+
+class EarliestDeadlineFirst(HeapQueue):
+    """Earliest TTFT deadline (`Request.deadline`) first; requests without one go last, by arrival."""
+
+    rank = staticmethod(lambda r: (r.deadline if r.deadline is not None else float("inf"), r.arrival_time))
 
 
 class LastAdmitted:
@@ -87,8 +107,41 @@ class LowestPriority:
         return max(range(len(running)), key=lambda j: (running[j].priority, running[j].arrival_time))
 
 
-QUEUE_POLICIES = {"fcfs": FCFSQueue, "priority": PriorityQueue}
-VICTIM_POLICIES = {"last_admitted": LastAdmitted, "lowest_priority": LowestPriority}
+class LeastComputed:
+    """The running request with the fewest computed tokens: the least work lost to a recompute."""
+
+    @staticmethod
+    def select(running: list[Request], current: int) -> int:
+        return min(
+            range(len(running)), key=lambda j: (running[j].num_computed_tokens, -running[j].arrival_time)
+        )
+
+
+class MostBlocks:
+    """The running request holding the most KV blocks: frees the most memory at once.
+
+    The oldest running request is never chosen (unless it is alone): two large requests would
+    otherwise preempt each other forever, while this way the oldest always finishes.
+    """
+
+    @staticmethod
+    def select(running: list[Request], current: int) -> int:
+        candidates = range(1, len(running)) if len(running) > 1 else range(1)
+        return max(candidates, key=lambda j: (running[j].num_kv_slots, running[j].arrival_time))
+
+
+QUEUE_POLICIES = {
+    "fcfs": FCFSQueue,
+    "priority": PriorityQueue,
+    "shortest_prompt": ShortestPromptFirst,
+    "edf": EarliestDeadlineFirst,
+}
+VICTIM_POLICIES = {
+    "last_admitted": LastAdmitted,
+    "lowest_priority": LowestPriority,
+    "least_computed": LeastComputed,
+    "most_blocks": MostBlocks,
+}
 
 
 def _choose(table: dict, name: str, key: str):
@@ -97,9 +150,9 @@ def _choose(table: dict, name: str, key: str):
     return table[name]()
 
 
-def make_queue(name: str) -> FCFSQueue | PriorityQueue:
+def make_queue(name: str) -> FCFSQueue | HeapQueue:
     return _choose(QUEUE_POLICIES, name, "scheduler.queue_policy")
 
 
-def make_victim_policy(name: str) -> LastAdmitted | LowestPriority:
+def make_victim_policy(name: str) -> LastAdmitted | LowestPriority | LeastComputed | MostBlocks:
     return _choose(VICTIM_POLICIES, name, "scheduler.victim_policy")
