@@ -10,20 +10,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from engine.core.recorder import REQUEST_COLUMNS
+
 REPO = Path(__file__).resolve().parents[1]
 MOONCAKE = REPO / "data/traces/mooncake_conversation_trace.jsonl"
-REQUEST_COLUMNS = {
-    "request_id",
-    "arrival_s",
-    "first_scheduled_s",
-    "first_token_s",
-    "finish_s",
-    "prompt_tokens",
-    "output_tokens",
-    "cached_tokens",
-    "num_preemptions",
-    "finish_reason",
-}
 
 
 def workbench(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -45,7 +35,7 @@ def test_default_experiment_writes_a_complete_run_with_report(tmp_path):
     for key in ("p99_ttft_ms", "median_tpot_ms", "mean_itl_ms", "p99_e2el_ms", "output_throughput"):
         assert summary[key] > 0, key
     requests = pd.read_parquet(tmp_path / "requests.parquet")
-    assert REQUEST_COLUMNS <= set(requests.columns)
+    assert set(REQUEST_COLUMNS) <= set(requests.columns)
     finished = requests[requests.finish_reason == "length"]
     assert (finished.first_token_s >= finished.arrival_s).all()
     assert (finished.finish_s >= finished.first_token_s).all()

@@ -9,10 +9,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-REQUEST_COLUMNS = ("request_id", "arrival_s", "first_scheduled_s", "first_token_s", "finish_s",
-                   "prompt_tokens", "output_tokens", "cached_tokens", "num_preemptions", "finish_reason")
-STEP_COLUMNS = ("step", "start_s", "duration_s", "num_prefill_tokens", "num_decode_tokens", "num_running",
-                "num_waiting", "kv_usage", "num_preempted", "prefix_hit_tokens")
+from engine.core.recorder import REQUEST_COLUMNS, STEP_COLUMNS
+
 SLO_KEYS = ("ttft_ms", "tpot_ms", "e2el_ms")
 FINISHED = ("stop", "length")  # finish reasons of completed requests (not abort / rejected)
 STATS = (("mean", np.mean), ("median", np.median), ("p90", lambda v: np.percentile(v, 90)),

@@ -17,8 +17,7 @@ REQUEST_COLUMNS = (
     "cached_tokens",
     "num_preemptions",
     "finish_reason",
-    "priority",
-)
+)  # the schema every backend writes (ARCHITECTURE.md); the recorder adds `priority`
 STEP_COLUMNS = (
     "step",
     "start_s",
@@ -67,7 +66,7 @@ class TraceRecorder:
         self.step_rows.append(row)
 
     def requests_table(self) -> dict[str, list]:
-        return _columns(REQUEST_COLUMNS, self.request_rows)
+        return _columns((*REQUEST_COLUMNS, "priority"), self.request_rows)
 
     def steps_table(self) -> dict[str, list]:
         return _columns(STEP_COLUMNS, self.step_rows)
