@@ -168,3 +168,12 @@ def test_least_computed_victim_loses_less_work_than_last_admitted():
         recomputed[policy] = scheduled - needed
         assert sched.num_preemptions > 0
     assert recomputed["least_computed"] < recomputed["last_admitted"]
+
+
+def test_core_imports_no_torch_simpy_or_hydra():
+    import subprocess
+    import sys
+
+    code = "import sys, engine.core, sim.simulator; print(sorted({'torch', 'hydra'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
