@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from engine.core.config import CacheConfig, SchedulerConfig
+from engine.core.config import CacheConfig, SchedulerConfig, default_max_num_batched_tokens
 
 DTYPES = {"float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
           "float32": torch.float32, "float": torch.float32}
@@ -171,8 +171,8 @@ class EngineArgs:
 
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
         budget = self.max_num_batched_tokens
-        if budget is None:  # vLLM: 8192 with chunked prefill, else room for one whole prompt
-            budget = 8192 if self.enable_chunked_prefill else max(max_model_len, 2048)
+        if budget is None:
+            budget = default_max_num_batched_tokens(max_model_len, self.enable_chunked_prefill)
         return SchedulerConfig(
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget,
             enable_chunked_prefill=self.enable_chunked_prefill, preemption_mode=self.preemption_mode,

@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 
 from engine.core import CacheConfig, Scheduler, SchedulerConfig, TraceRecorder
+from engine.core.config import default_max_num_batched_tokens
 
 BACKENDS = ("sim", "engine", "server")
 
@@ -27,7 +28,7 @@ def scheduler_config(cfg: dict[str, Any], model_max_len: int) -> SchedulerConfig
         )
     if s.get("max_num_batched_tokens") is None:
         chunked = s.get("enable_chunked_prefill", True)
-        s["max_num_batched_tokens"] = 8192 if chunked else max(s["max_model_len"], 8192)
+        s["max_num_batched_tokens"] = default_max_num_batched_tokens(s["max_model_len"], chunked)
     return _build(SchedulerConfig, "scheduler", s)
 
 

@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def default_max_num_batched_tokens(max_model_len: int, enable_chunked_prefill: bool) -> int:
+    """vLLM's default token budget: 8192 with chunked prefill, else room for one whole prompt."""
+    return 8192 if enable_chunked_prefill else max(max_model_len, 2048)
+
+
 @dataclass(slots=True)
 class SchedulerConfig:
     max_num_seqs: int = 256
