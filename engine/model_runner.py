@@ -40,25 +40,47 @@ def _flatten(lists: list[list[int]], total: int) -> np.ndarray:
 
 
 @dataclass(slots=True)
-class Batch:
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    meta: AttentionMetadata
+class HostBatch:
+    """A step's model inputs as host arrays, before they move to the device."""
+
+    input_ids: np.ndarray  # int64 [tokens]
+    positions: np.ndarray  # int64 [tokens]
+    slot_mapping: np.ndarray  # int64 [tokens]
+    block_tables: np.ndarray  # int32 [seqs, widest table]
+    seq_lens: np.ndarray  # int32 [seqs]
+    query_start_loc: np.ndarray  # int32 [seqs + 1]
+    max_query_len: int
     sample_rows: list[int]  # indices into SchedulerOutput.requests of the requests that sample
-    logits_index: torch.Tensor  # the token row whose logits each of them samples from
+    logits_index: np.ndarray  # the token row whose logits each of them samples from
 
 
-@dataclass(slots=True)
 class GraphInputs:
-    """The static tensors every captured decode graph reads and writes."""
+    """The static tensors every captured decode graph reads, as typed views into one byte buffer, so that a
+    step's inputs reach the device in one copy from a pinned host twin with the same layout."""
 
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    slot_mapping: torch.Tensor
-    block_tables: torch.Tensor
-    seq_lens: torch.Tensor
-    query_start_loc: torch.Tensor
-    hidden: torch.Tensor
+    def __init__(self, buffer: torch.Tensor, max_seqs: int, max_blocks: int) -> None:
+        self.buffer = buffer
+        offset = 0
+
+        def take(dtype: torch.dtype, *shape: int) -> torch.Tensor:
+            nonlocal offset
+            nbytes = int(np.prod(shape)) * dtype.itemsize
+            view = buffer[offset:offset + nbytes].view(dtype).view(shape)
+            offset += nbytes
+            return view
+
+        self.input_ids = take(torch.long, max_seqs)
+        self.positions = take(torch.long, max_seqs)
+        self.slot_mapping = take(torch.long, max_seqs)
+        self.seq_lens = take(torch.int32, max_seqs)
+        self.block_tables = take(torch.int32, max_seqs, max_blocks)
+        # The block tables come last, so a batch of n copies bytes [0, end_of_row[n]).
+        tables_at = offset - max_seqs * max_blocks * 4
+        self.end_of_row = [tables_at + i * max_blocks * 4 for i in range(max_seqs + 1)]
+
+    @staticmethod
+    def nbytes(max_seqs: int, max_blocks: int) -> int:
+        return max_seqs * (3 * 8 + 4 + 4 * max_blocks)
 
 
 class ModelRunner:
@@ -73,7 +95,7 @@ class ModelRunner:
         self.kv_shape = (cfg.num_layers, self.block_size, cfg.num_kv_heads, cfg.head_dim)
         self.block_bytes = 2 * int(np.prod(self.kv_shape)) * self.dtype.itemsize
         self.num_gpu_blocks = self._num_gpu_blocks(args, sched)
-        swap = sched.preemption_mode == "swap"
+        swap = sched.preemption_mode != "recompute"  # swap, or cost (which may swap)
         self.num_cpu_blocks = int(args.swap_space * GiB) // self.block_bytes if swap else 0
         # One extra block at the end: where padded rows of a CUDA-graph batch write and read.
         self.pad_block = self.num_gpu_blocks
@@ -133,12 +155,11 @@ class ModelRunner:
         self._bind_cache(scratch, scratch)
         torch.cuda.reset_peak_memory_stats()
         tables = [list(range(first[i], first[i + 1])) for i in range(seqs)]
-        batch = self._make_batch([[0] * n for n in lens], [0] * seqs, tables, list(range(seqs)))
-        hidden = self.model(batch.input_ids, batch.positions, batch.meta)
-        self.model.compute_logits(hidden[batch.logits_index]).sort(dim=-1)  # as the top-p sampler does
+        batch = self._host_batch([[0] * n for n in lens], [0] * seqs, tables, list(range(seqs)))
+        self._run_eager(batch).sort(dim=-1)  # as the top-p sampler does
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
-        del scratch, hidden
+        del scratch
         torch.cuda.empty_cache()
         return peak
 
@@ -158,17 +179,18 @@ class ModelRunner:
         sampled = [-1] * len(out.requests)
         if out.requests:
             batch = self._prepare(out, kv)
-            hidden = self._forward(batch)
             if batch.sample_rows:
-                logits = self.model.compute_logits(hidden[batch.logits_index])
+                logits = self._forward(batch)
                 tokens = self.sampler(logits, [out.requests[i] for i in batch.sample_rows]).tolist()
                 for i, tok in zip(batch.sample_rows, tokens):
                     sampled[i] = tok
+            else:
+                self._forward(batch)
         if self.device.type == "cuda":
             torch.cuda.synchronize()  # the step's measured duration covers the GPU work
         return sampled
 
-    def _prepare(self, out: SchedulerOutput, kv: KVCacheManager) -> Batch:
+    def _prepare(self, out: SchedulerOutput, kv: KVCacheManager) -> HostBatch:
         token_ids, starts, tables, rows = [], [], [], []
         for i, (req, n) in enumerate(zip(out.requests, out.num_scheduled_tokens)):
             start = req.num_computed_tokens
@@ -177,11 +199,11 @@ class ModelRunner:
             tables.append(kv.block_ids(req.request_id))
             if start + n >= req.num_tokens:
                 rows.append(i)
-        return self._make_batch(token_ids, starts, tables, rows)
+        return self._host_batch(token_ids, starts, tables, rows)
 
-    def _make_batch(self, token_ids: list[list[int]], starts: list[int], tables: list[list[int]],
-                    rows: list[int]) -> Batch:
-        """Tensors for sequences whose new tokens `token_ids[i]` follow `starts[i]` tokens already cached."""
+    def _host_batch(self, token_ids: list[list[int]], starts: list[int], tables: list[list[int]],
+                    rows: list[int]) -> HostBatch:
+        """Inputs for sequences whose new tokens `token_ids[i]` follow `starts[i]` tokens already cached."""
         # Vectorized over tokens: a numpy call per sequence would cost milliseconds a step at batch 256.
         bs = self.block_size
         lens = _lengths(token_ids)
@@ -195,60 +217,87 @@ class ModelRunner:
         column = np.arange(widths.sum()) - np.repeat(np.cumsum(widths) - widths, widths)
         block_tables[table_index, column] = _flatten(tables, widths.sum())
         slots = block_tables[seq_index, positions // bs].astype(np.int64) * bs + positions % bs
-        seq_lens = starts + lens
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(slots).to(dev), block_tables=torch.from_numpy(block_tables).to(dev),
-            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev),
-            query_start_loc=torch.from_numpy(qsl.astype(np.int32)).to(dev),
-            max_query_len=int(lens.max()), max_seq_len=int(seq_lens.max()))
-        return Batch(
-            input_ids=torch.from_numpy(_flatten(token_ids, qsl[-1]).astype(np.int64)).to(dev),
-            positions=torch.from_numpy(positions).to(dev), meta=meta, sample_rows=rows,
-            logits_index=torch.from_numpy(qsl[1:][rows] - 1).to(dev))
+        return HostBatch(
+            input_ids=_flatten(token_ids, qsl[-1]).astype(np.int64), positions=positions, slot_mapping=slots,
+            block_tables=block_tables, seq_lens=(starts + lens).astype(np.int32),
+            query_start_loc=qsl.astype(np.int32), max_query_len=int(lens.max()), sample_rows=rows,
+            logits_index=qsl[1:][rows] - 1)
 
-    def _forward(self, batch: Batch) -> torch.Tensor:
-        n = batch.input_ids.shape[0]
-        if batch.meta.max_query_len == 1 and self.graphs and n <= max(self.graphs):
-            return self._replay(batch)
-        return self.model(batch.input_ids, batch.positions, batch.meta)
+    def _forward(self, batch: HostBatch) -> torch.Tensor:
+        """Logits [len(batch.sample_rows), vocab] (float32) of the rows that sample."""
+        n = len(batch.seq_lens)
+        if batch.max_query_len == 1 and self.graphs and n <= max(self.graphs):
+            logits = self._replay(batch)
+            return logits if len(batch.sample_rows) == n else logits[batch.logits_index]
+        return self._run_eager(batch)
+
+    def _run_eager(self, batch: HostBatch) -> torch.Tensor:
+        dev = self.device
+
+        def put(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a).to(dev)
+
+        meta = AttentionMetadata(
+            slot_mapping=put(batch.slot_mapping), block_tables=put(batch.block_tables),
+            seq_lens=put(batch.seq_lens), query_start_loc=put(batch.query_start_loc),
+            max_query_len=batch.max_query_len, max_seq_len=int(batch.seq_lens.max()))
+        hidden = self.model(put(batch.input_ids), put(batch.positions), meta)
+        return self.model.compute_logits(hidden[put(batch.logits_index)])
 
     # ---- CUDA graphs for decode steps ----------------------------------------------
     def _capture_graphs(self, max_num_seqs: int) -> None:
+        """Graphs of the forward and the LM head for decode batches of graph_batch_sizes(max_num_seqs)."""
         sizes = graph_batch_sizes(max_num_seqs)
-        m, dev = sizes[-1], self.device
-        self.graph_inputs = g = GraphInputs(
-            input_ids=torch.zeros(m, dtype=torch.long, device=dev),
-            positions=torch.zeros(m, dtype=torch.long, device=dev),
-            slot_mapping=torch.full((m,), self.pad_block * self.block_size, dtype=torch.long, device=dev),
-            block_tables=torch.full((m, self.max_blocks_per_seq), self.pad_block, dtype=torch.int32,
-                                    device=dev),
-            seq_lens=torch.ones(m, dtype=torch.int32, device=dev),
-            query_start_loc=torch.arange(m + 1, dtype=torch.int32, device=dev),
-            hidden=torch.zeros(m, self.model.config.hidden_size, dtype=self.dtype, device=dev))
+        m, b = sizes[-1], self.max_blocks_per_seq
+        nbytes = GraphInputs.nbytes(m, b)
+        self.graph_host = GraphInputs(torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True), m, b)
+        self.graph_inputs = g = GraphInputs(torch.zeros(nbytes, dtype=torch.uint8, device=self.device), m, b)
+        self._pad_graph_rows(0, m)
+        self._upload_graph_inputs(m)
+        # Held by the runner: a graph keeps no reference to the tensors it reads.
+        self.graph_qsl = qsl = torch.arange(m + 1, dtype=torch.int32, device=self.device)
+        self.graph_logits = torch.zeros(m, self.model.config.vocab_size, dtype=torch.float32,
+                                        device=self.device)
         pool = None
         with torch.inference_mode():
             for size in reversed(sizes):  # largest first, so the smaller graphs fit in its memory pool
                 meta = AttentionMetadata(g.slot_mapping[:size], g.block_tables[:size], g.seq_lens[:size],
-                                         g.query_start_loc[:size + 1], 1, self.max_model_len)
-                g.hidden[:size] = self.model(g.input_ids[:size], g.positions[:size], meta)  # compile outside
+                                         qsl[:size + 1], 1, self.max_model_len)
+
+                def forward(size: int = size, meta: AttentionMetadata = meta) -> None:
+                    hidden = self.model(g.input_ids[:size], g.positions[:size], meta)
+                    self.graph_logits[:size] = self.model.compute_logits(hidden)
+
+                forward()  # compile and autotune outside the capture
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool):
-                    g.hidden[:size] = self.model(g.input_ids[:size], g.positions[:size], meta)
+                    forward()
                 pool = graph.pool()
                 self.graphs[size] = graph
         torch.cuda.synchronize()
 
-    def _replay(self, batch: Batch) -> torch.Tensor:
-        n, g, meta = batch.input_ids.shape[0], self.graph_inputs, batch.meta
+    def _pad_graph_rows(self, start: int, end: int) -> None:
+        """Rows [start, end) of a graph batch: a one-token context in the pad block, written there."""
+        h = self.graph_host
+        h.input_ids[start:end] = 0
+        h.positions[start:end] = 0
+        h.slot_mapping[start:end] = self.pad_block * self.block_size
+        h.seq_lens[start:end] = 1
+        h.block_tables[start:end, 0] = self.pad_block
+
+    def _upload_graph_inputs(self, size: int) -> None:
+        end = self.graph_host.end_of_row[size]
+        self.graph_inputs.buffer[:end].copy_(self.graph_host.buffer[:end], non_blocking=True)
+
+    def _replay(self, batch: HostBatch) -> torch.Tensor:
+        n, h = len(batch.seq_lens), self.graph_host
         size = min(s for s in self.graphs if s >= n)
-        g.input_ids[:n] = batch.input_ids
-        g.positions[:n] = batch.positions
-        g.slot_mapping[:n] = meta.slot_mapping
-        g.slot_mapping[n:size] = self.pad_block * self.block_size
-        g.seq_lens[:n] = meta.seq_lens
-        g.seq_lens[n:size] = 1
-        g.block_tables[:n, :meta.block_tables.shape[1]] = meta.block_tables
-        g.block_tables[n:size, 0] = self.pad_block
+        h.input_ids.numpy()[:n] = batch.input_ids
+        h.positions.numpy()[:n] = batch.positions
+        h.slot_mapping.numpy()[:n] = batch.slot_mapping
+        h.seq_lens.numpy()[:n] = batch.seq_lens
+        h.block_tables.numpy()[:n, :batch.block_tables.shape[1]] = batch.block_tables
+        self._pad_graph_rows(n, size)
+        self._upload_graph_inputs(size)
         self.graphs[size].replay()
-        return g.hidden[:n]
+        return self.graph_logits[:n]

@@ -8,7 +8,9 @@ reference on CPU; 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before th
 from kernels.activation import silu_and_mul
 from kernels.attention import paged_attention
 from kernels.kv_write import store_kv
+from kernels.linear import linear
 from kernels.norm import rms_norm
 from kernels.rotary import apply_rotary, build_cos_sin_cache
 
-__all__ = ["apply_rotary", "build_cos_sin_cache", "paged_attention", "rms_norm", "silu_and_mul", "store_kv"]
+__all__ = ["apply_rotary", "build_cos_sin_cache", "linear", "paged_attention", "rms_norm", "silu_and_mul",
+           "store_kv"]

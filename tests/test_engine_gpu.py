@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import random
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -63,8 +64,9 @@ def engine_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
     overwrites whatever prefix they cached: generate nothing with this engine afterwards)."""
     runner = llm.engine.runner
     blocks = list(range(-(-len(ids) // runner.block_size)))
-    batch = runner._make_batch([ids], [0], [blocks], [0])
-    return runner.model.compute_logits(runner.model(batch.input_ids, batch.positions, batch.meta))
+    batch = runner._host_batch([ids], [0], [blocks], [0])
+    batch.logits_index = np.arange(len(ids))
+    return runner._run_eager(batch)
 
 
 @torch.inference_mode()

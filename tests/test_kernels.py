@@ -278,6 +278,22 @@ def test_triton_silu_and_mul(dtype: torch.dtype) -> None:
     torch.testing.assert_close(kernels.silu_and_mul(x, impl="triton"), ref.silu_and_mul(x))
 
 
+@interp
+@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_triton_skinny_linear(rows: int, bias: bool) -> None:
+    # N and K off the tile sizes, so both edges are masked; fp16 in, fp32 accumulation.
+    x, w = torch.randn(rows, 300).half(), torch.randn(40, 300).half()
+    b = torch.randn(40).half() if bias else None
+    expected = F.linear(x.float(), w.float(), None if b is None else b.float())
+    torch.testing.assert_close(kernels.linear(x, w, b, impl="triton").float(), expected, atol=2e-2, rtol=1e-2)
+
+
+def test_linear_keeps_cublas_for_many_rows_and_fp32() -> None:
+    x, w = torch.randn(17, 8), torch.randn(4, 8)
+    assert torch.equal(kernels.linear(x, w), F.linear(x, w))
+
+
 # --- real shapes on the GPU ---
 
 MODELS = {"llama2_7b": (32, 32, 128), "qwen3_0.6b": (16, 8, 128)}  # num_heads, num_kv_heads, head_dim
@@ -342,6 +358,16 @@ def test_gpu_elementwise(impl: str, dtype: torch.dtype) -> None:
     kernels.apply_rotary(positions, qkv[:, :4096], qkv[:, 4096:5120], cache, 128, impl=impl)
     ref.apply_rotary(positions, expected_qkv[:, :4096], expected_qkv[:, 4096:5120], cache, 128)
     torch.testing.assert_close(qkv, expected_qkv, atol=2e-2, rtol=1e-2)
+
+
+@gpu
+@pytest.mark.parametrize("rows", [1, 8, 16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_skinny_linear(rows: int, dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    for n, k in [(12288, 4096), (4096, 11008), (151936, 1024)]:
+        x, w = torch.randn(rows, k, device="cuda", dtype=dtype), torch.randn(n, k, device="cuda", dtype=dtype)
+        torch.testing.assert_close(kernels.linear(x, w).float(), (x.float() @ w.float().T), atol=0.5, rtol=2e-2)
 
 
 @gpu

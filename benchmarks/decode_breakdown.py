@@ -1,0 +1,152 @@
+"""Where a decode step's time goes, on the GPU: engine step vs CUDA-graph replay vs per-kernel time.
+
+    python benchmarks/decode_breakdown.py [--model W7|W0.6] [--batches 1 8 64]
+
+For each decode batch size it prints:
+  step     the engine's median pure-decode step (schedule, inputs, forward, sampling, sync), from its trace;
+  graph    the captured decode graph alone (CUDA events around replay());
+  kernels  GPU time per kernel family inside one decode forward (torch.profiler), against the weight-read
+           bound (weight + KV bytes at 3.0 TB/s);
+and with --sweep, first, for the model's linear layers at M = 1 and 16, the read bandwidth of cuBLAS and of
+every tile config of kernels.linear, timed inside a CUDA graph over weights larger than the L2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from engine_throughput import HBM_BYTES_PER_S, Shape, decode_latency, make_workload
+
+from engine import LLM
+from engine.dummy import write_dummy_model_dir
+from kernels.linear import _skinny_matmul_kernel
+
+
+def graph_time(fn, reps: int = 20, iters: int = 5) -> float:
+    """Seconds per call of fn, captured `reps` times in one CUDA graph (no launch latency)."""
+    fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / reps)
+    return statistics.median(times)
+
+
+SWEEP = [(bn, bk, w, st) for bn in (16, 32, 64) for bk in (128, 256, 512) for w in (4, 8) for st in (3, 4, 6)
+         if bn * bk <= 16384]
+
+
+def _sweep_one(ws: list[torch.Tensor], m: int) -> list[tuple[str, float]]:
+    """Seconds per call of cuBLAS and of each SWEEP config on x [m, K] times each of the weights ws."""
+    n, k = ws[0].shape
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+
+    def per_call(fn) -> float:
+        return graph_time(lambda: [fn(w) for w in ws], reps=3) / len(ws)
+
+    def config(bn: int, bk: int, nw: int, st: int):
+        return lambda w: _skinny_matmul_kernel.fn[(triton.cdiv(n, bn),)](
+            x, w, w, out, m, n, k, x.stride(0), w.stride(0), out.stride(0), HAS_BIAS=False, BLOCK_M=16,
+            BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=st)
+
+    results = [("cublas", per_call(lambda w: F.linear(x, w)))]
+    for bn, bk, nw, st in SWEEP:
+        try:
+            results.append((f"n{bn} k{bk} w{nw} s{st}", per_call(config(bn, bk, nw, st))))
+        except Exception as e:  # noqa: BLE001 -- a config that does not fit (shared memory) is skipped
+            print(f"    skip n{bn} k{bk} w{nw} s{st}: {type(e).__name__}")
+    return sorted(results, key=lambda r: r[1])
+
+
+def skinny_sweep(shape: Shape) -> None:
+    """Each tile config of kernels.linear's streaming kernel against cuBLAS, on the model's weight shapes."""
+    h = shape.hidden
+    mats = {"qkv": (shape.q_dim + 2 * shape.kv_dim, h), "o": (h, shape.q_dim),
+            "gate_up": (2 * shape.inter, h), "down": (h, shape.inter), "lm_head": (shape.vocab, h)}
+    for name, (n, k) in mats.items():
+        # Distinct weights per call, more than the L2 holds, so every call streams from HBM.
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
+        for m in (1, 16):
+            results = _sweep_one(ws, m)
+            gbps = {cfg: n * k * 2 / t / 1e9 for cfg, t in results}
+            best = ", ".join(f"{cfg} {gbps[cfg]:.0f}" for cfg, _ in results[:4])
+            print(f"  sweep {name:8s} {n}x{k} M={m}: cublas {gbps['cublas']:.0f} GB/s; best (GB/s): {best}")
+        del ws
+
+
+def kernel_breakdown(llm: LLM, batch: int) -> None:
+    runner = llm.engine.runner
+    graph = runner.graphs[min(s for s in runner.graphs if s >= batch)]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            graph.replay()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = collections.defaultdict(float)
+    counts: collections.Counter = collections.Counter()
+    for ev in prof.key_averages():
+        if ev.device_time_total > 0:
+            totals[ev.key[:70]] += ev.device_time_total / 5
+            counts[ev.key[:70]] += ev.count / 5
+    total = sum(totals.values())
+    print(f"  kernels in one batch-{batch} decode graph: {sum(counts.values()):.0f} launches, "
+          f"{total / 1e3:.3f} ms of kernel time")
+    for key, us in sorted(totals.items(), key=lambda kv: -kv[1])[:14]:
+        print(f"    {us / 1e3:7.3f} ms  x{counts[key]:5.0f}  {key}")
+
+
+def replay_time(llm: LLM, batch: int) -> float:
+    runner = llm.engine.runner
+    graph = runner.graphs[min(s for s in runner.graphs if s >= batch)]
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="W7", choices=["W7", "W0.6"])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
+    ap.add_argument("--sweep", action="store_true", help="time every tile config of kernels.linear first")
+    args = ap.parse_args()
+    w = make_workload(args.model)
+    shape = Shape.of(w.config)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    if args.sweep:
+        skinny_sweep(shape)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = write_dummy_model_dir(w.config, Path(tmp) / w.name)
+        llm = LLM(model=str(model_dir), load_format="dummy", dtype="bfloat16", max_model_len=2048,
+                  max_num_seqs=max(args.batches))
+        for batch in args.batches:
+            step = decode_latency(llm, w, batch)
+            graph = replay_time(llm, batch)
+            bound = (shape.weight_bytes + batch * 160 * shape.kv_bytes_per_token) / HBM_BYTES_PER_S
+            print(f"batch {batch}: step {step * 1e3:.3f} ms, graph replay {graph * 1e3:.3f} ms, bound "
+                  f"{bound * 1e3:.3f} ms (step/bound {step / bound:.2f}x, graph/bound {graph / bound:.2f}x)")
+            kernel_breakdown(llm, batch)
+
+
+if __name__ == "__main__":
+    main()
