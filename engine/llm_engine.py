@@ -52,16 +52,20 @@ class LLMEngine:
         if not hasattr(self.tokenizer, "backend_tokenizer"):
             raise ValueError(f"{args.tokenizer or args.model}: a fast tokenizer (tokenizer.json) is required")
         self.max_model_len = args.resolved_max_model_len(cfg)
-        sched_config = args.scheduler_config(self.max_model_len)
-        self.runner = ModelRunner(args, cfg, sched_config)
-        self.recorder = TraceRecorder()
-        self.scheduler = Scheduler(sched_config, args.cache_config(), self.runner.num_gpu_blocks,
-                                   self.runner.num_cpu_blocks, self.recorder)
+        self.runner = ModelRunner(args, cfg, args.scheduler_config(self.max_model_len))
+        self.reset()
         eos = cfg.eos_token_ids
         self.eos_token_id = next((e for e in [self.tokenizer.eos_token_id, *eos] if e is not None), None)
         self._extra_eos = [e for e in eos if e != self.eos_token_id]  # Llama 3 ends turns with several
-        self._tracked: dict[str, _Tracked] = {}
         self._wall0, self._perf0 = time.time(), time.perf_counter()
+
+    def reset(self) -> None:
+        """A fresh scheduler, KV cache index (prefix cache included) and trace on the loaded model: one model
+        load serves several benchmark runs. Requests still in flight are dropped."""
+        self.recorder = TraceRecorder()
+        self.scheduler = Scheduler(self.args.scheduler_config(self.max_model_len), self.args.cache_config(),
+                                   self.runner.num_gpu_blocks, self.runner.num_cpu_blocks, self.recorder)
+        self._tracked: dict[str, _Tracked] = {}
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> LLMEngine:

@@ -1,8 +1,9 @@
-"""The shared scheduler in virtual time: an arrival process and an engine-loop process on one SimPy clock."""
+"""The shared scheduler in virtual time: an arrival process and engine-loop processes on one SimPy clock."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 import simpy
@@ -16,12 +17,28 @@ class StepTimeModel(Protocol):
     def predict(self, out: SchedulerOutput) -> float: ...
 
 
+@dataclass(slots=True, eq=False)
+class Engine:
+    """One engine loop: a scheduler, its step-time model and, under pipeline parallelism, the stages it
+    shares with the other virtual engines of its replica (None: the step runs as one unit)."""
+
+    scheduler: Scheduler
+    step_time: StepTimeModel
+    stages: list[simpy.Resource] | None = None
+    wake: simpy.Event | None = None
+
+    def notify(self) -> None:
+        if self.wake is not None and not self.wake.triggered:
+            self.wake.succeed()
+
+
 class Simulation:
     """Replays `requests` (sorted by arrival) through `scheduler`, a step at a time.
 
     Each step: schedule, predict its duration, advance the clock, update. With
     nothing runnable the engine loop sleeps until the next arrival. Output
     tokens are placeholders; lengths come from each request's max_tokens.
+    Subclasses (sim.cluster) run several engines and override `route`.
     """
 
     def __init__(
@@ -32,38 +49,43 @@ class Simulation:
         on_finished: Callable[[int], None] | None = None,
     ) -> None:
         self.env = simpy.Environment()
-        self.scheduler = scheduler
-        self.step_time = step_time
+        self.engines = [Engine(scheduler, step_time)]
         self.on_finished = on_finished
         self._requests: Iterator[Request] = iter(requests)
         self._arrivals_done = False
-        self._wake: simpy.Event | None = None
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.engines[0].scheduler
 
     def run(self) -> float:
         """Run until every request has finished; returns the simulated end time in seconds."""
-        self.env.process(self._arrive())
-        done = self.env.process(self._engine_loop())
-        self.env.run(until=done)
-        return self.env.now
+        env = self.env
+        env.process(self._arrive())
+        loops = [env.process(self._engine_loop(engine)) for engine in self.engines]
+        env.run(until=env.all_of(loops))
+        return env.now
+
+    def route(self, req: Request) -> Engine:
+        """The engine that serves `req`."""
+        return self.engines[0]
 
     def _arrive(self):
-        env, scheduler = self.env, self.scheduler
+        env = self.env
         for req in self._requests:
             if req.arrival_time > env.now:
                 yield env.timeout(req.arrival_time - env.now)
-            if scheduler.add_request(req, env.now):
-                self._notify()
+            engine = self.route(req)
+            if engine.scheduler.add_request(req, env.now):
+                engine.notify()
             elif self.on_finished:
                 self.on_finished(1)
         self._arrivals_done = True
-        self._notify()
+        for engine in self.engines:
+            engine.notify()
 
-    def _notify(self) -> None:
-        if self._wake is not None and not self._wake.triggered:
-            self._wake.succeed()
-
-    def _engine_loop(self):
-        env, scheduler, predict = self.env, self.scheduler, self.step_time.predict
+    def _engine_loop(self, engine: Engine):
+        env, scheduler, predict, stages = self.env, engine.scheduler, engine.step_time.predict, engine.stages
         on_finished = self.on_finished
         while True:
             out = scheduler.schedule(env.now)
@@ -76,11 +98,25 @@ class Simulation:
                     )
                 if self._arrivals_done and not scheduler.has_unfinished_requests():
                     return
-                self._wake = env.event()
-                yield self._wake
-                self._wake = None
+                engine.wake = env.event()
+                yield engine.wake
+                engine.wake = None
                 continue
-            yield env.timeout(predict(out))
+            if stages is None:
+                yield env.timeout(predict(out))
+            else:
+                yield from self._through_stages(stages, predict(out))
             finished = scheduler.update(out, None, env.now)
             if finished and on_finished:
                 on_finished(len(finished))
+
+    def _through_stages(self, stages: list[simpy.Resource], duration: float):
+        """One micro-batch through the pipeline: each stage holds it for duration / P, then hands it on
+        (the step time already holds the P - 1 activation sends, so they are spread over the stages).
+        A stage busy with another virtual engine's batch makes this one wait: that, and stages idle
+        for want of batches, are the pipeline's bubbles."""
+        per_stage = duration / len(stages)
+        for stage in stages:
+            with stage.request() as turn:
+                yield turn
+                yield self.env.timeout(per_stage)

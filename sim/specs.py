@@ -36,6 +36,7 @@ class ModelSpec:
     architecture: str = "LlamaForCausalLM"
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
+    vision_encoder: dict[str, Any] | None = None  # vision-language models: the tower's shape (sim.multimodal)
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
@@ -108,6 +109,7 @@ class HardwareSpec:
     memory_efficiency: float = 0.85
     cpu_overhead_s: float = 0.0  # per step: scheduling, input preparation, sampling, launch gaps
     per_request_overhead_s: float = 0.0  # per request in the batch, on top of cpu_overhead_s
+    peak_fp8_tflops: float | None = None  # dense fp8 tensor-core peak; None: no fp8 tensor cores (A100)
     vidur_device: str | None = None  # 'a100' | 'h100': folder under vidur_profiles/compute/
     network: str | None = None  # folder under vidur_profiles/network/, e.g. h100_dgx
 
@@ -179,6 +181,12 @@ def _build(cls: type, group: str, cfg: Mapping[str, Any]) -> Any:
     return cls(**dict(cfg))
 
 
+def check_int(key: str, value: Any, minimum: int) -> None:
+    """Raise ValueError naming `key` unless `value` is an integer >= `minimum` (a bool is no integer)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key}={value!r}: must be an integer >= {minimum}")
+
+
 def model_spec(cfg: Mapping[str, Any]) -> ModelSpec:
     """Build from a mapping such as a Hydra `cfg.model` node (DictConfig is a Mapping)."""
     return _build(ModelSpec, "model", cfg)
@@ -192,19 +200,27 @@ def parallel_spec(cfg: Mapping[str, Any] | None = None) -> ParallelSpec:
     return _build(ParallelSpec, "parallel", cfg or {})
 
 
-def block_bytes(model: ModelSpec, parallel: ParallelSpec, block_size: int) -> int:
-    """Bytes one KV block (K and V of `block_size` tokens) takes on each GPU."""
-    per_layer = 2 * parallel.kv_heads_per_gpu(model) * model.head_dim * model.dtype_bytes
+def block_bytes(
+    model: ModelSpec, parallel: ParallelSpec, block_size: int, kv_dtype_bytes: int | None = None
+) -> int:
+    """Bytes one KV block (K and V of `block_size` tokens) takes on each GPU; `kv_dtype_bytes` (fp8 KV
+    cache: 1) defaults to the model's dtype."""
+    per_layer = 2 * parallel.kv_heads_per_gpu(model) * model.head_dim * (kv_dtype_bytes or model.dtype_bytes)
     return block_size * parallel.layers_per_stage(model) * per_layer
 
 
-def weight_bytes_per_gpu(model: ModelSpec, parallel: ParallelSpec) -> int:
-    """Weights on the fullest GPU: its layers' share, plus the embedding and LM head (vocab-sharded)."""
-    tp = parallel.tensor_parallel_size
-    layers = parallel.layers_per_stage(model) * model.params_per_layer
+def weight_bytes_per_gpu(
+    model: ModelSpec, parallel: ParallelSpec, linear_weight_bytes: float | None = None
+) -> int:
+    """Weights on the fullest GPU: its layers' share, plus the embedding and LM head (vocab-sharded).
+    `linear_weight_bytes`: bytes per weight of the layers' matmuls in a quantized checkpoint (norms,
+    embedding and LM head stay in the model's dtype)."""
+    tp, dt = parallel.tensor_parallel_size, model.dtype_bytes
+    linear = model.linear_params_per_layer
+    per_layer = (model.params_per_layer - linear) * dt + linear * (linear_weight_bytes or dt)
     # one stage holds both vocab matrices only without pipelining and with untied embeddings
     vocab_mats = 2 if parallel.pipeline_parallel_size == 1 and not model.tie_word_embeddings else 1
-    return (layers + vocab_mats * model.embedding_params) * model.dtype_bytes // tp
+    return int(parallel.layers_per_stage(model) * per_layer + vocab_mats * model.embedding_params * dt) // tp
 
 
 def default_activation_reserve(model: ModelSpec, parallel: ParallelSpec, max_num_batched_tokens: int) -> int:
@@ -224,19 +240,22 @@ def num_gpu_blocks(
     block_size: int,
     activation_reserve_bytes: int | None = None,
     max_num_batched_tokens: int = 8192,
+    linear_weight_bytes: float | None = None,
+    kv_dtype_bytes: int | None = None,
 ) -> int:
     """KV blocks per GPU: (utilization x memory - weights - activation reserve) / block bytes.
 
     `activation_reserve_bytes` defaults to
-    `default_activation_reserve(model, parallel, max_num_batched_tokens)`.
+    `default_activation_reserve(model, parallel, max_num_batched_tokens)`; `linear_weight_bytes` and
+    `kv_dtype_bytes` as in `weight_bytes_per_gpu` and `block_bytes` (quantized weights, fp8 KV cache).
     """
     parallel.check(model)
     budget = gpu_memory_utilization * hw.mem_gib * GiB
-    weights = weight_bytes_per_gpu(model, parallel)
+    weights = weight_bytes_per_gpu(model, parallel, linear_weight_bytes)
     reserve = activation_reserve_bytes
     if reserve is None:
         reserve = default_activation_reserve(model, parallel, max_num_batched_tokens)
-    blocks = int((budget - weights - reserve) // block_bytes(model, parallel, block_size))
+    blocks = int((budget - weights - reserve) // block_bytes(model, parallel, block_size, kv_dtype_bytes))
     if blocks < 1:
         raise ValueError(
             f"model {model.name} does not fit on {hw.name}: {weights / GiB:.1f} GiB of weights and "
@@ -247,6 +266,12 @@ def num_gpu_blocks(
     return blocks
 
 
-def num_cpu_blocks(swap_space_gib: float, model: ModelSpec, parallel: ParallelSpec, block_size: int) -> int:
+def num_cpu_blocks(
+    swap_space_gib: float,
+    model: ModelSpec,
+    parallel: ParallelSpec,
+    block_size: int,
+    kv_dtype_bytes: int | None = None,
+) -> int:
     """KV blocks that `swap_space` GiB of CPU memory holds per GPU (vLLM's `swap_space` is per GPU)."""
-    return int(swap_space_gib * GiB // block_bytes(model, parallel, block_size))
+    return int(swap_space_gib * GiB // block_bytes(model, parallel, block_size, kv_dtype_bytes))

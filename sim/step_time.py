@@ -415,10 +415,17 @@ def make_step_time_model(
     parallel: ParallelSpec,
     block_size: int,
     profile_root: Path | str = DEFAULT_PROFILE_ROOT,
+    engine_profile_root: Path | str | None = None,
 ) -> RooflineStepTime:
-    """`kind`: 'roofline' (any model/device) or 'vidur' (needs profiles for the model, device and tp)."""
+    """`kind`: 'roofline' (any model/device), 'vidur' (needs Vidur's profiles for the model, device and tp)
+    or 'profile' (the engine's own: `engine_profile_root`/<hardware>/<model>, default data/profiles)."""
     if kind == "roofline":
         return RooflineStepTime(model, hw, parallel, block_size)
     if kind == "vidur":
         return VidurProfileStepTime(model, hw, parallel, block_size, profile_root)
-    raise ValueError(f"unknown step-time model {kind!r}: choose 'roofline' or 'vidur'")
+    if kind == "profile":
+        from sim.profile_step_time import DEFAULT_PROFILE_ROOT as ENGINE_PROFILES
+        from sim.profile_step_time import ProfileStepTime
+
+        return ProfileStepTime(model, hw, parallel, block_size, engine_profile_root or ENGINE_PROFILES)
+    raise ValueError(f"unknown step-time model {kind!r}: choose 'roofline', 'vidur' or 'profile'")

@@ -1,9 +1,11 @@
-"""Property-based tests of the shared scheduler, KV-cache manager and block pool.
+"""Property-based tests of the shared scheduler, KV-cache manager and block pool, under every policy.
 
-A fake executor writes each computed token id into the KV slot the block table
-gives it, and copies blocks on swap; before every step it checks that every
-token a request has already computed (its own or a prefix-cache hit) is found
-in its blocks. That checks the whole memory bookkeeping end to end.
+A fake executor writes into the KV slot the block table gives each computed token
+what its real KV depends on (adapter, token id, images up to it), and copies
+blocks on swap; before every step it checks that every token a request has
+already computed (its own or a prefix-cache hit) is found in its blocks. That
+checks the whole memory bookkeeping end to end, and that a prefix hit never
+crosses adapters or images.
 """
 
 from __future__ import annotations
@@ -14,6 +16,11 @@ from hypothesis import strategies as st
 from engine.core import CacheConfig, Request, SamplingParams, Scheduler, SchedulerConfig
 
 MAX_MODEL_LEN = 256
+
+
+def content(req: Request, pos: int) -> tuple:
+    images = tuple(h for h, (o, _) in zip(req.mm_hashes, req.mm_positions) if o <= pos)
+    return req.lora_id or 0, req.all_token_ids[pos], images
 
 
 class FakeKV:
@@ -35,11 +42,11 @@ class FakeKV:
             table = sched.kv.block_ids(req.request_id)
             start = req.num_computed_tokens
             for pos in range(start):
-                assert self.gpu.get((table[pos // bs], pos % bs)) == req.all_token_ids[pos], (
+                assert self.gpu.get((table[pos // bs], pos % bs)) == content(req, pos), (
                     f"request {req.request_id}: KV of token {pos} lost"
                 )
             for pos in range(start, start + n):
-                self.gpu[(table[pos // bs], pos % bs)] = req.all_token_ids[pos]
+                self.gpu[(table[pos // bs], pos % bs)] = content(req, pos)
 
 
 def check_pool(sched: Scheduler) -> None:
@@ -47,35 +54,50 @@ def check_pool(sched: Scheduler) -> None:
     free_ids = set(pool._empty) | set(pool._cached_free)
     assert len(free_ids) == len(pool._empty) + len(pool._cached_free), "a block is free twice"
     assert len(free_ids) == pool.num_free
-    for block in pool.blocks:
-        assert block.ref_cnt >= 0
-        assert (block.ref_cnt == 0) == (block.block_id in free_ids), "a block is both free and in use"
-    for h, bid in pool._index.items():
-        assert pool.blocks[bid].block_hash == h
+    for b, ref in enumerate(pool.ref_cnt):
+        assert ref >= 0
+        assert (ref == 0) == (b in free_ids), "a block is both free and in use"
+    for h, b in pool._index.items():
+        assert pool.block_hash[b] == h
 
 
 families = st.lists(st.integers(0, 3), min_size=1, max_size=24)
 
 
 @st.composite
-def scenarios(draw):
-    bs = draw(st.sampled_from([1, 2, 4, 16]))
+def scheduler_configs(draw) -> SchedulerConfig:
     chunked = draw(st.booleans())
     budget = draw(st.integers(8, 300)) if chunked else draw(st.integers(MAX_MODEL_LEN, 400))
-    min_blocks = -(-MAX_MODEL_LEN // bs)
-    cfg = SchedulerConfig(
+    partial = draw(st.sampled_from([0, 0, 1, 2]))
+    return SchedulerConfig(
         max_num_seqs=draw(st.integers(1, 8)),
         max_num_batched_tokens=budget,
         enable_chunked_prefill=chunked,
         long_prefill_token_threshold=draw(st.sampled_from([0, 0, 17])),
-        preemption_mode=draw(st.sampled_from(["recompute", "swap"])),
+        max_num_partial_prefills=partial,
+        max_long_partial_prefills=draw(st.integers(0, partial)),
+        preemption_mode=draw(st.sampled_from(["recompute", "swap", "cost"])),
+        swap_s_per_block=draw(st.sampled_from([0.0, 1e-3, 1.0])),
+        recompute_s_per_token=1e-3,
         max_model_len=MAX_MODEL_LEN,
         queue_policy=draw(st.sampled_from(["fcfs", "priority", "shortest_prompt", "edf"])),
         victim_policy=draw(
             st.sampled_from(["last_admitted", "lowest_priority", "least_computed", "most_blocks"])
         ),
+        max_waiting=draw(st.sampled_from([0, 0, 3])),
+        shed_ttft_ms=draw(st.sampled_from([0, 0, 8000])),  # a step is one second
+        max_loras=draw(st.sampled_from([0, 1, 2])),
+        encoder_cache_size=draw(st.sampled_from([0, 40])),
     )
-    cache = CacheConfig(block_size=bs, enable_prefix_caching=draw(st.booleans()))
+
+
+@st.composite
+def scenarios(draw):
+    bs = draw(st.sampled_from([1, 2, 4, 16]))
+    cfg = draw(scheduler_configs())
+    min_blocks = -(-MAX_MODEL_LEN // bs)
+    eviction = draw(st.sampled_from(["lru", "lfu", "cost"]))
+    cache = CacheConfig(block_size=bs, enable_prefix_caching=draw(st.booleans()), eviction_policy=eviction)
     num_blocks = draw(st.integers(min_blocks, min_blocks * 4))
     num_cpu = draw(st.sampled_from([0, min_blocks, 10 * min_blocks]))
     reqs = []
@@ -84,13 +106,33 @@ def scenarios(draw):
         own = draw(st.integers(1, 60))
         prompt = [fam * 1000 + k for k in range(shared)] + [100000 + i * 1000 + k for k in range(own)]
         params = SamplingParams(max_tokens=draw(st.integers(1, 40)), ignore_eos=True)
-        reqs.append(
-            (
-                draw(st.integers(0, 20)),
-                Request(str(i), prompt, params, arrival_time=float(i), priority=draw(st.integers(0, 2))),
-            )
+        image = draw(st.sampled_from([None, "cat", "dog"]))  # one image of 10 tokens at offset 5, if it fits
+        mm = image is not None and len(prompt) >= 15
+        req = Request(
+            str(i),
+            prompt,
+            params,
+            arrival_time=float(i),
+            priority=draw(st.integers(0, 2)),
+            lora_id=draw(st.sampled_from([None, 0, 1, 2, 3])),
+            mm_hashes=(image,) if mm else (),
+            mm_positions=((5, 10),) if mm else (),
         )
+        reqs.append((draw(st.integers(0, 20)), req))
     return cfg, cache, num_blocks, num_cpu, reqs
+
+
+def check_step(sched: Scheduler, out) -> None:
+    cfg = sched.config
+    assert out.total_num_scheduled_tokens == sum(out.num_scheduled_tokens)
+    assert sum(out.num_scheduled_tokens) <= cfg.max_num_batched_tokens
+    assert len(sched.running) <= cfg.max_num_seqs
+    assert len({r.request_id for r in out.requests}) == len(out.requests)
+    if cfg.max_num_partial_prefills:
+        assert len(out.prefill_chunks) <= cfg.max_num_partial_prefills
+    if cfg.max_loras:
+        assert len({r.lora_id for r in sched.running if r.lora_id}) <= cfg.max_loras
+    assert out.active_loras <= {r.lora_id for r in sched.running}
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -105,12 +147,9 @@ def test_scheduler_invariants(scenario):
     step = 0
     while pending or sched.has_unfinished_requests():
         while pending and pending[0][0] <= step:
-            assert sched.add_request(pending.pop(0)[1], float(step))
+            sched.add_request(pending.pop(0)[1], float(step))
         out = sched.schedule(float(step))
-        assert out.total_num_scheduled_tokens == sum(out.num_scheduled_tokens)
-        assert sum(out.num_scheduled_tokens) <= cfg.max_num_batched_tokens
-        assert len(sched.running) <= cfg.max_num_seqs
-        assert len({r.request_id for r in out.requests}) == len(out.requests)
+        check_step(sched, out)
         check_pool(sched)
         kv.execute(sched, out)
         sched.update(out, None, step + 1.0)
@@ -119,12 +158,17 @@ def test_scheduler_invariants(scenario):
         assert step < 20000, "no progress"
     rows = sched.recorder.requests_table()
     assert sorted(rows["request_id"]) == sorted(expected), "every request finishes exactly once"
-    for rid, out_tokens, cached in zip(rows["request_id"], rows["output_tokens"], rows["cached_tokens"]):
-        assert out_tokens == expected[rid]
+    shed = cfg.max_waiting or cfg.shed_ttft_ms
+    for rid, out_tokens, cached, reason in zip(
+        rows["request_id"], rows["output_tokens"], rows["cached_tokens"], rows["finish_reason"]
+    ):
+        assert reason == "length" or (shed and reason == "shed" and out_tokens == 0)
+        assert reason == "shed" or out_tokens == expected[rid]
         assert cached <= prompt_len[rid] - 1
+    assert rows["finish_reason"].count("shed") == sched.num_shed
     assert sched.kv.num_free_blocks == num_blocks, "blocks held after all requests finished"
     assert sched.kv.num_free_cpu_blocks == num_cpu
-    assert all(b.ref_cnt == 0 for b in sched.kv.pool.blocks)
+    assert not any(sched.kv.pool.ref_cnt)
 
 
 @settings(max_examples=60, deadline=None)

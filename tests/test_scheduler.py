@@ -133,7 +133,7 @@ def test_abort_frees_blocks_at_once():
 
 
 def test_unknown_policy_name_is_a_clear_error():
-    with pytest.raises(ValueError, match="scheduler.queue_policy='sjf'"):
+    with pytest.raises(ValueError, match="scheduler.queue_policy: unknown value 'sjf'"):
         Scheduler(SchedulerConfig(queue_policy="sjf", max_model_len=16), CacheConfig(), 8)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -24,7 +25,18 @@ def _main(cfg: DictConfig) -> float | None:
         print(f"workbench: error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"run folder: {run_dir}")
-    return summary.get("output_throughput")
+    return objective(summary, cfg.get("search"))
+
+
+def objective(summary: dict[str, Any], search: DictConfig | None) -> float:
+    """What a sweeper (Optuna) maximizes: `search.metric` of a deployment within `search.max_gpus` that
+    meets the SLO for `search.min_attainment` of requests, else 0; without `search`, output throughput."""
+    if search is None:
+        return summary["output_throughput"]
+    from workbench.study import feasible
+
+    ok = feasible(summary["slo_attainment"], summary["num_gpus"], search.min_attainment, search.max_gpus)
+    return float(summary[search.metric]) if ok else 0.0
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -9,21 +10,22 @@ from typing import Any
 
 import pandas as pd
 
+from engine.core.request import Request
+from engine.core.sampling_params import SamplingParams
 from workbench.experiment import cache_config, scheduler_config
-from workbench.workloads import iter_requests, load_workload
+from workbench.workloads import MIN_TOKEN_ID, iter_requests, load_workload
 
 TIME_COLUMNS = ("arrival_s", "first_scheduled_s", "first_token_s", "finish_s")
 
 
-def replay_on_engine(cfg: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, Any, dict[str, Any]]:
-    from engine import LLMEngine
-    from engine.config import EngineArgs
-    from engine.dummy import hf_config, write_dummy_model_dir
-
-    b = cfg["backend"]
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = b.get("model_path") or str(write_dummy_model_dir(hf_config(cfg["model"]), Path(tmp)))
-        engine = LLMEngine(_engine_args(cfg, model_dir, EngineArgs))
+def replay_on_engine(cfg: dict[str, Any], engine: Any = None
+                     ) -> tuple[pd.DataFrame, pd.DataFrame, Any, dict[str, Any]]:
+    """Replay the workload in real time. `engine`: one `build_engine` made for the same model and knobs,
+    reset and reused (one model load for several runs); None builds one."""
+    if engine is None:
+        engine = build_engine(cfg)
+    else:
+        engine.reset()
     workload = load_workload(cfg["workload"])
     pending = iter_requests(workload, engine.vocab_size)
     nxt = next(pending, None)
@@ -31,14 +33,7 @@ def replay_on_engine(cfg: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, A
     while nxt is not None or engine.has_unfinished_requests():
         now = engine.now() - t0
         while nxt is not None and nxt.arrival_time <= now:
-            engine.add_request(
-                nxt.request_id,
-                None,
-                nxt.prompt_token_ids,
-                nxt.sampling_params,
-                arrival_time=t0 + nxt.arrival_time,
-                priority=nxt.priority,
-            )
+            _submit(engine, nxt, t0)
             nxt = next(pending, None)
         if engine.has_unfinished_requests():
             engine.step(final_only=True)
@@ -61,6 +56,54 @@ def replay_on_engine(cfg: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, A
         "prefix_cache_hits_tokens": engine.scheduler.kv.prefix_hits,
     }
     return requests, steps, rec.itl_s, info
+
+
+def _submit(engine: Any, req: Request, t0: float) -> None:
+    """Hand a workload request to the engine as the simulator's scheduler takes it: a prompt longer than
+    max_model_len is rejected (and recorded), max_tokens is cut to what max_model_len leaves."""
+    req.arrival_time += t0
+    room = engine.max_model_len - req.num_prompt_tokens
+    if room < 0:
+        engine.scheduler.add_request(req, engine.now())
+        return
+    params = req.sampling_params
+    if params.max_tokens is not None and params.max_tokens > room:
+        params = dataclasses.replace(params, max_tokens=room)
+    engine.add_request(req.request_id, None, req.prompt_token_ids, params, arrival_time=req.arrival_time,
+                       priority=req.priority)
+
+
+def build_engine(cfg: dict[str, Any]) -> Any:
+    """The engine the config describes (dummy weights unless backend.model_path), warmed up unless
+    backend.warmup is false."""
+    from engine import LLMEngine
+    from engine.config import EngineArgs
+    from engine.dummy import hf_config, write_dummy_model_dir
+
+    b = cfg["backend"]
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = b.get("model_path") or str(write_dummy_model_dir(hf_config(cfg["model"]), Path(tmp)))
+        engine = LLMEngine(_engine_args(cfg, model_dir, EngineArgs))
+    if b.get("warmup", True):
+        warm_up(engine)
+    return engine
+
+
+WARMUP_PROMPTS = (1, 16, 17, 100, 512, 1000, 2051)  # token counts: odd and multiple-of-16 shapes, long ones
+
+
+def warm_up(engine: Any) -> None:
+    """Compile the Triton kernels for this model's shapes before the clock starts: each prompt alone, then
+    all at once (a mixed batch), a few decode steps each; a kernel's first use would add seconds to a TTFT."""
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    prompts = [n for n in WARMUP_PROMPTS if n + params.max_tokens <= engine.max_model_len]
+    for group in [*([n] for n in prompts), prompts]:
+        for i, n in enumerate(group):
+            ids = [MIN_TOKEN_ID + j % 50 for j in range(n)]
+            engine.add_request(f"warmup-{len(group)}-{i}", None, ids, params)
+        while engine.has_unfinished_requests():
+            engine.step(final_only=True)
+    engine.reset()
 
 
 def _engine_args(cfg: dict[str, Any], model_dir: str, engine_args: type) -> Any:

@@ -43,12 +43,17 @@ def summarize(requests: pd.DataFrame, steps: pd.DataFrame | None = None, itl_s: 
         "num_finished": len(done),
         "num_rejected": int((reason == "rejected").sum()),
         "num_aborted": int((reason == "abort").sum()),
+        "num_shed": int((reason == "shed").sum()),  # dropped by admission control (max_waiting, shed_ttft_ms)
         "duration_s": duration_s,
         "request_throughput": per_s(len(done)),
         "input_throughput": per_s(n_in),
         "output_throughput": per_s(n_out),
         "total_token_throughput": per_s(n_in + n_out),
         "goodput": per_s(_num_good(latency, slo)) if _active(slo) else math.nan,
+        # share of the servable requests (all but prompts over max_model_len: no deployment of this model
+        # serves those) finished within every SLO; shed and aborted requests count as misses
+        "slo_attainment": _ratio(_num_good(latency, slo), len(requests) - int((reason == "rejected").sum()))
+        if _active(slo) else math.nan,
     }
     for name, values in (*latency.items(), ("itl_ms", 1e3 * np.asarray(itl_s if itl_s is not None else []))):
         out |= _stats(name, values)
@@ -59,6 +64,8 @@ def summarize(requests: pd.DataFrame, steps: pd.DataFrame | None = None, itl_s: 
         # time-weighted: a long prefill step counts for its duration, not as one sample
         "mean_kv_usage": float(np.average(kv, weights=weights)) if weights.sum() > 0 else _stat(np.mean, kv),
         "max_kv_usage": _stat(np.max, kv),
+        # what nvidia-smi calls utilisation: the share of the run's time with a step executing
+        "busy_fraction": _ratio(weights.sum(), duration_s) if len(weights) else math.nan,
     }
     return out
 

@@ -27,7 +27,7 @@ MAX_POINTS = 1000
 SWEEP_METRICS = ("request_throughput", "output_throughput", "goodput", "mean_ttft_ms", "p99_ttft_ms",
                  "mean_tpot_ms", "p99_tpot_ms", "num_preemptions", "prefix_cache_hit_rate", "mean_kv_usage")
 # A section is (title, kind, content): kind "table" -> (header, rows), "image" -> (file name, PNG bytes),
-# "code" -> text. One list renders to both Markdown and HTML.
+# "code" -> YAML text, "text" -> Markdown prose. One list renders to both Markdown and HTML.
 Section = tuple[str, str, Any]
 
 
@@ -35,35 +35,50 @@ def write_report(run_dir: str | Path) -> Path:
     """Write report.md, report.html, latency_cdf.png and timeline.png into run_dir; return report.md."""
     run = load_run(run_dir)
     sections: list[Section] = [
-        ("Metrics", "table", (["metric", "value"], [[k, _fmt(v)] for k, v in run.summary.items()])),
-        ("Latency CDFs", "image", ("latency_cdf.png", _png(_latency_cdf(latencies(run.requests))))),
-        ("Over time", "image", ("timeline.png", _png(_timeline(run.steps)))),
-        ("Resolved config", "code", yaml.safe_dump(run.config, sort_keys=False) if run.config else "(none)"),
+        ("Metrics", "table", (["metric", "value"], [[k, fmt(v)] for k, v in run.summary.items()])),
+        ("Latency CDFs", "image", ("latency_cdf.png", png(_latency_cdf(latencies(run.requests))))),
+        ("Over time", "image", ("timeline.png", png(_timeline(run.steps)))),
+        config_section(run.config),
     ]
-    return _write(run.path, "report", f"Run report: {run.path.name}", sections)
+    return write_document(run.path, "report", f"Run report: {run.path.name}", sections)
 
 
 def write_sweep_report(sweep_dir: str | Path) -> Path:
     """sweep_report.md / .html and sweep.png comparing every run folder under sweep_dir."""
     df = load_sweep(sweep_dir)
     params = df.attrs["params"]
-    columns = ["run", *params, *(m for m in SWEEP_METRICS if m in df.columns)]
-    rows = [[_fmt(v) for v in row] for row in df[columns].itertuples(index=False)]
-    labels = [", ".join(f"{p}={_fmt(r[p])}" for p in params) or r["run"] for _, r in df.iterrows()]
+    labels = [", ".join(f"{p}={fmt(r[p])}" for p in params) or r["run"] for _, r in df.iterrows()]
     sections: list[Section] = [
-        ("Runs", "table", (columns, rows)),
-        ("Comparison", "image", ("sweep.png", _png(_sweep_bars(df, labels)))),
+        runs_section(df),
+        ("Comparison", "image", ("sweep.png", png(_sweep_bars(df, labels)))),
     ]
-    return _write(Path(sweep_dir), "sweep_report", f"Sweep report: {Path(sweep_dir).name}", sections)
+    return write_document(Path(sweep_dir), "sweep_report", f"Sweep report: {Path(sweep_dir).name}", sections)
+
+
+def runs_section(df: pd.DataFrame, metrics: tuple[str, ...] = SWEEP_METRICS,
+                 params: str = "params") -> Section:
+    """The table of a sweep's runs: folder, parameters (df.attrs[params]), headline metrics."""
+    columns = ["run", *df.attrs[params], *(m for m in metrics if m in df.columns)]
+    rows = [[fmt(v) for v in row] for row in df[columns].itertuples(index=False)]
+    return ("Runs", "table", (columns, rows))
+
+
+def config_section(config: dict[str, Any], title: str = "Resolved config") -> Section:
+    return (title, "code", yaml.safe_dump(config, sort_keys=False) if config else "(none)")
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`workbench-report FOLDER...`: a run report for a run folder, a sweep report for a folder of runs."""
+    """`workbench-report FOLDER...`: a run report for a run folder, a sweep report for a folder of runs (and
+    the study report, into the study's report_dir, when the runs come from an experiment with a `study`)."""
     parser = argparse.ArgumentParser(prog="workbench-report", description=main.__doc__)
     parser.add_argument("folders", nargs="+", type=Path, help="run folders or sweep (multirun) folders")
     for folder in parser.parse_args(argv).folders:
         try:
             print(write_report(folder) if (folder / SUMMARY).is_file() else write_sweep_report(folder))
+            if not (folder / SUMMARY).is_file() and load_sweep(folder).attrs["config"].get("study"):
+                from workbench.study import write_study_report  # study builds on this module
+
+                print(write_study_report(folder))
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f"workbench-report: error: {e}")
 
@@ -142,7 +157,7 @@ def _no_data(ax: Any) -> None:
     ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
 
 
-def _png(fig: Figure) -> bytes:
+def png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     return buf.getvalue()
@@ -150,7 +165,8 @@ def _png(fig: Figure) -> bytes:
 
 # ---- documents ----
 
-def _write(folder: Path, stem: str, title: str, sections: list[Section]) -> Path:
+def write_document(folder: Path, stem: str, title: str, sections: list[Section]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
     for _, kind, content in sections:
         if kind == "image":
             _atomic_write(folder / content[0], content[1])
@@ -174,6 +190,8 @@ def _markdown(title: str, sections: list[Section]) -> str:
                                   for r in [header, ["---"] * len(header), *rows]))
         elif kind == "image":
             out.append(f"![{name}]({content[0]})")
+        elif kind == "text":
+            out.append(content.rstrip())
         else:
             out.append(f"```yaml\n{content.rstrip()}\n```")
     return "\n\n".join(out) + "\n"
@@ -184,7 +202,7 @@ def _html(title: str, sections: list[Section]) -> str:
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>"
            "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
            "td,th{border:1px solid #ccc;padding:2px 8px}img{max-width:100%}"
-           "pre{background:#f6f6f6;padding:1em}"
+           "pre{background:#f6f6f6;padding:1em}.text{white-space:pre-wrap}"
            f"</style></head><body><h1>{e(title)}</h1>"]
     for name, kind, content in sections:
         out.append(f"<h2>{e(name)}</h2>")
@@ -195,6 +213,8 @@ def _html(title: str, sections: list[Section]) -> str:
         elif kind == "image":
             data = base64.b64encode(content[1]).decode()
             out.append(f"<img alt='{e(name)}' src='data:image/png;base64,{data}'>")
+        elif kind == "text":
+            out.append(f"<div class='text'>{e(content)}</div>")
         else:
             out.append(f"<pre>{e(content)}</pre>")
     return "\n".join(out) + "\n</body></html>\n"
@@ -204,7 +224,7 @@ def _cells(row: list[Any], tag: str) -> str:
     return "".join(f"<{tag}>{html.escape(str(c))}</{tag}>" for c in row)
 
 
-def _fmt(value: Any) -> str:
+def fmt(value: Any) -> str:
     if isinstance(value, float | np.floating):
         return "n/a" if math.isnan(value) else f"{value:.4g}"
     return str(value)

@@ -78,7 +78,9 @@ def load_sweep(path: str | Path) -> pd.DataFrame:
 
     Columns: `run` (the folder, relative to `path`), the parameters (Hydra overrides and config keys whose
     values differ between runs; with one run, its overrides), then the summary metrics.
-    `df.attrs["params"]` lists the parameter columns.
+    `df.attrs["params"]` lists the parameter columns; `df.attrs["swept"]` those of them that are Hydra
+    overrides varying between runs (the sweep's axes; without Hydra, the differing config keys);
+    `df.attrs["config"]` is the first run's resolved config.
     """
     root = Path(path)
     if not root.is_dir():
@@ -86,8 +88,8 @@ def load_sweep(path: str | Path) -> pd.DataFrame:
     dirs = sorted({p.parent for p in root.rglob(SUMMARY)}, key=lambda d: _natural(d.relative_to(root)))
     if not dirs:
         raise FileNotFoundError(f"{root}: no complete run folders (with {SUMMARY}) inside")
-    summaries, configs = zip(*(_summary_and_config(d) for d in dirs), strict=True)
-    configs = [_flatten(c) for c in configs]
+    summaries, configs_raw = zip(*(_summary_and_config(d) for d in dirs), strict=True)
+    configs = [_flatten(c) for c in configs_raw]
     overrides = [_overrides(d) for d in dirs]
     values = [c | o for c, o in zip(configs, overrides, strict=True)]
     params = list(dict.fromkeys(k for o in overrides for k in o))
@@ -98,6 +100,9 @@ def load_sweep(path: str | Path) -> pd.DataFrame:
             for d, s, v in zip(dirs, summaries, values, strict=True)]
     df = pd.DataFrame(rows)
     df.attrs["params"] = params
+    swept = [k for k in params if any(k in o for o in overrides)]
+    df.attrs["swept"] = swept if len(dirs) > 1 and swept else params
+    df.attrs["config"] = configs_raw[0]
     return df
 
 

@@ -28,8 +28,8 @@ MOONCAKE_BLOCK = 512  # tokens per Mooncake hash id
 MIN_TOKEN_ID = 100  # synthetic ids stay clear of the low ids tokenizers reserve for special tokens
 APPROX_VOCAB = 32_000  # id range of the approximate tokenizer; ids are folded into smaller vocabularies
 _PIECE = re.compile(r" ?\w{1,6}|\s+|[^\w\s]")  # 3.6-3.8 characters a piece on ShareGPT and MT-Bench, like BPE
-# Streams of synthetic ids: Mooncake blocks, MT-Bench answers (one per turn), requests (one per row).
-_STREAM_HASH, _STREAM_ANSWER, _STREAM_REQUEST = 0, 1 << 40, 1 << 41
+# Streams of synthetic ids: Mooncake blocks, MT-Bench answers (one per turn), requests (one per row), images.
+_STREAM_HASH, _STREAM_ANSWER, _STREAM_REQUEST, _STREAM_IMAGE = 0, 1 << 40, 1 << 41, 1 << 42
 
 # Azure conv 2023 GeneratedTokens (median 129, mean 211) as a lognormal: the default for sets without outputs.
 CHAT_OUTPUT_LEN = {"dist": "lognormal", "median": 129, "sigma": 0.99, "max": 1000}
@@ -95,13 +95,59 @@ def approx_tokenize(text: str) -> list[int]:
     return [MIN_TOKEN_ID + zlib.crc32(p.encode()) % span for p in _PIECE.findall(text)]
 
 
-def iter_requests(df: pd.DataFrame, vocab_size: int) -> Iterator[Request]:
-    """Requests for the workload's rows, built lazily: Mooncake's prompts hold ~145M tokens in all."""
-    priorities = df["priority"] if "priority" in df else [0] * len(df)
-    for i, (row, priority) in enumerate(zip(df.itertuples(index=False), priorities, strict=True)):
+def iter_requests(df: pd.DataFrame, vocab_size: int, image_tokens: int = 0) -> Iterator[Request]:
+    """Requests for the workload's rows, built lazily: Mooncake's prompts hold ~145M tokens in all.
+
+    Optional columns: `priority`, `lora_id` (0: the base model) and `images` (image ids, see
+    `assign_images`): each image puts `image_tokens` placeholder ids in front of the text."""
+    n = len(df)
+    priorities = df["priority"] if "priority" in df else [0] * n
+    loras = df["lora_id"] if "lora_id" in df else [0] * n
+    images = df["images"] if "images" in df else [()] * n
+    for i, (row, priority, lora, imgs) in enumerate(
+        zip(df.itertuples(index=False), priorities, loras, images, strict=True)
+    ):
         params = SamplingParams(max_tokens=int(row.output_tokens), ignore_eos=True, temperature=0.0)
-        yield Request(str(row.request_id), prompt_token_ids(row, i, vocab_size), params,
-                      arrival_time=float(row.arrival_s), priority=int(priority))
+        ids = prompt_token_ids(row, i, vocab_size)
+        mm = {}
+        if len(imgs):
+            ids, mm = _with_images(ids, imgs, image_tokens, vocab_size)
+        yield Request(str(row.request_id), ids, params, arrival_time=float(row.arrival_s),
+                      priority=int(priority), lora_id=int(lora) or None, **mm)
+
+
+def _with_images(ids: list[int], images: Any, image_tokens: int, vocab_size: int) -> tuple[list[int], dict]:
+    """`ids` after one run of `image_tokens` placeholder ids per image, a fixed function of the image id (so
+    a repeated image repeats its tokens, as vLLM's hash-derived placeholders do); the Request's mm fields."""
+    head = [_synthetic_ids(_STREAM_IMAGE, int(img) * image_tokens + np.arange(image_tokens), vocab_size)
+            for img in images]
+    positions = tuple((k * image_tokens, image_tokens) for k in range(len(head)))
+    mm = {"mm_hashes": tuple(f"image-{int(img)}" for img in images), "mm_positions": positions}
+    return np.concatenate([*head, np.asarray(ids, dtype=np.int64)]).tolist(), mm
+
+
+def assign_adapters(df: pd.DataFrame, num_adapters: int, distribution: str, zipf_s: float,
+                    seed: int) -> pd.DataFrame:
+    """A `lora_id` column: adapter 1..num_adapters per request, uniform or Zipf(zipf_s) over the ids."""
+    rng = np.random.default_rng([seed, 3])
+    if distribution == "uniform":
+        ids = rng.integers(1, num_adapters, len(df), endpoint=True)
+    else:
+        weights = np.arange(1, num_adapters + 1, dtype=float) ** -zipf_s
+        ids = rng.choice(num_adapters, len(df), p=weights / weights.sum()) + 1
+    return df.assign(lora_id=ids)
+
+
+def assign_images(df: pd.DataFrame, images_per_request: int, num_unique_images: int | None,
+                  seed: int) -> pd.DataFrame:
+    """An `images` column: `images_per_request` image ids per request, drawn uniformly from
+    `num_unique_images` ids (repeats across requests), or all distinct when it is None."""
+    n = len(df) * images_per_request
+    if num_unique_images is None:
+        ids = np.arange(n)
+    else:
+        ids = np.random.default_rng([seed, 4]).integers(0, num_unique_images, n)
+    return df.assign(images=list(ids.reshape(len(df), images_per_request)))
 
 
 def prompt_token_ids(row: Any, index: int, vocab_size: int) -> list[int]:

@@ -2,91 +2,109 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from dataclasses import dataclass
-
-
-@dataclass(slots=True, eq=False)
-class KVBlock:
-    block_id: int
-    ref_cnt: int = 0
-    block_hash: int | None = None
+from engine.core.eviction import make_free_queue
 
 
 class BlockPool:
-    """Owns every GPU KV block.
+    """Owns every GPU KV block; a block is its id, its state lives in per-block lists.
 
     A free block that still holds a hash stays in the prefix index, reusable by a
     later request, until it is evicted. Free blocks without a hash are handed out
     first, so cached content lives as long as possible; among cached free blocks
-    the least recently freed is evicted first (LRU, as vLLM).
+    `eviction_policy` picks which goes first (lru, as vLLM; lfu; cost). Lists
+    indexed by block id, rather than one object per block, keep the per-block
+    work of allocating, caching and freeing to a few list operations.
     """
 
-    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
-        self.blocks = [KVBlock(i) for i in range(num_blocks)]
-        self.enable_caching = enable_caching
+    def __init__(self, num_blocks: int, enable_caching: bool = True, eviction_policy: str = "lru") -> None:
         self.num_blocks = num_blocks
+        self.enable_caching = enable_caching
+        self.ref_cnt = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        # Scores of the lfu and cost free queues (engine.core.eviction), which reset them on eviction:
+        self.hits = [0] * num_blocks  # prefix-cache hits on the block's current content
+        self.value = [0] * num_blocks  # recompute it saves
         self._empty: list[int] = list(range(num_blocks - 1, -1, -1))
-        self._cached_free: OrderedDict[int, None] = OrderedDict()
+        self._cached_free = make_free_queue(eviction_policy, self)
         self._index: dict[int, int] = {}  # block hash -> block id
         self.num_free = num_blocks
 
-    def lookup(self, block_hash: int) -> KVBlock | None:
-        block_id = self._index.get(block_hash)
-        return None if block_id is None else self.blocks[block_id]
+    def lookup(self, block_hash: int) -> int | None:
+        return self._index.get(block_hash)
 
-    def allocate(self, n: int) -> list[KVBlock]:
+    def allocate(self, n: int) -> list[int]:
         if n > self.num_free:
             raise RuntimeError(f"asked for {n} blocks with {self.num_free} free")
-        blocks, empty, cached_free, index = self.blocks, self._empty, self._cached_free, self._index
-        out = []
-        for _ in range(n):
-            if empty:
-                block = blocks[empty.pop()]
-            else:
-                block = blocks[cached_free.popitem(last=False)[0]]
-                del index[block.block_hash]
-                block.block_hash = None
-            block.ref_cnt = 1
-            out.append(block)
         self.num_free -= n
+        empty = self._empty
+        if n <= len(empty):
+            out = empty[-1 : -n - 1 : -1]  # popped from the end, as a stack
+            del empty[-n:]
+        else:
+            out = empty[::-1]
+            empty.clear()
+            self._evict(n - len(out), out)
+        ref = self.ref_cnt
+        for b in out:
+            ref[b] = 1
         return out
 
-    def touch(self, blocks: list[KVBlock]) -> None:
+    def _evict(self, n: int, out: list[int]) -> None:
+        """Append `n` cached free blocks to `out`, dropping their content from the prefix index."""
+        popitem, index, hashes = self._cached_free.popitem, self._index, self.block_hash
+        for _ in range(n):
+            b = popitem(last=False)[0]  # a scored queue also resets the block's hits and value
+            del index[hashes[b]]
+            hashes[b] = None
+            out.append(b)
+
+    def touch(self, blocks: list[int]) -> None:
         """Take a reference on cached blocks found by a prefix lookup."""
-        for block in blocks:
-            if block.ref_cnt == 0:
-                del self._cached_free[block.block_id]
+        ref, hits = self.ref_cnt, self.hits
+        for b in blocks:
+            if ref[b] == 0:
+                del self._cached_free[b]
                 self.num_free -= 1
-            block.ref_cnt += 1
+            ref[b] += 1
+            hits[b] += 1
 
-    def free(self, blocks: list[KVBlock]) -> None:
+    def free(self, blocks: list[int]) -> None:
+        """Drop one reference on each of a request's blocks (its whole table, root first)."""
+        cached_free = self._cached_free
+        if cached_free.revalue is not None:
+            cached_free.revalue(blocks)
+        ref, hashes, empty = self.ref_cnt, self.block_hash, self._empty
+        freed = 0
         # Tail blocks first: the end of a sequence is evicted before its shared head.
-        for block in reversed(blocks):
-            block.ref_cnt -= 1
-            if block.ref_cnt == 0:
-                if block.block_hash is None:
-                    self._empty.append(block.block_id)
+        for b in reversed(blocks):
+            ref[b] -= 1
+            if ref[b] == 0:
+                if hashes[b] is None:
+                    empty.append(b)
                 else:
-                    self._cached_free[block.block_id] = None
-                self.num_free += 1
+                    cached_free[b] = None
+                freed += 1
+        self.num_free += freed
 
-    def cache(self, blocks: list[KVBlock], hashes: list[int], start: int, end: int) -> None:
+    def cache(self, blocks: list[int], hashes: list[int], start: int, end: int) -> None:
         """Index full blocks[start:end] by hashes[start:end]; a duplicate of an indexed block stays out."""
-        index = self._index
+        index, block_hash = self._index, self.block_hash
         for i in range(start, end):
-            block, h = blocks[i], hashes[i]
-            if block.block_hash is None and h not in index:
-                index[h] = block.block_id
-                block.block_hash = h
+            b, h = blocks[i], hashes[i]
+            if block_hash[b] is None and h not in index:
+                index[h] = b
+                block_hash[b] = h
 
-    def uncache(self, block: KVBlock) -> None:
-        if block.block_hash is not None:
-            del self._index[block.block_hash]
-            block.block_hash = None
+    def uncache(self, b: int) -> None:
+        h = self.block_hash[b]
+        if h is not None:
+            del self._index[h]
+            self.block_hash[b] = None
+            self.hits[b] = self.value[b] = 0
 
-    def num_evictable(self, blocks: list[KVBlock]) -> int:
-        return sum(1 for b in blocks if b.ref_cnt == 0)
+    def num_evictable(self, blocks: list[int]) -> int:
+        ref = self.ref_cnt
+        return sum(1 for b in blocks if ref[b] == 0)
 
     @property
     def usage(self) -> float:

@@ -130,6 +130,34 @@ class MostBlocks:
         return max(candidates, key=lambda j: (running[j].num_kv_slots, running[j].arrival_time))
 
 
+class RecomputePreemption:
+    """vLLM V1: drop the victim's KV and recompute it on readmission (the prefix cache may keep part)."""
+
+    @staticmethod
+    def swap(req: Request, num_blocks: int) -> bool:
+        return False
+
+
+class SwapPreemption:
+    """vLLM V0's swap: copy the victim's KV blocks to CPU swap space (recompute if that is full)."""
+
+    @staticmethod
+    def swap(req: Request, num_blocks: int) -> bool:
+        return True
+
+
+class CostPreemption:
+    """Per victim, the cheaper way back: swap iff copying its blocks out and in again over PCIe
+    takes less than recomputing its computed tokens (prefix-cache hits on readmission are ignored)."""
+
+    def __init__(self, swap_s_per_block: float, recompute_s_per_token: float) -> None:
+        self.swap_s_per_block = swap_s_per_block
+        self.recompute_s_per_token = recompute_s_per_token
+
+    def swap(self, req: Request, num_blocks: int) -> bool:
+        return 2 * num_blocks * self.swap_s_per_block < req.num_computed_tokens * self.recompute_s_per_token
+
+
 QUEUE_POLICIES = {
     "fcfs": FCFSQueue,
     "priority": PriorityQueue,
@@ -142,17 +170,32 @@ VICTIM_POLICIES = {
     "least_computed": LeastComputed,
     "most_blocks": MostBlocks,
 }
+PREEMPTION_MODES = {"recompute": RecomputePreemption, "swap": SwapPreemption, "cost": CostPreemption}
 
 
-def _choose(table: dict, name: str, key: str):
+def check_choice(table: dict, name: str, key: str) -> None:
     if name not in table:
-        raise ValueError(f"{key}={name!r} is not a known policy; choose one of {sorted(table)}")
-    return table[name]()
+        raise ValueError(f"{key}: unknown value {name!r} (choose from {', '.join(table)})")
 
 
 def make_queue(name: str) -> FCFSQueue | HeapQueue:
-    return _choose(QUEUE_POLICIES, name, "scheduler.queue_policy")
+    return QUEUE_POLICIES[name]()
 
 
 def make_victim_policy(name: str) -> LastAdmitted | LowestPriority | LeastComputed | MostBlocks:
-    return _choose(VICTIM_POLICIES, name, "scheduler.victim_policy")
+    return VICTIM_POLICIES[name]()
+
+
+def make_preemption(
+    mode: str, swap_s_per_block: float | None, recompute_s_per_token: float | None
+) -> RecomputePreemption | SwapPreemption | CostPreemption:
+    if mode != "cost":
+        return PREEMPTION_MODES[mode]()
+    costs = {"swap_s_per_block": swap_s_per_block, "recompute_s_per_token": recompute_s_per_token}
+    for name, value in costs.items():
+        if value is None or value < 0:
+            raise ValueError(
+                f"scheduler.preemption_mode=cost needs scheduler.{name} >= 0 (the simulator fills it "
+                f"from its step-time model), got {value}"
+            )
+    return CostPreemption(swap_s_per_block, recompute_s_per_token)

@@ -16,7 +16,8 @@ class RequestStatus(enum.IntEnum):
     FINISHED_STOPPED = 4
     FINISHED_LENGTH = 5
     FINISHED_ABORTED = 6
-    FINISHED_REJECTED = 7
+    FINISHED_REJECTED = 7  # prompt longer than max_model_len (or empty)
+    FINISHED_SHED = 8  # dropped by admission control: waiting queue full or TTFT SLO already missed
 
     @property
     def finished(self) -> bool:
@@ -28,6 +29,7 @@ FINISH_REASON = {
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
     RequestStatus.FINISHED_REJECTED: "rejected",
+    RequestStatus.FINISHED_SHED: "shed",
 }
 
 
@@ -35,9 +37,12 @@ FINISH_REASON = {
 class Request:
     """One generation request.
 
-    `cache_salt` is folded into every block hash of the request, so that requests
-    whose KV differs for the same tokens (another LoRA adapter, another image)
-    never share cached blocks. Multimodal inputs will add per-block keys later.
+    `lora_id` names the LoRA adapter (None or 0: the base model). `mm_hashes[k]` is
+    the content hash of image k, whose placeholder tokens are
+    `prompt_token_ids[offset : offset + length]` with `(offset, length) = mm_positions[k]`
+    (sorted by offset, not overlapping). The prefix-cache chain hash starts from
+    (lora_id, cache_salt) and adds to each block the hashes of the images it
+    overlaps, so equal token ids under another adapter, salt or image never hit.
     """
 
     request_id: str
@@ -47,6 +52,8 @@ class Request:
     priority: int = 0
     eos_token_id: int | None = None
     lora_id: int | None = None
+    mm_hashes: tuple[str, ...] = ()
+    mm_positions: tuple[tuple[int, int], ...] = ()
     cache_salt: tuple = ()
     deadline: float | None = None  # absolute TTFT deadline, for SLO-aware policies
     status: RequestStatus = RequestStatus.WAITING
@@ -55,6 +62,7 @@ class Request:
     block_hashes: list[int] = field(default_factory=list)
     num_cached_tokens: int = -1  # prefix-cache hit at first scheduling; -1 until then
     num_preemptions: int = 0
+    num_mm_handled: int = 0  # images before the scheduled tokens (encoded or skipped) since (re)admission
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float = 0.0
@@ -64,7 +72,10 @@ class Request:
     num_prompt_tokens: int = field(init=False)
     max_num_tokens: int = field(init=False)  # prompt + max_tokens; the scheduler caps it at max_model_len
     stop_ids: frozenset[int] = field(init=False)  # stop_token_ids, plus EOS unless ignore_eos
-    num_kv_slots: int = field(init=False, default=0)  # tokens its GPU blocks hold; KVCacheManager keeps it
+    # KVCacheManager's bookkeeping, kept on the request so the hot path needs no lookup by id:
+    block_table: list[int] = field(init=False, default_factory=list)  # GPU block ids
+    num_cached_blocks: int = field(init=False, default=0)  # leading blocks of the table already indexed
+    num_kv_slots: int = field(init=False, default=0)  # tokens its GPU blocks hold
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
@@ -76,8 +87,20 @@ class Request:
         if self.eos_token_id is not None and not params.ignore_eos:
             stops.add(self.eos_token_id)
         self.stop_ids = frozenset(stops)
-        if self.lora_id is not None and not self.cache_salt:
-            self.cache_salt = ("lora", self.lora_id)
+        if self.mm_positions:
+            self._check_mm()
+
+    def _check_mm(self) -> None:
+        if len(self.mm_positions) != len(self.mm_hashes):
+            raise ValueError(f"request {self.request_id}: mm_positions and mm_hashes differ in length")
+        end = 0
+        for offset, length in self.mm_positions:
+            if offset < end or length < 1 or offset + length > self.num_prompt_tokens:
+                raise ValueError(
+                    f"request {self.request_id}: mm_positions must be sorted, disjoint, non-empty "
+                    f"ranges inside the prompt, got {self.mm_positions}"
+                )
+            end = offset + length
 
     @property
     def num_tokens(self) -> int:

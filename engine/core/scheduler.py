@@ -4,7 +4,10 @@ Each step has one token budget. Running requests are served first (a decode
 token, or the next chunk of a prefill), then swapped-out requests are resumed,
 then waiting requests are admitted, all while blocks and `max_num_seqs` allow.
 When a running request cannot get a block, a victim is preempted (recompute or
-swap). The scheduler never reads a clock: the caller passes the time.
+swap). Admission also respects the partial-prefill caps and LoRA slots (a
+request whose adapter finds no slot is skipped, as in vLLM), and sheds requests
+over `max_waiting` or past `shed_ttft_ms`. The scheduler never reads a clock:
+the caller passes the time.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from collections import deque
 from itertools import islice, repeat
 
 from engine.core.config import CacheConfig, SchedulerConfig
+from engine.core.encoder_cache import EncoderCache
 from engine.core.kv_cache_manager import KVCacheManager
-from engine.core.policies import make_queue, make_victim_policy
+from engine.core.lora import LoRASlots
+from engine.core.policies import make_preemption, make_queue, make_victim_policy
 from engine.core.recorder import TraceRecorder
 from engine.core.request import Request, RequestStatus
 from engine.core.scheduler_output import SchedulerOutput
@@ -41,32 +46,55 @@ class Scheduler:
                 "num_gpu_blocks_override, or lower max_model_len"
             )
         self.kv = KVCacheManager(
-            num_gpu_blocks, self.block_size, cache_config.enable_prefix_caching, num_cpu_blocks
+            num_gpu_blocks,
+            self.block_size,
+            cache_config.enable_prefix_caching,
+            num_cpu_blocks,
+            cache_config.eviction_policy,
         )
-        self.waiting = make_queue(scheduler_config.queue_policy)
-        self.victim_policy = make_victim_policy(scheduler_config.victim_policy)
+        cfg = scheduler_config
+        self.waiting = make_queue(cfg.queue_policy)
+        self.victim_policy = make_victim_policy(cfg.victim_policy)
+        self.preemption = make_preemption(
+            cfg.preemption_mode, cfg.swap_s_per_block, cfg.recompute_s_per_token
+        )
+        self.loras = LoRASlots(cfg.max_loras, cfg.max_cpu_loras) if cfg.max_loras else None
+        self.encoder_cache = EncoderCache(cfg.encoder_cache_size)
+        self._num_mm = 0  # unfinished requests with images: encoder inputs are looked for only then
         self.running: list[Request] = []
         self.swapped: deque[Request] = deque()
         self.requests: dict[str, Request] = {}
         self.recorder = recorder if recorder is not None else TraceRecorder()
         self.num_rejected = 0
+        self.num_shed = 0
         self.num_preemptions = 0
         self.num_steps = 0
         self._step_start = 0.0
 
     # ---- requests in and out -------------------------------------------------
     def add_request(self, req: Request, now: float) -> bool:
-        """Queue a request; False if its prompt exceeds max_model_len (rejected, never scheduled)."""
-        if req.num_prompt_tokens > self.config.max_model_len or req.num_prompt_tokens == 0:
+        """Queue a request; False if it is rejected (prompt empty or over max_model_len) or shed
+        (`max_waiting` requests already wait): either way it is finished at once, never scheduled."""
+        cfg = self.config
+        if req.num_prompt_tokens > cfg.max_model_len or req.num_prompt_tokens == 0:
             self.num_rejected += 1
-            req.status = RequestStatus.FINISHED_REJECTED
-            req.finish_time = now
-            self.recorder.on_finish(req)
+            self._drop(req, RequestStatus.FINISHED_REJECTED, now)
             return False
-        req.max_num_tokens = min(req.max_num_tokens, self.config.max_model_len)
+        if cfg.max_waiting and len(self.waiting) >= cfg.max_waiting:
+            self.num_shed += 1
+            self._drop(req, RequestStatus.FINISHED_SHED, now)
+            return False
+        req.max_num_tokens = min(req.max_num_tokens, cfg.max_model_len)
         self.requests[req.request_id] = req
+        if req.mm_positions:
+            self._num_mm += 1
         self.waiting.push(req)
         return True
+
+    def _drop(self, req: Request, status: RequestStatus, now: float) -> None:
+        req.status = status
+        req.finish_time = now
+        self.recorder.on_finish(req)
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus, now: float) -> None:
         """End requests from outside the step loop (abort, stop string); their blocks are freed at once."""
@@ -75,7 +103,7 @@ class Scheduler:
             if req is None:
                 continue
             if req.status == RUNNING:
-                self.running.remove(req)
+                self._leave_running(req)
             elif req.status == RequestStatus.SWAPPED:
                 self.swapped.remove(req)
             else:
@@ -83,11 +111,16 @@ class Scheduler:
             self._finish(req, status, now)
 
     def _finish(self, req: Request, status: RequestStatus, now: float) -> None:
-        req.status = status
-        req.finish_time = now
         self.kv.free(req)
         del self.requests[req.request_id]
-        self.recorder.on_finish(req)
+        if req.mm_positions:
+            self._num_mm -= 1
+        self._drop(req, status, now)
+
+    def _leave_running(self, req: Request) -> None:
+        self.running.remove(req)
+        if self.loras is not None and req.lora_id:
+            self.loras.release(req.lora_id)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -103,18 +136,39 @@ class Scheduler:
     # ---- one step --------------------------------------------------------------
     def schedule(self, now: float) -> SchedulerOutput:
         cfg = self.config
-        kv = self.kv
         out = SchedulerOutput()
-        reqs, ntoks = out.requests, out.num_scheduled_tokens
-        budget = cfg.max_num_batched_tokens
-        threshold = cfg.long_prefill_token_threshold or budget
-        running = self.running
-        decode = context = 0
-        blocked = True  # a request could not get its blocks: preempt, then go on from where we were
-        while blocked:
+        budget = self._schedule_running(out, cfg.max_num_batched_tokens)
+        if cfg.shed_ttft_ms:
+            self._shed_late(now)
+        if not out.preempted:
+            budget = self._resume_swapped(out, budget)
+            self._admit_waiting(out, budget, now)
+        if self.loras is not None:
+            out.loaded_loras, self.loras.loaded = self.loras.loaded, []
+            out.loaded_loras_from_disk, self.loras.loaded_from_disk = self.loras.loaded_from_disk, []
+        if self._num_mm:
+            self._schedule_encoder_inputs(out)
+        out.num_running = len(self.running)
+        out.num_waiting = len(self.waiting) + len(self.swapped)
+        out.kv_usage = self.kv.usage
+        self._step_start = now
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        """Serve running requests in order while the budget lasts; when one cannot get its blocks,
+        preempt a victim and go on from where we were. Returns the budget left.
+
+        The batch is always the prefix running[:k], so a decode costs counters, not appends, and
+        the batch is one slice at the end; the few requests that compute more than a decode token
+        are noted in `chunks` (in batch order) and placed afterwards.
+        """
+        kv, running = self.kv, self.running
+        threshold = self.config.long_prefill_token_threshold or budget
+        chunks: dict[Request, int] = {}
+        k = decode = context = 0
+        while True:
             blocked = False
-            # running[:len(reqs)] are this step's batch so far: resume right after them
-            for req in islice(running, len(reqs), None):
+            for req in islice(running, k, None):
                 if budget <= 0:
                     break
                 computed = req.num_computed_tokens
@@ -123,63 +177,65 @@ class Scheduler:
                     n = min(n, threshold, budget)
                 # Fast path: a decode token that fits the last block without filling it needs no KV work.
                 if (n == 1 and computed + 1 < req.num_kv_slots) or kv.allocate_slots(req, n):
-                    reqs.append(req)
-                    ntoks.append(n)
+                    k += 1
                     budget -= n
-                    if n == 1 and computed >= req.num_prompt_tokens:  # _count's decode case, inlined: hot
+                    if n == 1 and computed >= req.num_prompt_tokens:
                         decode += 1
                         context += computed + 1
                     else:
-                        self._count(out, req, n, 1)
+                        chunks[req] = n
                     continue
                 blocked = True
                 break
-            if blocked:
-                victim = running.pop(self.victim_policy.select(running, len(reqs)))
-                if victim in reqs:  # already scheduled this step: give its tokens back
-                    j = reqs.index(victim)
-                    del reqs[j]
-                    n = ntoks.pop(j)
-                    budget += n
-                    self._count(out, victim, n, -1)
-                self._preempt(victim, out)
-        out.num_decode_tokens += decode
-        out.decode_context_tokens += context
-        if not out.preempted:
-            budget = self._resume_swapped(out, budget)
-            self._admit_waiting(out, budget, now)
-        out.num_running = len(running)
-        out.num_waiting = len(self.waiting) + len(self.swapped)
-        out.kv_usage = kv.usage
-        self._step_start = now
-        return out
+            if not blocked:
+                break
+            j = self.victim_policy.select(running, k)
+            victim = running.pop(j)
+            if j < k:  # already in this step's batch: give its tokens back
+                k -= 1
+                if victim in chunks:
+                    budget += chunks.pop(victim)
+                else:
+                    budget += 1
+                    decode -= 1
+                    context -= victim.num_computed_tokens + 1
+            self._preempt(victim, out)
+        out.requests = running[:k]
+        out.num_scheduled_tokens = ntoks = [1] * k
+        out.num_decode_tokens = decode
+        out.decode_context_tokens = context
+        for req, n in chunks.items():
+            ntoks[running.index(req)] = n
+            self._count(out, req, n)
+        return budget
 
     def _schedule_new(self, out: SchedulerOutput, req: Request, n: int) -> None:
+        if self.loras is not None and req.lora_id:
+            self.loras.acquire(req.lora_id)
         req.status = RUNNING
         self.running.append(req)
         out.requests.append(req)
         out.num_scheduled_tokens.append(n)
-        self._count(out, req, n, 1)
+        self._count(out, req, n)
 
     @staticmethod
-    def _count(out: SchedulerOutput, req: Request, n: int, sign: int) -> None:
-        """Add (sign 1) or remove (-1) `n` tokens of `req` to the batch's composition."""
+    def _count(out: SchedulerOutput, req: Request, n: int) -> None:
+        """Add `n` tokens of `req` to the batch's composition."""
         computed = req.num_computed_tokens
         if n == 1 and computed >= req.num_prompt_tokens:
-            out.num_decode_tokens += sign
-            out.decode_context_tokens += sign * (computed + 1)
-        elif sign > 0:
+            out.num_decode_tokens += 1
+            out.decode_context_tokens += computed + 1
+        else:
             out.prefill_chunks.append((n, computed))
             out.num_prefill_tokens += n
-        else:
-            out.prefill_chunks.remove((n, computed))
-            out.num_prefill_tokens -= n
 
     def _resume_swapped(self, out: SchedulerOutput, budget: int) -> int:
         max_seqs = self.config.max_num_seqs
         threshold = self.config.long_prefill_token_threshold or budget
         while self.swapped and budget > 0 and len(self.running) < max_seqs:
             req = self.swapped[0]
+            if self._prefill_capped(out, req) or not self._lora_fits(req):
+                break
             n = min(len(req.all_token_ids) - req.num_computed_tokens, budget, threshold)
             mapping = self.kv.swap_in(req, n)
             if mapping is None:
@@ -194,20 +250,32 @@ class Scheduler:
         cfg = self.config
         kv = self.kv
         bs = self.block_size
-        while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
-            req = self.waiting.peek()
+        waiting = self.waiting
+        long_cap, threshold = cfg.max_long_partial_prefills, cfg.long_prefill_token_threshold
+        num_long = self._num_long_prefills(out) if long_cap else 0
+        skipped = []  # passed over for now (adapter without a slot, long prefill over its cap)
+        while waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+            req = waiting.peek()
+            remaining = len(req.all_token_ids)
+            if self._prefill_capped(out, req):
+                break
+            is_long = long_cap and remaining > threshold
+            if (is_long and num_long >= long_cap) or not self._lora_fits(req):
+                skipped.append(waiting.pop())
+                continue
             hits = kv.get_computed_blocks(req)
             num_hit = len(hits) * bs
-            n = len(req.all_token_ids) - num_hit
-            if cfg.long_prefill_token_threshold:
-                n = min(n, cfg.long_prefill_token_threshold)
+            n = remaining - num_hit
+            if threshold:
+                n = min(n, threshold)
             if n > budget:
                 if not cfg.enable_chunked_prefill:
                     break
                 n = budget
             if not kv.allocate_slots(req, n, hits):
                 break
-            self.waiting.pop()
+            waiting.pop()
+            num_long += is_long
             req.num_computed_tokens = num_hit
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_hit
@@ -215,12 +283,60 @@ class Scheduler:
             out.prefix_hit_tokens += num_hit
             self._schedule_new(out, req, n)
             budget -= n
+        for req in reversed(skipped):
+            waiting.push_front(req)
+
+    def _prefill_capped(self, out: SchedulerOutput, req: Request) -> bool:
+        """True if max_num_partial_prefills prefills are in the batch already and `req` would be
+        another (a decode always fits)."""
+        cap = self.config.max_num_partial_prefills
+        if not cap or len(out.prefill_chunks) < cap:
+            return False
+        computed = req.num_computed_tokens
+        return computed < req.num_prompt_tokens or len(req.all_token_ids) - computed > 1
+
+    def _num_long_prefills(self, out: SchedulerOutput) -> int:
+        threshold = self.config.long_prefill_token_threshold
+        return sum(len(r.all_token_ids) - r.num_computed_tokens > threshold for r in out.requests)
+
+    def _lora_fits(self, req: Request) -> bool:
+        """A request is admitted only if its adapter can get a GPU slot; the base model always fits."""
+        return self.loras is None or not req.lora_id or self.loras.can_place(req.lora_id)
+
+    def _shed_late(self, now: float) -> None:
+        """Shed waiting requests, from the head of the queue, that can no longer meet shed_ttft_ms."""
+        waiting, limit = self.waiting, self.config.shed_ttft_ms / 1e3
+        while waiting:
+            req = waiting.peek()
+            if req.first_token_time is not None or now - req.arrival_time <= limit:
+                return
+            waiting.pop()
+            self.num_shed += 1
+            self._finish(req, RequestStatus.FINISHED_SHED, now)
+
+    def _schedule_encoder_inputs(self, out: SchedulerOutput) -> None:
+        """Images whose placeholder tokens the batch reaches for the first time since (re)admission:
+        encoded this step unless the encoder cache holds them. Images wholly inside a prefix-cache hit
+        are skipped: their tokens are never computed."""
+        cache, inputs = self.encoder_cache, out.encoder_inputs
+        for req, n in zip(out.requests, out.num_scheduled_tokens):
+            positions, k = req.mm_positions, req.num_mm_handled
+            start, end = req.num_computed_tokens, req.num_computed_tokens + n
+            while k < len(positions) and positions[k][0] < end:
+                offset, length = positions[k]
+                if offset + length > start and not cache.lookup_or_add(req.mm_hashes[k], length):
+                    inputs.append((req.mm_hashes[k], length))
+                k += 1
+            req.num_mm_handled = k
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         req.num_preemptions += 1
         self.num_preemptions += 1
+        req.num_mm_handled = 0  # the encoder outputs it held are dropped with its KV
+        if self.loras is not None and req.lora_id:
+            self.loras.release(req.lora_id)
         out.preempted.append(req)
-        if self.config.preemption_mode == "swap":
+        if self.preemption.swap(req, len(req.block_table)):
             mapping = self.kv.swap_out(req)
             if mapping is not None:
                 req.status = RequestStatus.SWAPPED
@@ -247,13 +363,13 @@ class Scheduler:
             tokens = req.all_token_ids
             if computed < len(tokens):
                 continue  # a partial prefill chunk samples nothing
-            tokens.append(tok)
+            tokens.append(tok)  # now len(tokens) == computed + 1
             if req.first_token_time is None:
                 req.first_token_time = now
             else:
                 itl_append(now - req.last_token_time)
             req.last_token_time = now
-            if len(tokens) >= req.max_num_tokens:  # max_tokens or max_model_len
+            if computed >= req.max_num_tokens - 1:  # max_tokens or max_model_len
                 status = RequestStatus.FINISHED_LENGTH
             elif tok in req.stop_ids:
                 status = RequestStatus.FINISHED_STOPPED
@@ -266,7 +382,7 @@ class Scheduler:
                 req.stop_reason = tok
             finished.append(req)
         for req in finished:
-            self.running.remove(req)
+            self._leave_running(req)
             self._finish(req, req.status, now)
         self.recorder.on_step(
             (

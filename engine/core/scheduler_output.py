@@ -16,6 +16,13 @@ class SchedulerOutput:
     A request samples a token this step iff its computed tokens reach
     `num_tokens` after the step. Decode requests are those past their prompt that
     compute exactly one token; everything else is a prefill chunk.
+
+    LoRA: `loaded_loras` are the adapters loaded into GPU slots before this step's
+    forward, `loaded_loras_from_disk` those of them that were not in the CPU cache
+    either; `active_loras` the distinct adapters the batch uses. Multimodal:
+    `encoder_inputs` are (image hash, placeholder tokens) of the images the encoder
+    runs on this step: those whose placeholder tokens are scheduled for the first
+    time since the request's (re)admission and whose output is not in the encoder cache.
     """
 
     requests: list[Request] = field(default_factory=list)
@@ -29,6 +36,9 @@ class SchedulerOutput:
     )  # (gpu block, cpu block), before the forward
     swap_in: list[tuple[int, int]] = field(default_factory=list)  # (cpu block, gpu block), before the forward
     preempted: list[Request] = field(default_factory=list)
+    loaded_loras: list[int] = field(default_factory=list)
+    loaded_loras_from_disk: list[int] = field(default_factory=list)
+    encoder_inputs: list[tuple[str, int]] = field(default_factory=list)
     prefix_hit_tokens: int = 0
     num_running: int = 0
     num_waiting: int = 0
@@ -37,6 +47,10 @@ class SchedulerOutput:
     @property
     def total_num_scheduled_tokens(self) -> int:
         return self.num_prefill_tokens + self.num_decode_tokens
+
+    @property
+    def active_loras(self) -> set[int]:
+        return {r.lora_id for r in self.requests if r.lora_id}
 
     @property
     def empty(self) -> bool:

@@ -1,0 +1,403 @@
+"""Simulator fidelity: the same workloads on the engine (H100) and on the simulator with the H100 profiles.
+
+    python benchmarks/fidelity.py gpu        # on the GPU: engine run folders under reports/fidelity/
+    python benchmarks/fidelity.py compare    # CPU: simulate the same, write reports/fidelity.{json,md}
+    python benchmarks/fidelity.py gpu --tiny --device cpu --runs /tmp/f   # CPU smoke test, tiny model
+
+`gpu` needs no Hydra or SimPy: configs are composed from conf/*.yaml here. Engine runs that share the engine's
+knobs reuse one loaded model (`LLMEngine.reset` between runs). `compare` reruns the simulator on each engine
+run's own resolved config with `backend.step_time=profile` and the engine's KV block count, and compares
+p50/p99 TTFT, TPOT and E2E, output throughput, preemptions and prefix-cache hit rate; per-step terms (decode,
+prefill, mixed steps and the host gap) tell which part of the step-time model is off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+CONF = REPO / "conf"
+RUNS = REPO / "reports" / "fidelity"
+SWEEP = "sweep"  # case-name prefix of the policy sweep
+# metric -> (summary key, target |relative error|; None: reported only)
+METRICS = {
+    "p50_ttft_ms": ("median_ttft_ms", 0.03), "p99_ttft_ms": ("p99_ttft_ms", 0.08),
+    "p50_tpot_ms": ("median_tpot_ms", 0.03), "p99_tpot_ms": ("p99_tpot_ms", 0.08),
+    "p50_e2el_ms": ("median_e2el_ms", 0.03), "p99_e2el_ms": ("p99_e2el_ms", 0.08),
+    "output_throughput": ("output_throughput", 0.02),
+    "num_preemptions": ("num_preemptions", None), "prefix_cache_hit_rate": ("prefix_cache_hit_rate", None),
+}
+SWEEP_RANK_BY = ("median_e2el_ms", "median_ttft_ms", "median_tpot_ms")
+
+
+@dataclass(slots=True)
+class Case:
+    name: str
+    workload: str
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted keys: workload.request_rate, ...
+    what: str = ""
+
+
+SHAREGPT = {"workload.output_len": {"dist": "lognormal", "median": 129, "sigma": 0.99, "max": 1000}}
+SMALL_KV = {"cache.num_gpu_blocks_override": 300, "workload.num_requests": 150, "workload.request_rate": 40}
+CASES = [
+    Case("sharegpt_light", "sharegpt", {"workload.num_requests": 80, "workload.request_rate": 4},
+         "ShareGPT prompts, Poisson 4 req/s (light)"),
+    Case("sharegpt_saturated", "sharegpt", {"workload.num_requests": 500, "workload.request_rate": 60},
+         "ShareGPT prompts, Poisson 60 req/s (near saturation: ~max_num_seqs running)"),
+    Case("sharegpt_overloaded", "sharegpt", {"workload.num_requests": 500, "workload.request_rate": 150},
+         "ShareGPT prompts, Poisson 150 req/s (overloaded)"),
+    Case("azure_code", "azure_code", {"workload.duration_s": 200, "workload.time_scale": 0.2},
+         "Azure 2023 code trace, its first 200 s at 5x speed (bursty, long prompts, short outputs)"),
+    Case("mt_bench_prefix", "mt_bench", {"workload.request_rate": 8, "cache.enable_prefix_caching": True},
+         "MT-Bench 2 turns (turn 2 shares turn 1 + answer), Poisson 8 req/s, prefix caching on"),
+    Case("preempt_recompute", "sharegpt", {**SMALL_KV, "scheduler.preemption_mode": "recompute"},
+         "ShareGPT 40 req/s on a 4,800-token KV cache (300 blocks), recompute preemption"),
+    Case("preempt_swap", "sharegpt", {**SMALL_KV, "scheduler.preemption_mode": "swap"},
+         "ShareGPT 40 req/s on a 4,800-token KV cache (300 blocks), swap preemption"),
+] + [
+    Case(f"{SWEEP}_chunked_{'on' if c else 'off'}_seqs{n}", "sharegpt",
+         {"workload.num_requests": 300, "workload.request_rate": 100, "scheduler.enable_chunked_prefill": c,
+          "scheduler.max_num_seqs": n},
+         f"policy sweep on ShareGPT at 100 req/s: chunked prefill {'on' if c else 'off'}, max_num_seqs {n}")
+    for c in (True, False) for n in (64, 256)
+]
+TINY = {"model": "tiny_llama", "backend.dtype": "float32", "workload.num_requests": 12,
+        "workload.request_rate": 40}
+TINY_CASES = ("sharegpt_light", "mt_bench_prefix", "preempt_recompute", "preempt_swap",
+              f"{SWEEP}_chunked_on_seqs64", f"{SWEEP}_chunked_off_seqs64")
+TINY_KV = {"cache.num_gpu_blocks_override": 40}  # 640 tokens: preemption at once on the tiny model
+
+
+# ---- configs without Hydra ----
+
+def _group(group: str, option: str) -> dict:
+    path = CONF / group / f"{option}.yaml"
+    node = yaml.safe_load(path.read_text()) or {}
+    merged: dict = {}
+    for parent in node.pop("defaults", []):
+        merged |= _group(group, parent) if parent != "_self_" else {}
+    return merged | node
+
+
+def compose(groups: dict[str, str], overrides: dict[str, Any]) -> dict[str, Any]:
+    """conf/config.yaml's defaults with `groups` swapped in, then dotted `overrides` (as Hydra would)."""
+    top = yaml.safe_load((CONF / "config.yaml").read_text())
+    cfg: dict[str, Any] = {}
+    for entry in top.pop("defaults"):
+        if entry == "_self_":
+            continue
+        (group, option), = entry.items()
+        cfg[group] = _group(group, groups.get(group, option))
+    cfg |= {k: v for k, v in top.items() if k != "hydra"}
+    for key, value in overrides.items():
+        node, *path, leaf = [cfg, *key.split(".")]
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return cfg
+
+
+def case_config(case: Case, model: str, device: str, tiny: bool) -> dict[str, Any]:
+    groups = {"backend": "engine", "model": "tiny_llama" if tiny else model, "hardware": "h100_80g",
+              "workload": case.workload}
+    over = {**(SHAREGPT if case.workload == "sharegpt" else {}), **case.overrides, "backend.device": device,
+            "report": False, "progress": False}
+    if tiny:
+        over |= {k: v for k, v in TINY.items() if k != "model"}
+        over |= TINY_KV if "cache.num_gpu_blocks_override" in case.overrides else {}
+    return compose(groups, over) | {"fidelity_case": case.what}
+
+
+def engine_key(cfg: dict[str, Any]) -> str:
+    """Runs with equal keys can share one loaded engine."""
+    knobs = {k: cfg[k] for k in ("backend", "model", "scheduler", "cache", "parallel")}
+    return json.dumps(knobs, sort_keys=True)
+
+
+# ---- gpu: the engine runs ----
+
+def run_gpu(runs: Path, model: str, device: str, tiny: bool, budget_s: float, only: list[str] | None) -> None:
+    from workbench.engine_backend import build_engine
+    from workbench.experiment import run_experiment
+
+    t0 = time.perf_counter()
+    cases = [c for c in CASES if (not tiny or c.name in TINY_CASES) and (not only or c.name in only)]
+    configs = [(c, case_config(c, model, device, tiny)) for c in cases]
+    configs.sort(key=lambda cc: engine_key(cc[1]))  # stable: case order within one engine
+    engine, key = None, None
+    for case, cfg in configs:
+        if time.perf_counter() - t0 > budget_s:
+            _log(f"{case.name}: skipped, budget of {budget_s:.0f} s spent")
+            continue
+        try:
+            if engine_key(cfg) != key:
+                engine = key = None
+                _free_gpu()
+                engine, key = build_engine(cfg), engine_key(cfg)
+                _log(f"engine ready ({case.name}'s knobs), {time.perf_counter() - t0:.0f} s")
+            s = run_experiment(cfg, runs / case.name / "engine", engine=engine)
+            _log(f"{case.name}: {s['num_finished']} requests, {s['duration_s']:.1f} s, "
+                 f"p50 TTFT {s['median_ttft_ms']:.1f} ms, p50 TPOT {s['median_tpot_ms']:.2f} ms, "
+                 f"{s['num_preemptions']} preemptions; total {time.perf_counter() - t0:.0f} s")
+        except Exception:  # one failed case must not cost the others
+            _log(f"{case.name}: FAILED\n{traceback.format_exc()}")
+            engine = key = None
+
+
+def _free_gpu() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---- compare: the simulator on the same workloads ----
+
+def sim_config(engine_summary: dict[str, Any], profile_root: Path | None) -> dict[str, Any]:
+    """The engine run's own config on the simulator: profile step times, the engine's KV block count."""
+    cfg = copy.deepcopy(engine_summary["config"])
+    cfg["backend"] = {"name": "sim", "step_time": "profile", "profile_root": str(profile_root) if profile_root
+                      else None}
+    cfg["cache"]["num_gpu_blocks_override"] = engine_summary["num_gpu_blocks"]
+    cfg |= {"report": False, "progress": False}
+    return cfg
+
+
+def compare(runs: Path, out: Path, profile_root: Path | None = None) -> dict[str, Any]:
+    from workbench.experiment import run_experiment
+    from workbench.runs import load_run
+
+    cases = {}
+    for folder in sorted(p.parent for p in runs.glob("*/engine/summary.json")):
+        engine = load_run(folder)
+        engine_summary = json.loads((folder / "summary.json").read_text())
+        sim_dir = folder.parent / "sim"
+        run_experiment(sim_config(engine_summary, profile_root), sim_dir)
+        cases[folder.parent.name] = case_result(engine, load_run(sim_dir))
+    if not cases:
+        raise SystemExit(f"fidelity: error: no engine runs under {runs} (*/engine/summary.json)")
+    result = {"cases": cases, "sweep": sweep_ranking(cases)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fidelity.json").write_text(json.dumps(_rounded(result), indent=2, allow_nan=False) + "\n")
+    write_markdown(result, runs, out)
+    return result
+
+
+def case_result(engine, sim) -> dict[str, Any]:
+    metrics = {}
+    for name, (key, target) in METRICS.items():
+        e, s = engine.summary.get(key), sim.summary.get(key)
+        err = (s - e) / e if _finite(e) and _finite(s) and e else None
+        metrics[name] = {"engine": e, "sim": s, "rel_error": err, "target": target,
+                         "met": None if target is None or err is None else abs(err) <= target}
+    return {"what": engine.config.get("fidelity_case", ""), "metrics": metrics,
+            "step_terms": step_terms(engine.steps, sim.steps),
+            "step_time_model": sim.summary.get("step_time_model"),
+            "num_steps_outside_profile": sim.summary.get("num_steps_outside_profile"),
+            "summaries": {b: {key: r.summary.get(key) for key, _ in METRICS.values()}
+                          for b, r in (("engine", engine), ("sim", sim))}}
+
+
+BATCH_BINS = (0, 8, 32, 128, 100_000)
+
+
+def step_groups(steps: pd.DataFrame) -> dict[str, pd.Series]:
+    """Masks of decode-only steps by batch size, prefill-only steps and mixed steps."""
+    d, p = steps["num_decode_tokens"], steps["num_prefill_tokens"]
+    bins = zip(BATCH_BINS, BATCH_BINS[1:])
+    groups = {f"decode_b{lo + 1}-{hi}": (p == 0) & d.between(lo + 1, hi) for lo, hi in bins}
+    return groups | {"prefill": (p > 0) & (d == 0), "mixed": (p > 0) & (d > 0)}
+
+
+def step_periods(steps: pd.DataFrame) -> pd.Series:
+    """Start-to-start time of each step followed at once by another (the engine loop was busy): the step and
+    the host work after it, which is what the simulator's predicted step stands for."""
+    period = np.append(np.diff(steps["start_s"].to_numpy()), np.nan)
+    busy = (steps["num_running"] + steps["num_waiting"]).to_numpy() > 0
+    return pd.Series(np.where(busy, period, np.nan), index=steps.index)
+
+
+def step_terms(engine_steps: pd.DataFrame, sim_steps: pd.DataFrame) -> dict[str, Any]:
+    """Median step period by kind of step, engine against simulator: the step-time model's term that is off
+    shows as the kind whose periods differ (the workload and scheduler are the same on both sides)."""
+    e_period, s_period = step_periods(engine_steps), sim_steps["duration_s"]
+    e_groups, s_groups = step_groups(engine_steps), step_groups(sim_steps)
+    terms = {}
+    for name, e_sel in e_groups.items():
+        s_sel = s_groups[name]
+        e_med, s_med = e_period[e_sel].median(), s_period[s_sel].median()
+        terms[name] = {"engine_steps": int(e_sel.sum()), "sim_steps": int(s_sel.sum()),
+                       "engine_ms": _ms(e_med), "sim_ms": _ms(s_med),
+                       "rel_error": (s_med - e_med) / e_med if _finite(e_med) and _finite(s_med) else None}
+    gap = (e_period - engine_steps["duration_s"]).median()
+    terms["engine_host_gap"] = {"engine_ms": _ms(gap), "what": "median time from a step's end to the next "
+                                "step's start (update, detokenize, loop): part of the profile's cpu term"}
+    return terms
+
+
+def sweep_ranking(cases: dict[str, Any]) -> dict[str, Any]:
+    sweep = {k: v for k, v in cases.items() if k.startswith(SWEEP)}
+    if len(sweep) < 2:
+        return {}
+    out = {}
+    for key in SWEEP_RANK_BY:
+        order = {b: sorted(sweep, key=lambda c: sweep[c]["summaries"][b][key]) for b in ("engine", "sim")}
+        out[key] = {**order, "same_order": order["engine"] == order["sim"]}
+    return out
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _ms(x: float) -> float | None:
+    return x * 1e3 if _finite(x) else None
+
+
+def _rounded(x: Any) -> Any:
+    """6 significant digits: the JSON a rerun reproduces, free of float noise."""
+    if isinstance(x, float):
+        return float(f"{x:.6g}") if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _rounded(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_rounded(v) for v in x]
+    return x
+
+
+# ---- the report ----
+
+def write_markdown(result: dict[str, Any], runs: Path, out: Path) -> None:
+    lines = ["# Simulator fidelity against the engine", "",
+             "Each workload ran on the engine (`backend=engine`) and on the simulator with the engine's own "
+             "profiles (`backend.step_time=profile`, same config, same KV block count). Relative error = "
+             "(sim - engine) / engine. Targets: p50 within 3 %, p99 within 8 %, throughput within 2 %.", ""]
+    for name, case in result["cases"].items():
+        lines += [f"## {name}", "", f"Step-time model: {case['step_time_model']}; steps outside the profile: "
+                  f"{case['num_steps_outside_profile']}.", "",
+                  "| metric | engine | sim | rel. error | target | met |", "|---|---|---|---|---|---|"]
+        for metric, m in case["metrics"].items():
+            target = f"{m['target']:.0%}" if m["target"] is not None else ""
+            met = {True: "yes", False: "**no**", None: ""}[m["met"]]
+            lines.append(f"| {metric} | {_fmt(m['engine'])} | {_fmt(m['sim'])} | {_pct(m['rel_error'])} | "
+                         f"{target} | {met} |")
+        lines += ["", "Step periods (median ms) by kind of step:", "",
+                  "| steps | engine n | sim n | engine ms | sim ms | rel. error |",
+                  "|---|---|---|---|---|---|"]
+        for term, t in case["step_terms"].items():
+            if "engine_steps" in t:
+                lines.append(f"| {term} | {t['engine_steps']} | {t['sim_steps']} | {_fmt(t['engine_ms'])} | "
+                             f"{_fmt(t['sim_ms'])} | {_pct(t['rel_error'])} |")
+        gap = case["step_terms"]["engine_host_gap"]["engine_ms"]
+        lines += ["", f"Engine host gap between steps (median): {_fmt(gap)} ms.", "", *_misses(case), "",
+                  f"![latency CDFs]({_plot(runs / name, out, name)})", ""]
+    if result["sweep"]:
+        lines += ["## Policy sweep ranking", "", "| ranked by | engine (best first) | sim | same order |",
+                  "|---|---|---|---|"]
+        for key, r in result["sweep"].items():
+            lines.append(f"| {key} | {', '.join(r['engine'])} | {', '.join(r['sim'])} | {r['same_order']} |")
+    (out / "fidelity.md").write_text("\n".join(lines) + "\n")
+
+
+def _misses(case: dict[str, Any]) -> list[str]:
+    """Why a target is missed: the step kind whose period the simulator gets most wrong."""
+    missed = [f"{k} by {abs(m['rel_error']) - m['target']:.1%}"
+              for k, m in case["metrics"].items() if m["met"] is False]
+    if not missed:
+        return ["All targets met."]
+    terms = [(abs(t["rel_error"]), k, t["rel_error"]) for k, t in case["step_terms"].items()
+             if t.get("rel_error") is not None and t["engine_steps"] >= 10]
+    worst = max(terms, default=None)
+    why = (f"the largest step-period error is in {worst[1]} steps ({worst[2]:+.1%})" if worst
+           else "no step kind with enough steps to attribute it")
+    return [f"Missed: {', '.join(missed)} (beyond the target); {why}."]
+
+
+def _plot(case_dir: Path, out: Path, name: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from workbench.metrics import latencies
+    from workbench.runs import load_run
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for backend, style in (("engine", "-"), ("sim", "--")):
+        lat = latencies(_finished(load_run(case_dir / backend).requests))
+        for ax, key in zip(axes, ("ttft_ms", "tpot_ms", "e2el_ms")):
+            v = np.sort(lat[key].dropna().to_numpy())
+            ax.plot(v, np.arange(1, len(v) + 1) / max(len(v), 1), style, label=backend)
+            ax.set_xlabel(key)
+            ax.set_xscale("log")
+    axes[0].set_ylabel("fraction of requests")
+    axes[0].legend()
+    fig.suptitle(name)
+    fig.tight_layout()
+    rel = Path("fidelity") / f"{name}_cdf.png"
+    (out / rel).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / rel, dpi=80)
+    plt.close(fig)
+    return str(rel)
+
+
+def _finished(requests: pd.DataFrame) -> pd.DataFrame:
+    return requests[requests["finish_reason"].isin(("stop", "length"))]
+
+
+def _fmt(x: Any) -> str:
+    return "" if x is None else f"{x:,.4g}" if isinstance(x, float) else str(x)
+
+
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{x:+.1%}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("gpu", help="engine runs (on the GPU)")
+    g.add_argument("--runs", type=Path, default=RUNS)
+    g.add_argument("--model", default="llama2_7b", help="conf/model name")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--tiny", action="store_true", help="tiny model, few requests: a CPU smoke test")
+    g.add_argument("--budget-s", type=float, default=330, help="skip the cases left after this many seconds")
+    g.add_argument("--only", nargs="*", help="case names")
+    c = sub.add_parser("compare", help="simulate the same workloads and write the report (CPU)")
+    c.add_argument("--runs", type=Path, default=RUNS)
+    c.add_argument("--out", type=Path, default=REPO / "reports")
+    c.add_argument("--profile-root", type=Path, default=None, help="default: data/profiles")
+    a = p.parse_args(argv)
+    if a.cmd == "gpu":
+        run_gpu(a.runs, a.model, a.device, a.tiny, a.budget_s, a.only)
+    else:
+        compare(a.runs, a.out, a.profile_root)
+
+
+if __name__ == "__main__":
+    main()

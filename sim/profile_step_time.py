@@ -1,0 +1,213 @@
+"""Step time from the engine's own whole-step profiles (kernels.profile, in data/profiles/<hw>/<model>).
+
+A step of prefill chunks (n_i new tokens after c_i cached ones) and b decodes of total context C costs
+
+    decode only:   D(b, C / b)                                   measured grid, bilinear in (b, mean context)
+    with prefill:  L(T) + sum_i A(n_i, c_i) + m0 b + m1 C          T = all tokens of the step
+    + cpu(requests) + swapped blocks x measured copy time
+
+L is the token-linear part (matmuls, norms, LM head: `linear` points, interpolated in T); A(n, c) = a0 +
+a1 n (c + n/2) + a2 (c + n) is prefill attention, least squares on `prefill` points minus L; m0, m1 price the
+decode rows of a mixed (eager) step, least squares on `mixed` points minus L and A; cpu is the host's
+overhead per step in the engine loop (schedule, update, detokenize), by the number of scheduled requests.
+Steps outside the profiled ranges (more tokens, longer contexts, bigger batches) fall back to the roofline
+model and are counted in `num_outside` (summary.json: num_steps_outside_profile).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from engine.core.scheduler_output import SchedulerOutput
+from sim.specs import HardwareSpec, ModelSpec, ParallelSpec
+from sim.step_time import RooflineStepTime, _Curve
+
+DEFAULT_PROFILE_ROOT = Path(__file__).resolve().parents[1] / "data" / "profiles"
+SHAPE_KEYS = {  # ModelSpec field -> HF config.json key the profile's meta.json records
+    "num_layers": "num_hidden_layers",
+    "hidden_size": "hidden_size",
+    "num_attention_heads": "num_attention_heads",
+    "num_key_value_heads": "num_key_value_heads",
+    "intermediate_size": "intermediate_size",
+    "vocab_size": "vocab_size",
+}
+
+
+def profile_dir(model: ModelSpec, hw: HardwareSpec, root: Path | str = DEFAULT_PROFILE_ROOT) -> Path:
+    return Path(root) / hw.name / model.name
+
+
+class _DecodeGrid:
+    """D(b, mean context) from rows of profiled batch sizes, each linear in mean context up to its own longest
+    context (big batches fit only short contexts in the KV cache); linear in b between rows."""
+
+    __slots__ = ("_batches", "_ctx", "_t")
+
+    def __init__(self, rows: pd.DataFrame) -> None:
+        self._batches: list[int] = []
+        self._ctx: list[list[float]] = []
+        self._t: list[list[float]] = []
+        for b, row in rows.groupby("batch"):
+            row = row.sort_values("context")
+            self._batches.append(int(b))
+            self._ctx.append(row["context"].astype(float).tolist())
+            self._t.append(row["median_s"].tolist())
+
+    def __call__(self, batch: int, context_tokens: int) -> float | None:
+        """Seconds, or None outside the grid."""
+        batches = self._batches
+        j = bisect.bisect_left(batches, batch)
+        if j == len(batches):
+            return None
+        x = context_tokens / batch
+        if batches[j] == batch or j == 0:
+            return self._row(j, x)
+        lo, hi = self._row(j - 1, x), self._row(j, x)
+        if lo is None or hi is None:
+            return None
+        w = (batch - batches[j - 1]) / (batches[j] - batches[j - 1])
+        return lo + w * (hi - lo)
+
+    def _row(self, j: int, x: float) -> float | None:
+        ctx, t = self._ctx[j], self._t[j]
+        if x > ctx[-1]:
+            return None
+        if x <= ctx[0] or len(ctx) == 1:
+            return t[0]
+        i = bisect.bisect_left(ctx, x)
+        return t[i - 1] + (x - ctx[i - 1]) * (t[i] - t[i - 1]) / (ctx[i] - ctx[i - 1])
+
+
+def _lstsq_relative(x: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Coefficients minimising the relative error of x @ coef against t, clipped at 0 (no negative costs)."""
+    scale = np.maximum(np.abs(t), 1e-6)
+    coef = np.linalg.lstsq(x / scale[:, None], t / scale, rcond=None)[0]
+    return np.maximum(coef, 0.0)
+
+
+class ProfileStepTime(RooflineStepTime):
+    """The profile tables of one model on one card (tp = pp = 1); roofline outside them."""
+
+    def __init__(self, model: ModelSpec, hw: HardwareSpec, parallel: ParallelSpec, block_size: int,
+                 profile_root: Path | str = DEFAULT_PROFILE_ROOT) -> None:
+        super().__init__(model, hw, parallel, block_size)
+        folder = profile_dir(model, hw, profile_root)
+        if parallel.tensor_parallel_size * parallel.pipeline_parallel_size > 1:
+            raise ValueError(f"{folder}: profiles are of one GPU; tensor/pipeline parallelism needs roofline")
+        self.meta = self._read_meta(folder, model)
+        steps = _read_csv(folder / "steps.csv", ("kind", "tokens", "chunk", "chunk_context", "batch",
+                                                  "context", "median_s"))
+        cpu = _read_csv(folder / "cpu.csv", ("batch", "overhead_s"))
+        self.folder = folder
+        self.sources = {"all": str(folder), "outside": "roofline"}
+        self.num_outside = 0
+        self._fit(steps, cpu)
+        self.fit_error = self._fit_error(steps)
+
+    @staticmethod
+    def _read_meta(folder: Path, model: ModelSpec) -> dict:
+        path = folder / "meta.json"
+        if not path.is_file():
+            have = sorted(p.parent.name for p in folder.parent.glob("*/meta.json"))
+            raise ValueError(f"no profile for model {model.name}: {path} not found "
+                             f"(profiled under {folder.parent}: {', '.join(have) or 'none'})")
+        meta = json.loads(path.read_text())
+        hf = meta.get("hf_config", {})
+        for field, key in SHAPE_KEYS.items():
+            if hf.get(key) != getattr(model, field):
+                raise ValueError(f"{path}: hf_config.{key}={hf.get(key)} but model.{field}="
+                                 f"{getattr(model, field)}: the profile is of another model shape")
+        return meta
+
+    def _fit(self, steps: pd.DataFrame, cpu: pd.DataFrame) -> None:
+        by_kind = {k: g for k, g in steps.groupby("kind")}
+        linear = by_kind.get("linear")
+        if linear is None or by_kind.get("decode") is None:
+            raise ValueError(f"{self.folder / 'steps.csv'}: needs 'linear' and 'decode' rows")
+        self._linear = _Curve(linear["tokens"].to_numpy(), linear["median_s"].to_numpy())
+        self._max_tokens = int(linear["tokens"].max())
+        self._decode = _DecodeGrid(by_kind["decode"])
+        self._max_batch = int(by_kind["decode"]["batch"].max())
+        self._max_len = int(self.meta.get("engine", {}).get("max_model_len", self.model.max_model_len))
+        self._attn = self._fit_attention(by_kind.get("prefill"))
+        self._mixed = self._fit_mixed(by_kind.get("mixed"))
+        self._cpu = _Curve(cpu["batch"].to_numpy(), cpu["overhead_s"].to_numpy())
+        self._swap_out = self._fit_swap(by_kind.get("swap_out"), self._swap_s_per_block)
+        self._swap_in = self._fit_swap(by_kind.get("swap_in"), self._swap_s_per_block)
+
+    def _fit_attention(self, rows: pd.DataFrame | None) -> tuple[float, float, float]:
+        if rows is None or len(rows) < 3:
+            return (0.0, 0.0, 0.0)
+        n, c = rows["chunk"].to_numpy(float), rows["chunk_context"].to_numpy(float)
+        t = rows["median_s"].to_numpy() - [self._linear(int(x)) for x in n]
+        x = np.stack([np.ones_like(n), n * (c + n / 2), c + n], axis=1)
+        return tuple(float(v) for v in _lstsq_relative(x, np.maximum(t, 1e-6)))
+
+    def _fit_mixed(self, rows: pd.DataFrame | None) -> tuple[float, float]:
+        if rows is None or len(rows) < 2:
+            return (0.0, 0.0)
+        b, ctx = rows["batch"].to_numpy(float), rows["context"].to_numpy(float)
+        rest = [self._linear(int(tok)) + self._attention(((int(n), int(c)),))
+                for tok, n, c in zip(rows["tokens"], rows["chunk"], rows["chunk_context"])]
+        t = rows["median_s"].to_numpy() - np.asarray(rest)
+        return tuple(float(v) for v in _lstsq_relative(np.stack([b, b * ctx], axis=1), np.maximum(t, 1e-6)))
+
+    @staticmethod
+    def _fit_swap(rows: pd.DataFrame | None, fallback: float) -> float:
+        if rows is None or rows.empty:
+            return fallback
+        return float(np.median(rows["median_s"].to_numpy() / rows["blocks"].to_numpy()))
+
+    def _attention(self, chunks) -> float:
+        a0, a1, a2 = self._attn
+        t = 0.0
+        for n, c in chunks:
+            t += a0 + a1 * n * (c + 0.5 * n) + a2 * (c + n)
+        return t
+
+    def _gpu_time(self, out: SchedulerOutput) -> float | None:
+        """The profiled execute time of the step's forward, or None outside the profile."""
+        b, chunks = out.num_decode_tokens, out.prefill_chunks
+        if not chunks:
+            return self._decode(b, out.decode_context_tokens) if b else 0.0
+        tokens = out.num_prefill_tokens + b
+        if tokens > self._max_tokens or b > self._max_batch or any(n + c > self._max_len for n, c in chunks):
+            return None
+        m0, m1 = self._mixed
+        return self._linear(tokens) + self._attention(chunks) + m0 * b + m1 * out.decode_context_tokens
+
+    def predict(self, out: SchedulerOutput) -> float:
+        gpu = self._gpu_time(out)
+        if gpu is None:
+            self.num_outside += 1
+            return super().predict(out)
+        swaps = len(out.swap_out) * self._swap_out + len(out.swap_in) * self._swap_in
+        return gpu + swaps + self._cpu(out.num_decode_tokens + len(out.prefill_chunks))
+
+    def _fit_error(self, steps: pd.DataFrame) -> dict[str, float]:
+        """Mean |relative error| of the model on its own profile points, by kind (linear is exact)."""
+        errors: dict[str, list[float]] = {}
+        for row in steps[steps["kind"].isin(("prefill", "decode", "mixed"))].itertuples(index=False):
+            b, n = int(row.batch), int(row.chunk)
+            chunks = [(n, int(row.chunk_context))] if n else []
+            out = SchedulerOutput(num_decode_tokens=b, decode_context_tokens=b * int(row.context),
+                                  num_prefill_tokens=n, prefill_chunks=chunks)
+            gpu = self._gpu_time(out)
+            if gpu is not None:
+                errors.setdefault(row.kind, []).append(abs(gpu / row.median_s - 1))
+        return {k: round(float(np.mean(v)), 4) for k, v in errors.items()}
+
+
+def _read_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
+    if not path.is_file():
+        raise ValueError(f"{path} not found: rerun python -m kernels.profile for this model")
+    df = pd.read_csv(path)
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column {missing[0]!r}")
+    return df
