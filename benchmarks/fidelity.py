@@ -316,6 +316,9 @@ def write_markdown(result: dict[str, Any], runs: Path, out: Path) -> None:
         gap = case["step_terms"]["engine_host_gap"]["engine_ms"]
         lines += ["", f"Engine host gap between steps (median): {_fmt(gap)} ms.", "", *_misses(case), "",
                   f"![latency CDFs]({_plot(runs / name, out, name)})", ""]
+    vidur = out / "fidelity_vidur.md"  # Vidur beside us (issue 5 section 4), by hand: Vidur runs apart
+    if vidur.is_file():
+        lines += [vidur.read_text().strip(), ""]
     if result["sweep"]:
         lines += ["## Policy sweep ranking", "", "| ranked by | engine (best first) | sim | same order |",
                   "|---|---|---|---|"]

@@ -3,7 +3,8 @@
 # engine runs, then Qwen3-0.6B; Llama-3-8B with --llama3 if the budget allows), written where the repo reads them
 # (data/profiles/h100_80g/, reports/fidelity/) and archived in $OUT/issue5.tar.gz after each part. A failed or timed-out
 # part does not stop the next one.
-# Usage on the device: OUT=/some/dir bash benchmarks/gpu_issue5.sh [all|part1|part2] [--llama3]
+# Usage on the device: OUT=/some/dir bash benchmarks/gpu_issue5.sh [all|part1|part2|profiles] [--llama3]
+# (profiles: re-profile Llama-2-7B and Qwen3-0.6B only, under 5 min)
 # Then on a CPU machine: python benchmarks/fidelity.py compare   (writes reports/fidelity.{json,md})
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -39,5 +40,9 @@ fi
 if [[ $part == all || $part == part2 ]]; then
   profile qwen3_0_6b 130
   [[ "${2:-}" == --llama3 ]] && profile llama3_8b 210
+fi
+if [[ $part == profiles ]]; then
+  profile llama2_7b 150
+  profile qwen3_0_6b 100
 fi
 log "done"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import gc
 import time
 from dataclasses import dataclass
 
@@ -58,6 +60,11 @@ class LLMEngine:
         self.eos_token_id = next((e for e in [self.tokenizer.eos_token_id, *eos] if e is not None), None)
         self._extra_eos = [e for e in eos if e != self.eos_token_id]  # Llama 3 ends turns with several
         self._wall0, self._perf0 = time.time(), time.perf_counter()
+        # As vLLM does: the model, tokenizer and graphs stay alive for the engine's life, so later full
+        # collections need not walk them (each walk would stall a step by milliseconds).
+        gc.collect()
+        gc.freeze()
+        atexit.register(gc.unfreeze)  # frozen objects are never freed: native extensions report leaks
 
     def reset(self) -> None:
         """A fresh scheduler, KV cache index (prefix cache included) and trace on the loaded model: one model

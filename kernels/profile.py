@@ -9,8 +9,11 @@ blocks from a `KVCacheManager` over the engine's cache. Dummy weights (`load_for
 - `linear`: T prefill tokens in chunks of 128 that sample nothing (attention negligible): the linear part;
 - `prefill`: one prompt chunk of n tokens after c cached ones (attention grows with n (c + n / 2));
 - `decode`: batch b, every request at context c (CUDA graphs), as far as the KV cache holds b x c tokens;
+- `decode_skew`: batch b, one request at a long context, the rest short (served batches are not uniform:
+  while the attention programs fit on the GPU at once, the longest context sets the time);
 - `mixed`: a decode batch and one prefill chunk in the same (eager) step;
-- `cpu`: the host's per-step overhead in the real engine loop (schedule, update, detokenize), by batch size;
+- `cpu`: the host's per-step overhead in the engine loop (schedule, update, detokenize), by batch size, with
+  the execute time of those loop steps and their mean context (the loop's forward against the isolated one);
 - `swap_out` / `swap_in`: copying KV blocks between the GPU and the pinned swap space.
 Writes `<out>/<model>/{steps.csv, cpu.csv, meta.json}`; meta.json records card, driver, torch, triton, date,
 model shape and engine knobs. One model's full grid takes 1-3 minutes on an H100.
@@ -41,6 +44,7 @@ from engine.core.scheduler_output import SchedulerOutput
 
 REPO = Path(__file__).resolve().parents[1]
 LINEAR_CHUNK = 128  # tokens per sequence in `linear` points: long enough to be matmul-bound, attention ~0
+SKEW_SHORT = 16  # context of the short requests of a `decode_skew` batch
 
 
 @dataclass(slots=True)
@@ -53,6 +57,8 @@ class Grid:
     mixed_batches: list[int]
     mixed_contexts: list[int]
     mixed_chunks: list[int]
+    skew_batches: list[int]
+    skew_contexts: list[int]  # the long context (capped at max_model_len - 1); the others get SKEW_SHORT
     cpu_batches: list[int]
     swap_blocks: list[int]
     cpu_steps: int = 40  # decode steps per batch size in the engine loop
@@ -71,6 +77,8 @@ GRIDS = {
         mixed_batches=[16, 64, 128, 256],
         mixed_contexts=[256, 2048],
         mixed_chunks=[256, 1024, 4096],
+        skew_batches=[2, 4, 8, 9, 16, 32, 64],
+        skew_contexts=[1024, 4096],
         cpu_batches=[1, 4, 16, 64, 128, 256, 512],
         swap_blocks=[16, 128, 512],
     ),
@@ -83,6 +91,8 @@ GRIDS = {
         mixed_batches=[2, 4],
         mixed_contexts=[64],
         mixed_chunks=[16, 64],
+        skew_batches=[2, 4],
+        skew_contexts=[128],
         cpu_batches=[1, 4],
         swap_blocks=[2, 4],
         cpu_steps=6,
@@ -174,6 +184,7 @@ class Profiler:
         return times
 
     def step(self, kind: str, chunks: list[tuple[int, int]], decodes: list[int], sample: bool = True) -> None:
+        """Time one batch; `context` is the decodes' mean context, `max_context` their longest."""
         if not self.fits(chunks, decodes):
             return
         out = self.batch(chunks, decodes, sample)
@@ -181,7 +192,8 @@ class Profiler:
         self._free(out)
         self._add(kind, times, tokens=out.total_num_scheduled_tokens, num_chunks=len(chunks),
                   chunk=chunks[0][0] if chunks else 0, chunk_context=chunks[0][1] if chunks else 0,
-                  batch=len(decodes), context=decodes[0] if decodes else 0)
+                  batch=len(decodes), context=round(statistics.mean(decodes)) if decodes else 0,
+                  max_context=max(decodes, default=0))
 
     def _add(self, kind: str, times: list[float], **cols: int) -> None:
         self.rows.append({"kind": kind, **cols, "median_s": statistics.median(times), "min_s": min(times),
@@ -203,6 +215,9 @@ class Profiler:
             for c in g.mixed_contexts:
                 for n in g.mixed_chunks:
                     self.step("mixed", [(n, 0)], [c] * b)
+        for b in g.skew_batches:
+            for c in g.skew_contexts:
+                self.step("decode_skew", [], [min(c, self.mml - 1)] + [SKEW_SHORT] * (b - 1))
 
     def decode_contexts(self, batch: int) -> list[int]:
         """The grid's contexts below max_model_len, and the longest one the KV cache holds `batch` times."""
@@ -223,12 +238,13 @@ class Profiler:
         """Per-step host overhead in the engine loop as `backend=engine` runs it: period minus execute."""
         engine, rows = self.engine, []
         runner_execute = self.runner.execute
-        spent: list[float] = []
+        spent: list[tuple[float, float]] = []  # (execute s, mean decode context) of each loop step
 
         def timed_execute(out, kv):
             t0 = time.perf_counter()
             sampled = runner_execute(out, kv)
-            spent.append(time.perf_counter() - t0)
+            elapsed = time.perf_counter() - t0
+            spent.append((elapsed, out.decode_context_tokens / max(out.num_decode_tokens, 1)))
             return sampled
 
         self.runner.execute = timed_execute
@@ -239,7 +255,7 @@ class Profiler:
             del self.runner.execute
         return rows
 
-    def _cpu_point(self, engine, b: int, spent: list[float]) -> dict:
+    def _cpu_point(self, engine, b: int, spent: list[tuple[float, float]]) -> dict:
         params = SamplingParams(max_tokens=self.grid.cpu_steps + 4, temperature=0.0, ignore_eos=True)
         for i in range(b):
             engine.add_request(f"cpu{b}-{i}", None, [100 + i % 500] * 16, params)
@@ -250,10 +266,13 @@ class Profiler:
             engine.step(final_only=True)
         # steady decode steps only: skip the prefill and the first decodes, and the last (finishing) one
         periods = [b2 - a for a, b2 in zip(starts[3:-2], starts[4:-1])]
-        execute = statistics.median(spent[3:-2])
+        steady = spent[3:-2]
+        execute = statistics.median(t for t, _ in steady)
         period = statistics.median(periods)
         overhead = max(period - execute, 0.0)
-        return {"batch": b, "period_s": period, "execute_s": execute, "overhead_s": overhead}
+        context = statistics.mean(c for _, c in steady)
+        return {"batch": b, "period_s": period, "execute_s": execute, "overhead_s": overhead,
+                "context": context}
 
 
 def environment(device: torch.device) -> dict:

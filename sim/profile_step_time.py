@@ -2,7 +2,7 @@
 
 A step of prefill chunks (n_i new tokens after c_i cached ones) and b decodes of total context C costs
 
-    decode only:   D(b, C / b)                                   measured grid, bilinear in (b, mean context)
+    decode only:   D(b, c_eff) x loop(b)                         measured grid, bilinear in (b, context)
     with prefill:  L(T) + sum_i A(n_i, c_i) + m0 b + m1 C          T = all tokens of the step
     + cpu(requests) + swapped blocks x measured copy time
 
@@ -10,6 +10,14 @@ L is the token-linear part (matmuls, norms, LM head: `linear` points, interpolat
 a1 n (c + n/2) + a2 (c + n) is prefill attention, least squares on `prefill` points minus L; m0, m1 price the
 decode rows of a mixed (eager) step, least squares on `mixed` points minus L and A; cpu is the host's
 overhead per step in the engine loop (schedule, update, detokenize), by the number of scheduled requests.
+
+Decode steps run in CUDA graphs whose attention kernel gives each (sequence, kv head, split) one program; the
+profile's contexts are uniform, a served batch's are not. While the programs fit on the GPU at once (`slots`
+of them) the step waits for the longest context; with many waves only the total counts. So the grid is read
+at c_eff = max(C / b, c_max x min(1, slots / programs)), programs counted on the padded graph batch with the
+kernel's split rule; `slots` is fitted on the profile's `decode_skew` points (one long context, the rest
+short), else a card default. loop(b) = execute time of decode steps in the real engine loop (cpu.csv) over
+the isolated grid's: what serving adds to the same forward.
 Steps outside the profiled ranges (more tokens, longer contexts, bigger batches) fall back to the roofline
 model and are counted in `num_outside` (summary.json: num_steps_outside_profile).
 """
@@ -28,6 +36,12 @@ from sim.specs import HardwareSpec, ModelSpec, ParallelSpec
 from sim.step_time import RooflineStepTime, _Curve
 
 DEFAULT_PROFILE_ROOT = Path(__file__).resolve().parents[1] / "data" / "profiles"
+# kernels.attention's flash-decoding rule (the simulator imports no Triton): split a context until about
+# SPLIT_PROGRAMS programs run, keeping at least MIN_SPLIT_KEYS keys per split
+SPLIT_PROGRAMS, MIN_SPLIT_KEYS = 512, 256
+# decode-attention programs resident at once on an H100 (132 SMs x 4) until a profile's decode_skew points
+# measure it
+DEFAULT_DECODE_SLOTS = 528
 SHAPE_KEYS = {  # ModelSpec field -> HF config.json key the profile's meta.json records
     "num_layers": "num_hidden_layers",
     "hidden_size": "hidden_size",
@@ -134,11 +148,59 @@ class ProfileStepTime(RooflineStepTime):
         self._decode = _DecodeGrid(by_kind["decode"])
         self._max_batch = int(by_kind["decode"]["batch"].max())
         self._max_len = int(self.meta.get("engine", {}).get("max_model_len", self.model.max_model_len))
+        self.decode_slots = self._fit_slots(by_kind.get("decode_skew"))
+        self._wave = [min(1.0, self.decode_slots / self._programs(b)) for b in range(self._max_batch + 1)]
+        self._loop = self._fit_loop(cpu)
         self._attn = self._fit_attention(by_kind.get("prefill"))
         self._mixed = self._fit_mixed(by_kind.get("mixed"))
         self._cpu = _Curve(cpu["batch"].to_numpy(), cpu["overhead_s"].to_numpy())
         self._swap_out = self._fit_swap(by_kind.get("swap_out"), self._swap_s_per_block)
         self._swap_in = self._fit_swap(by_kind.get("swap_in"), self._swap_s_per_block)
+
+    def _programs(self, batch: int) -> int:
+        """Decode-attention programs of a batch: padded to its CUDA graph (powers of two), split as the
+        kernel splits it in the graph (captured at max_model_len)."""
+        graph = 1 << (batch - 1).bit_length()
+        programs = graph * self.model.num_key_value_heads
+        splits = min(-(-SPLIT_PROGRAMS // programs), self._max_len // MIN_SPLIT_KEYS)
+        return programs * (1 << (splits.bit_length() - 1) if splits > 1 else 1)
+
+    def _skew_time(self, batch: int, mean: float, longest: float, slots: int) -> float | None:
+        context = max(mean, longest * min(1.0, slots / self._programs(batch)))
+        return self._decode(batch, round(batch * context))
+
+    def _fit_slots(self, rows: pd.DataFrame | None) -> int:
+        """The resident-program count that best prices the profile's skewed decode batches."""
+        if rows is None or rows.empty:
+            return DEFAULT_DECODE_SLOTS
+        points = [(int(r.batch), r.context, r.max_context, r.median_s) for r in rows.itertuples(index=False)]
+
+        def error(slots: int) -> float:
+            times = [(self._skew_time(b, c, x, slots), m) for b, c, x, m in points]
+            errs = [abs(t / m - 1) for t, m in times if t is not None]
+            return float(np.mean(errs)) if errs else float("inf")
+
+        return min(range(32, 4097, 16), key=error)
+
+    def _fit_loop(self, cpu: pd.DataFrame) -> _Curve:
+        """Execute time of decode steps in the engine loop over the isolated grid's at the loop's context, by
+        batch (1 where the profile predates the `context` column or the grid lacks the point)."""
+        if "context" not in cpu.columns:
+            return _Curve(np.array([1]), np.array([1.0]))
+        grid = [self._decode(int(b), int(b * c)) for b, c in zip(cpu["batch"], cpu["context"])]
+        ratio = [e / g if g else 1.0 for e, g in zip(cpu["execute_s"], grid)]
+        return _Curve(cpu["batch"].to_numpy(), np.asarray(ratio))
+
+    def _decode_step(self, out: SchedulerOutput) -> float | None:
+        """D at the effective context of the batch (see the module doc) times the engine loop's factor."""
+        b = out.num_decode_tokens
+        context = out.decode_context_tokens / b
+        wave = self._wave[b] if b <= self._max_batch else 0.0
+        # the longest context matters only if it can exceed the mean: skip the O(b) scan otherwise
+        if out.requests and wave * self._max_len > context:
+            context = max(context, wave * (max(r.num_computed_tokens for r in out.requests) + 1))
+        t = self._decode(b, round(b * context))
+        return None if t is None else t * self._loop(b)
 
     def _fit_attention(self, rows: pd.DataFrame | None) -> tuple[float, float, float]:
         if rows is None or len(rows) < 3:
@@ -174,7 +236,7 @@ class ProfileStepTime(RooflineStepTime):
         """The profiled execute time of the step's forward, or None outside the profile."""
         b, chunks = out.num_decode_tokens, out.prefill_chunks
         if not chunks:
-            return self._decode(b, out.decode_context_tokens) if b else 0.0
+            return self._decode_step(out) if b else 0.0
         tokens = out.num_prefill_tokens + b
         if tokens > self._max_tokens or b > self._max_batch or any(n + c > self._max_len for n, c in chunks):
             return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -63,7 +64,15 @@ class Simulation:
         env = self.env
         env.process(self._arrive())
         loops = [env.process(self._engine_loop(engine)) for engine in self.engines]
-        env.run(until=env.all_of(loops))
+        # The heap holds every prompt's token list: each full garbage collection walks millions of ids,
+        # ~10 % of a long run, while the loop makes no reference cycles worth collecting (same peak RSS).
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            env.run(until=env.all_of(loops))
+        finally:
+            if collecting:
+                gc.enable()
         return env.now
 
     def route(self, req: Request) -> Engine:

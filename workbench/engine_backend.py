@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import tempfile
 import time
 from pathlib import Path
@@ -30,15 +31,16 @@ def replay_on_engine(cfg: dict[str, Any], engine: Any = None
     pending = iter_requests(workload, engine.vocab_size)
     nxt = next(pending, None)
     t0 = engine.now()
-    while nxt is not None or engine.has_unfinished_requests():
-        now = engine.now() - t0
-        while nxt is not None and nxt.arrival_time <= now:
-            _submit(engine, nxt, t0)
-            nxt = next(pending, None)
-        if engine.has_unfinished_requests():
-            engine.step(final_only=True)
-        elif nxt is not None:
-            time.sleep(max(0.0, nxt.arrival_time - (engine.now() - t0)))
+    with GCPauses() as pauses:
+        while nxt is not None or engine.has_unfinished_requests():
+            now = engine.now() - t0
+            while nxt is not None and nxt.arrival_time <= now:
+                _submit(engine, nxt, t0)
+                nxt = next(pending, None)
+            if engine.has_unfinished_requests():
+                engine.step(final_only=True)
+            elif nxt is not None:
+                time.sleep(max(0.0, nxt.arrival_time - (engine.now() - t0)))
     rec = engine.recorder
     requests = pd.DataFrame(rec.requests_table())
     for col in TIME_COLUMNS:
@@ -54,8 +56,35 @@ def replay_on_engine(cfg: dict[str, Any], engine: Any = None
         "duration_s": engine.now() - t0,
         "prefix_cache_queries_tokens": engine.scheduler.kv.prefix_queries,
         "prefix_cache_hits_tokens": engine.scheduler.kv.prefix_hits,
+        # Host pauses no step-time model predicts: how often Python's garbage collector stopped the loop.
+        "gc_collections": pauses.count,
+        "gc_pause_s": pauses.seconds,
+        "gc_max_pause_ms": pauses.longest * 1e3,
     }
     return requests, steps, rec.itl_s, info
+
+
+class GCPauses:
+    """Counts Python's garbage collections and their total and longest pause while the block runs."""
+
+    def __init__(self) -> None:
+        self.count, self.seconds, self.longest, self._start = 0, 0.0, 0.0, 0.0
+
+    def __enter__(self) -> GCPauses:
+        gc.callbacks.append(self._on_gc)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+            return
+        pause = time.perf_counter() - self._start
+        self.count += 1
+        self.seconds += pause
+        self.longest = max(self.longest, pause)
 
 
 def _submit(engine: Any, req: Request, t0: float) -> None:

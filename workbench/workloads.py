@@ -30,6 +30,7 @@ APPROX_VOCAB = 32_000  # id range of the approximate tokenizer; ids are folded i
 _PIECE = re.compile(r" ?\w{1,6}|\s+|[^\w\s]")  # 3.6-3.8 characters a piece on ShareGPT and MT-Bench, like BPE
 # Streams of synthetic ids: Mooncake blocks, MT-Bench answers (one per turn), requests (one per row), images.
 _STREAM_HASH, _STREAM_ANSWER, _STREAM_REQUEST, _STREAM_IMAGE = 0, 1 << 40, 1 << 41, 1 << 42
+_DRAW_CHUNK = 256  # rows whose synthetic prompts are drawn together
 
 # Azure conv 2023 GeneratedTokens (median 129, mean 211) as a lognormal: the default for sets without outputs.
 CHAT_OUTPUT_LEN = {"dist": "lognormal", "median": 129, "sigma": 0.99, "max": 1000}
@@ -104,11 +105,21 @@ def iter_requests(df: pd.DataFrame, vocab_size: int, image_tokens: int = 0) -> I
     priorities = df["priority"] if "priority" in df else [0] * n
     loras = df["lora_id"] if "lora_id" in df else [0] * n
     images = df["images"] if "images" in df else [()] * n
+    # Rows without recorded ids or hash ids draw theirs a chunk of rows at a time: one numpy call per row
+    # would cost about a second on the whole Azure trace.
+    drawn = "prompt_token_ids" not in df and "hash_ids" not in df
+    lengths = df["prompt_tokens"].to_numpy(np.int64) if drawn else None
+    chunk: list[list[int]] = []
     for i, (row, priority, lora, imgs) in enumerate(
         zip(df.itertuples(index=False), priorities, loras, images, strict=True)
     ):
         params = SamplingParams(max_tokens=int(row.output_tokens), ignore_eos=True, temperature=0.0)
-        ids = prompt_token_ids(row, i, vocab_size)
+        if drawn:
+            if i % _DRAW_CHUNK == 0:
+                chunk = _unique_prompts(lengths[i:i + _DRAW_CHUNK], i, vocab_size)
+            ids = chunk[i % _DRAW_CHUNK]
+        else:
+            ids = prompt_token_ids(row, i, vocab_size)
         mm = {}
         if len(imgs):
             ids, mm = _with_images(ids, imgs, image_tokens, vocab_size)
@@ -157,8 +168,7 @@ def prompt_token_ids(row: Any, index: int, vocab_size: int) -> list[int]:
     the last block is cut to `prompt_tokens`, so the KV manager sees exactly the trace's prefix sharing; any
     other row gets ids drawn for its `index`, which share no cache block with other requests in practice.
     """
-    if vocab_size <= 2 * MIN_TOKEN_ID:
-        raise ValueError(f"vocab_size={vocab_size}: must be > {2 * MIN_TOKEN_ID} to draw synthetic token ids")
+    _check_vocab(vocab_size)
     ids = getattr(row, "prompt_token_ids", None)
     if ids is not None:
         ids = np.asarray(ids, dtype=np.int64)
@@ -174,10 +184,22 @@ def prompt_token_ids(row: Any, index: int, vocab_size: int) -> list[int]:
     return _unique_ids(n, _STREAM_REQUEST + index, vocab_size).tolist()
 
 
+def _check_vocab(vocab_size: int) -> None:
+    if vocab_size <= 2 * MIN_TOKEN_ID:
+        raise ValueError(f"vocab_size={vocab_size}: must be > {2 * MIN_TOKEN_ID} to draw synthetic token ids")
+
+
 def _synthetic_ids(stream: int, counters: np.ndarray, vocab_size: int) -> np.ndarray:
     """Token ids that are a fixed function of (stream, counter): splitmix64 of the pair, vectorised, so a
     Mooncake trace's 180k distinct blocks cost milliseconds and no cache."""
-    x = counters.astype(np.uint64) + np.uint64(stream * 0x9E3779B97F4A7C15 % 2**64)
+    return _splitmix_ids(counters.astype(np.uint64) + _stream_offset(stream), vocab_size)
+
+
+def _stream_offset(stream: int) -> np.uint64:
+    return np.uint64(stream * 0x9E3779B97F4A7C15 % 2**64)
+
+
+def _splitmix_ids(x: np.ndarray, vocab_size: int) -> np.ndarray:
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     x ^= x >> np.uint64(31)
@@ -186,6 +208,18 @@ def _synthetic_ids(stream: int, counters: np.ndarray, vocab_size: int) -> np.nda
 
 def _unique_ids(n: int, key: int, vocab_size: int) -> np.ndarray:
     return _synthetic_ids(key, np.arange(n), vocab_size)
+
+
+def _unique_prompts(lengths: np.ndarray, first_index: int, vocab_size: int) -> list[list[int]]:
+    """The prompts of rows first_index, first_index + 1, ... with these lengths, as prompt_token_ids draws
+    them one by one, in one vectorised draw."""
+    _check_vocab(vocab_size)
+    starts = np.cumsum(lengths) - lengths
+    counters = (np.arange(int(lengths.sum())) - np.repeat(starts, lengths)).astype(np.uint64)
+    offsets = np.array([_stream_offset(_STREAM_REQUEST + first_index + i) for i in range(len(lengths))],
+                       dtype=np.uint64)
+    flat = _splitmix_ids(counters + np.repeat(offsets, lengths), vocab_size).tolist()
+    return [flat[a:a + n] for a, n in zip(starts.tolist(), lengths.tolist())]
 
 
 # ---- loaders: (spec with defaults, tokenizer) -> DataFrame in file order, first arrival at 0 ----
