@@ -316,9 +316,16 @@ def write_markdown(result: dict[str, Any], runs: Path, out: Path) -> None:
         gap = case["step_terms"]["engine_host_gap"]["engine_ms"]
         lines += ["", f"Engine host gap between steps (median): {_fmt(gap)} ms.", "", *_misses(case), "",
                   f"![latency CDFs]({_plot(runs / name, out, name)})", ""]
-    vidur = out / "fidelity_vidur.md"  # Vidur beside us (issue 5 section 4), by hand: Vidur runs apart
+    vidur = out / "fidelity_vidur.md"  # Vidur beside us (issue 5 section 4): benchmarks/vidur_side_by_side.py
     if vidur.is_file():
-        lines += [vidur.read_text().strip(), ""]
+        table = [line for line in vidur.read_text().splitlines() if line.startswith("|")]
+        lines += ["## Against Vidur", "",
+                  f"Vidur's prediction beside ours is in [{vidur.name}]({vidur.name}) (regenerate: `python "
+                  "benchmarks/vidur_side_by_side.py`): CodeLlama-34B on A100 with TP 2, the one configuration"
+                  " whose Vidur profiles are complete (the H100 Llama-2-7B profile of the cases above has no "
+                  "`attention.csv`), on two of these workloads' request lists. There is no A100 engine here, "
+                  "so neither simulator has ground truth on that card. Its table (reasons for the differences"
+                  " are given there):", "", *table, ""]
     if result["sweep"]:
         lines += ["## Policy sweep ranking", "", "| ranked by | engine (best first) | sim | same order |",
                   "|---|---|---|---|"]

@@ -2,6 +2,7 @@
 
     python benchmarks/sim_speed.py            # both cases, and Vidur beside the second
     python benchmarks/sim_speed.py --no-vidur
+    python benchmarks/sim_speed.py --policies # case 1 with each non-default policy, against the default
 
 Case 1: the whole Azure LLM 2023 conv trace (19,366 requests), Llama-2-7B on one A100-80GB, default knobs.
 Case 2: the same trace, CodeLlama-34B on A100 with TP 2 (pairwise NVLink), Vidur's profiles, with vLLM V1's
@@ -34,6 +35,17 @@ CASES = {
         "scheduler.enable_chunked_prefill=false",
     ],
 }
+
+# Each non-default policy of engine/core (README "Scheduler and cache knobs"), run on case 1.
+POLICIES = [
+    ["scheduler.queue_policy=priority"], ["scheduler.queue_policy=shortest_prompt"],
+    ["scheduler.queue_policy=edf"], ["scheduler.victim_policy=lowest_priority"],
+    ["scheduler.victim_policy=least_computed"], ["scheduler.victim_policy=most_blocks"],
+    ["scheduler.preemption_mode=swap"], ["scheduler.preemption_mode=cost"],
+    ["scheduler.max_waiting=500"], ["scheduler.shed_ttft_ms=20000"],
+    ["cache.eviction_policy=lfu"], ["cache.eviction_policy=cost"],
+    ["scheduler.max_num_partial_prefills=2", "scheduler.max_long_partial_prefills=1"],
+]
 
 
 def run_sim(overrides: list[str]) -> dict:
@@ -73,7 +85,11 @@ def main() -> None:
     ap.add_argument("--no-vidur", action="store_true", help="skip the Vidur baseline")
     ap.add_argument("--vidur-venv", default="/tmp/vidur-venv")
     ap.add_argument("--repeat", type=int, default=3, help="fresh runs per case; the median run is shown")
+    ap.add_argument("--policies", action="store_true", help="the cost of each non-default policy on case 1")
     args = ap.parse_args()
+    if args.policies:
+        policy_costs(args.repeat)
+        return
     results = {}
     for name, overrides in CASES.items():
         runs = sorted((run_sim(overrides) for _ in range(args.repeat)), key=lambda r: r["wall_s"])
@@ -97,6 +113,20 @@ def main() -> None:
     for name, r in results.items():
         print(f"{name:34s}" + "".join(f"{r.get(c, float('nan')):20.2f}" for c in cols))
     print(json.dumps(results, indent=1, default=str))
+
+
+def policy_costs(repeat: int) -> None:
+    base_case = CASES["llama2_7b/a100/tp1"]
+
+    def median_wall(extra: list[str]) -> float:
+        return sorted(run_sim(base_case + extra)["wall_s"] for _ in range(repeat))[repeat // 2]
+
+    base = median_wall([])
+    print(f"{'policy (case 1)':72s}{'wall_s':>10s}{'vs default':>12s}")
+    print(f"{'default':72s}{base:10.2f}{1.0:12.2f}")
+    for extra in POLICIES:
+        wall = median_wall(extra)
+        print(f"{' '.join(extra):72s}{wall:10.2f}{wall / base:12.2f}")
 
 
 if __name__ == "__main__":

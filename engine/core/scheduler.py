@@ -26,6 +26,10 @@ from engine.core.scheduler_output import SchedulerOutput
 
 RUNNING = RequestStatus.RUNNING
 
+# How many held-back requests (long prefill over its cap, adapter without a slot) admission looks past in
+# one step: under overload an unbounded scan would walk the whole waiting queue every step.
+MAX_SKIPPED = 64
+
 
 class Scheduler:
     def __init__(
@@ -261,6 +265,8 @@ class Scheduler:
                 break
             is_long = long_cap and remaining > threshold
             if (is_long and num_long >= long_cap) or not self._lora_fits(req):
+                if len(skipped) == MAX_SKIPPED:
+                    break
                 skipped.append(waiting.pop())
                 continue
             hits = kv.get_computed_blocks(req)
