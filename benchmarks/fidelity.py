@@ -224,6 +224,7 @@ def case_result(engine, sim) -> dict[str, Any]:
 
 
 BATCH_BINS = (0, 8, 32, 128, 100_000)
+RERUNS = "_reruns"  # under the runs folder: other engine runs of some cases (see _reproducibility_lines)
 
 
 def step_groups(steps: pd.DataFrame) -> dict[str, pd.Series]:
@@ -296,7 +297,8 @@ def write_markdown(result: dict[str, Any], runs: Path, out: Path) -> None:
     lines = ["# Simulator fidelity against the engine", "",
              "Each workload ran on the engine (`backend=engine`) and on the simulator with the engine's own "
              "profiles (`backend.step_time=profile`, same config, same KV block count). Relative error = "
-             "(sim - engine) / engine. Targets: p50 within 3 %, p99 within 8 %, throughput within 2 %.", ""]
+             "(sim - engine) / engine. Targets: p50 within 3 %, p99 within 8 %, throughput within 2 %.", "",
+             *_summary_lines(result), *_reproducibility_lines(result, runs / RERUNS)]
     for name, case in result["cases"].items():
         lines += [f"## {name}", "", f"Step-time model: {case['step_time_model']}; steps outside the profile: "
                   f"{case['num_steps_outside_profile']}.", "",
@@ -332,6 +334,44 @@ def write_markdown(result: dict[str, Any], runs: Path, out: Path) -> None:
         for key, r in result["sweep"].items():
             lines.append(f"| {key} | {', '.join(r['engine'])} | {', '.join(r['sim'])} | {r['same_order']} |")
     (out / "fidelity.md").write_text("\n".join(lines) + "\n")
+
+
+def _summary_lines(result: dict[str, Any]) -> list[str]:
+    rows, met_all, total_all = [], 0, 0
+    for name, case in result["cases"].items():
+        judged = [m["met"] for m in case["metrics"].values() if m["met"] is not None]
+        met_all, total_all = met_all + sum(judged), total_all + len(judged)
+        rows.append(f"| {name} | {sum(judged)} / {len(judged)} |")
+    return [f"Targets met: {met_all} of {total_all}.", "", "| case | targets met |", "|---|---|", *rows, ""]
+
+
+def _reproducibility_lines(result: dict[str, Any], reruns: Path) -> list[str]:
+    """The engine against itself: reruns of some cases (`<reruns>/<label>/<case>_summary.json`, other runs of
+    the same workloads) as relative differences from the committed engine run, beside the simulator's error.
+    A target tighter than the engine's own spread cannot be met by any step-time model."""
+    labels = sorted(p.name for p in reruns.glob("*") if p.is_dir())
+    if not labels:
+        return []
+    header = f"| case | metric | {' | '.join(labels)} | simulator |"
+    lines = ["## The engine against itself", "",
+             "Other engine runs of the same workloads (folders under `reports/fidelity/_reruns/`: "
+             "`h100_run1` ran before `gc.freeze()` was added to the engine, on another H100; `h200_run3` ran "
+             "the committed code on an H200), as relative differences from the committed engine run, beside "
+             "the simulator's error against that run.", "",
+             header, "|---|---|" + "---|" * (len(labels) + 1)]
+    for name, case in result["cases"].items():
+        reruns_of = {lb: reruns / lb / f"{name}_summary.json" for lb in labels}
+        if not any(p.is_file() for p in reruns_of.values()):
+            continue
+        others = {lb: json.loads(p.read_text()) if p.is_file() else {} for lb, p in reruns_of.items()}
+        for metric, m in case["metrics"].items():
+            if m["target"] is None:
+                continue
+            key, e = METRICS[metric][0], m["engine"]
+            diffs = [_pct((o[key] - e) / e) if _finite(o.get(key)) and _finite(e) and e else ""
+                     for o in others.values()]
+            lines.append(f"| {name} | {metric} | {' | '.join(diffs)} | {_pct(m['rel_error'])} |")
+    return [*lines, ""]
 
 
 def _misses(case: dict[str, Any]) -> list[str]:

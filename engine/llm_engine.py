@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from transformers import AutoTokenizer
 
 from engine.config import EngineArgs, ModelConfig
+from engine.core.config import CacheConfig, SchedulerConfig
 from engine.core.recorder import TraceRecorder
 from engine.core.request import Request, RequestStatus
 from engine.core.sampling_params import SamplingParams
@@ -47,14 +48,19 @@ class LLMEngine:
     time.perf_counter(), so the recorder's step durations are precise.
     """
 
-    def __init__(self, args: EngineArgs) -> None:
+    def __init__(self, args: EngineArgs, scheduler_config: SchedulerConfig | None = None,
+                 cache_config: CacheConfig | None = None) -> None:
+        """`scheduler_config` / `cache_config`: engine/core's whole configs (every policy knob, not only
+        the vLLM-named ones in `args`), as the workbench passes them; None derives them from `args`."""
         self.args = args
         self.model_config = cfg = ModelConfig.from_dir(args.model)
         self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
         if not hasattr(self.tokenizer, "backend_tokenizer"):
             raise ValueError(f"{args.tokenizer or args.model}: a fast tokenizer (tokenizer.json) is required")
         self.max_model_len = args.resolved_max_model_len(cfg)
-        self.runner = ModelRunner(args, cfg, args.scheduler_config(self.max_model_len))
+        self.scheduler_config = scheduler_config or args.scheduler_config(self.max_model_len)
+        self.cache_config = cache_config or args.cache_config()
+        self.runner = ModelRunner(args, cfg, self.scheduler_config)
         self.reset()
         eos = cfg.eos_token_ids
         self.eos_token_id = next((e for e in [self.tokenizer.eos_token_id, *eos] if e is not None), None)
@@ -70,8 +76,8 @@ class LLMEngine:
         """A fresh scheduler, KV cache index (prefix cache included) and trace on the loaded model: one model
         load serves several benchmark runs. Requests still in flight are dropped."""
         self.recorder = TraceRecorder()
-        self.scheduler = Scheduler(self.args.scheduler_config(self.max_model_len), self.args.cache_config(),
-                                   self.runner.num_gpu_blocks, self.runner.num_cpu_blocks, self.recorder)
+        self.scheduler = Scheduler(self.scheduler_config, self.cache_config, self.runner.num_gpu_blocks,
+                                   self.runner.num_cpu_blocks, self.recorder)
         self._tracked: dict[str, _Tracked] = {}
 
     @classmethod

@@ -112,7 +112,9 @@ def build_engine(cfg: dict[str, Any]) -> Any:
     b = cfg["backend"]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = b.get("model_path") or str(write_dummy_model_dir(hf_config(cfg["model"]), Path(tmp)))
-        engine = LLMEngine(_engine_args(cfg, model_dir, EngineArgs))
+        # The harness's whole scheduler and cache groups, so every engine/core policy runs on the engine too.
+        engine = LLMEngine(_engine_args(cfg, model_dir, EngineArgs),
+                           scheduler_config(cfg, cfg["model"]["max_model_len"]), cache_config(cfg))
     if b.get("warmup", True):
         warm_up(engine)
     return engine
