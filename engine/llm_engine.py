@@ -79,6 +79,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.scheduler_config, self.cache_config, self.runner.num_gpu_blocks,
                                    self.runner.num_cpu_blocks, self.recorder)
         self._tracked: dict[str, _Tracked] = {}
+        self._dropped: list[_Tracked] = []  # finished without a step (shed): reported by the next step()
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> LLMEngine:
@@ -111,8 +112,9 @@ class LLMEngine:
         req = Request(request_id, list(prompt_token_ids), params, arrival, priority,
                       eos_token_id=self.eos_token_id)
         detok = Detokenizer(self.tokenizer.backend_tokenizer, req.prompt_token_ids, params.stop)
-        self.scheduler.add_request(req, now)
-        self._tracked[request_id] = _Tracked(req, prompt, detok)
+        self._tracked[request_id] = tracked = _Tracked(req, prompt, detok)
+        if not self.scheduler.add_request(req, now):  # shed on arrival: the waiting queue is full
+            self._dropped.append(tracked)
 
     def _validate(self, request_id: str, ids: list[int], params: SamplingParams) -> None:
         n, limit = len(ids), self.max_model_len
@@ -134,7 +136,7 @@ class LLMEngine:
             self.runner.sampler.forget(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return bool(self._dropped) or self.scheduler.has_unfinished_requests()
 
     # ---- one step ------------------------------------------------------------------
     def step(self, final_only: bool = False) -> list[RequestOutput]:
@@ -144,12 +146,17 @@ class LLMEngine:
         stop string needs it before then (the rest is decoded at once at the end: the same text).
         """
         out = self.scheduler.schedule(self.now())
+        # Requests the scheduler shed (admission control) end without a token; they are reported too.
+        self._dropped += (self._tracked[req.request_id] for req in out.shed)
+        outputs = [self._output(t) for t in self._dropped]
+        for t in self._dropped:
+            del self._tracked[t.req.request_id]
+        self._dropped.clear()
         if out.empty:
-            return []
+            return outputs
         sampled = self.runner.execute(out, self.scheduler.kv)
         now = self.now()
         self.scheduler.update(out, sampled, now)
-        outputs = []
         for req in out.requests:
             tracked = self._tracked.get(req.request_id)
             if tracked is None or req.num_output_tokens == tracked.num_reported:

@@ -6,6 +6,8 @@ tests/test_engine_gpu.py covers CUDA); only the vLLM-style example picks its dev
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from tiny_model import build_tiny_model
@@ -212,3 +214,17 @@ def test_streaming_steps_are_cumulative(llm):
         assert cur.outputs[0].text.startswith(prev.outputs[0].text)
     offline = llm.generate(PROMPTS[1], params, use_tqdm=False)[0].outputs[0]
     assert (seen[-1].outputs[0].text, seen[-1].outputs[0].token_ids) == (offline.text, offline.token_ids)
+
+
+@pytest.mark.parametrize("knob", [{"max_waiting": 1}, {"shed_ttft_ms": 1e-6}], ids=["queue-cap", "ttft-slo"])
+def test_shed_requests_come_back_finished(tiny_llama_dir, knob):
+    # The engine runs engine/core's admission control too: what it sheds is returned, with no token.
+    llm = LLM(model=str(tiny_llama_dir), dtype="float32", max_num_seqs=1)
+    engine = llm.engine
+    engine.scheduler_config = dataclasses.replace(engine.scheduler_config, **knob)
+    engine.reset()
+    outs = llm.generate(["one", "two", "three"], SamplingParams(max_tokens=2), use_tqdm=False)
+    reasons = [o.outputs[0].finish_reason for o in outs]
+    assert all(o.finished for o in outs) and "shed" in reasons
+    assert all(o.outputs[0].token_ids == [] for o, r in zip(outs, reasons) if r == "shed")
+    assert engine.scheduler.num_shed == reasons.count("shed") and not engine.has_unfinished_requests()

@@ -280,3 +280,17 @@ def test_an_image_inside_a_prefix_hit_is_not_encoded():
     sched.add_request(image_request("b", "h-cat"), 10.0)
     out = sched.schedule(10.0)
     assert out.prefix_hit_tokens == 28 and out.encoder_inputs == []
+
+
+def test_shed_ttft_with_a_prefill_price_sheds_before_the_slo_runs_out():
+    # 8 prompt tokens at 0.25 s each: "late" cannot get its first token within 2.5 s once it has waited
+    # more than 0.5 s, so it goes at the first step after that instead of after 2.5 s.
+    cfg = SchedulerConfig(max_num_seqs=1, shed_ttft_ms=2500, max_model_len=64, recompute_s_per_token=0.25)
+    sched = Scheduler(cfg, CacheConfig(), 64)
+    sched.add_request(make(8, "busy", max_tokens=10), 0.0)
+    sched.add_request(make(8, "late", base=100), 0.0)
+    run_all(sched)
+    rows = sched.recorder.requests_table()
+    finish = dict(zip(rows["request_id"], rows["finish_s"]))
+    assert dict(zip(rows["request_id"], rows["finish_reason"]))["late"] == "shed"
+    assert finish["late"] == 1.0

@@ -143,7 +143,7 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self._schedule_running(out, cfg.max_num_batched_tokens)
         if cfg.shed_ttft_ms:
-            self._shed_late(now)
+            self._shed_late(out, now)
         if not out.preempted:
             budget = self._resume_swapped(out, budget)
             self._admit_waiting(out, budget, now)
@@ -309,16 +309,23 @@ class Scheduler:
         """A request is admitted only if its adapter can get a GPU slot; the base model always fits."""
         return self.loras is None or not req.lora_id or self.loras.can_place(req.lora_id)
 
-    def _shed_late(self, now: float) -> None:
-        """Shed waiting requests, from the head of the queue, that can no longer meet shed_ttft_ms."""
+    def _shed_late(self, out: SchedulerOutput, now: float) -> None:
+        """Shed waiting requests, from the head of the queue, that can no longer meet shed_ttft_ms: already
+        past it, or past it once their own prefill is done when `recompute_s_per_token` prices one (the
+        simulator fills it from its step-time model; unset, only requests already late are shed)."""
         waiting, limit = self.waiting, self.config.shed_ttft_ms / 1e3
+        per_token = self.config.recompute_s_per_token or 0.0
         while waiting:
             req = waiting.peek()
-            if req.first_token_time is not None or now - req.arrival_time <= limit:
+            if req.first_token_time is not None:
+                return
+            prefill_s = (req.num_prompt_tokens - req.num_computed_tokens) * per_token
+            if now - req.arrival_time + prefill_s <= limit:
                 return
             waiting.pop()
             self.num_shed += 1
             self._finish(req, RequestStatus.FINISHED_SHED, now)
+            out.shed.append(req)
 
     def _schedule_encoder_inputs(self, out: SchedulerOutput) -> None:
         """Images whose placeholder tokens the batch reaches for the first time since (re)admission:

@@ -36,6 +36,7 @@ class SchedulerOutput:
     )  # (gpu block, cpu block), before the forward
     swap_in: list[tuple[int, int]] = field(default_factory=list)  # (cpu block, gpu block), before the forward
     preempted: list[Request] = field(default_factory=list)
+    shed: list[Request] = field(default_factory=list)  # dropped from the waiting queue this step (TTFT SLO)
     loaded_loras: list[int] = field(default_factory=list)
     loaded_loras_from_disk: list[int] = field(default_factory=list)
     encoder_inputs: list[tuple[str, int]] = field(default_factory=list)
