@@ -22,7 +22,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -30,6 +30,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+if TYPE_CHECKING:
+    from workbench.runs import Run
 CONF = REPO / "conf"
 RUNS = REPO / "reports" / "fidelity"
 SWEEP = "sweep"  # case-name prefix of the policy sweep
@@ -208,7 +211,7 @@ def compare(runs: Path, out: Path, profile_root: Path | None = None) -> dict[str
     return result
 
 
-def case_result(engine, sim) -> dict[str, Any]:
+def case_result(engine: Run, sim: Run) -> dict[str, Any]:
     metrics = {}
     for name, (key, target) in METRICS.items():
         e, s = engine.summary.get(key), sim.summary.get(key)
@@ -394,12 +397,13 @@ def _plot(case_dir: Path, out: Path, name: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from workbench.metrics import latencies
+    from workbench.metrics import FINISHED, latencies
     from workbench.runs import load_run
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
     for backend, style in (("engine", "-"), ("sim", "--")):
-        lat = latencies(_finished(load_run(case_dir / backend).requests))
+        requests = load_run(case_dir / backend).requests
+        lat = latencies(requests[requests["finish_reason"].isin(FINISHED)])
         for ax, key in zip(axes, ("ttft_ms", "tpot_ms", "e2el_ms")):
             v = np.sort(lat[key].dropna().to_numpy())
             ax.plot(v, np.arange(1, len(v) + 1) / max(len(v), 1), style, label=backend)
@@ -414,10 +418,6 @@ def _plot(case_dir: Path, out: Path, name: str) -> str:
     fig.savefig(out / rel, dpi=80)
     plt.close(fig)
     return str(rel)
-
-
-def _finished(requests: pd.DataFrame) -> pd.DataFrame:
-    return requests[requests["finish_reason"].isin(("stop", "length"))]
 
 
 def _fmt(x: Any) -> str:

@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -41,6 +42,9 @@ from engine.core.kv_cache_manager import KVCacheManager
 from engine.core.request import Request
 from engine.core.sampling_params import SamplingParams
 from engine.core.scheduler_output import SchedulerOutput
+
+if TYPE_CHECKING:
+    from engine import LLMEngine
 
 REPO = Path(__file__).resolve().parents[1]
 LINEAR_CHUNK = 128  # tokens per sequence in `linear` points: long enough to be matmul-bound, attention ~0
@@ -120,7 +124,7 @@ def resolve_model(model: str, tmp: Path) -> tuple[str, Path]:
 
 
 class Profiler:
-    def __init__(self, engine, grid: Grid) -> None:
+    def __init__(self, engine: LLMEngine, grid: Grid) -> None:
         self.engine, self.runner, self.grid = engine, engine.runner, grid
         self.mml, self.bs = engine.max_model_len, self.runner.block_size
         self.kv = KVCacheManager(self.runner.num_gpu_blocks, self.bs, enable_caching=False)
@@ -135,14 +139,19 @@ class Profiler:
         prompt = context + new + (0 if sample else 1)
         ids = [100 + (i * 7919) % 500 for i in range(prompt)]
         req = Request(f"p{self._ids}", ids, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
-        assert self.kv.allocate_slots(req, context + new, [])
+        self._allocate(req, context + new, [])
         req.num_computed_tokens = context
         return req
+
+    def _allocate(self, req: Request, num_tokens: int, computed_blocks: list[int] | None = None) -> None:
+        # not an assert: the allocation is the point, and `python -O` would skip it
+        if not self.kv.allocate_slots(req, num_tokens, computed_blocks):
+            raise RuntimeError(f"profile: no KV blocks left for {num_tokens} tokens of {req.request_id}")
 
     def _decode_request(self, context: int) -> Request:
         req = self._request(context - 1, 0, sample=True)
         req.all_token_ids.append(100)  # one output token sampled: the next step decodes it
-        assert self.kv.allocate_slots(req, 1)
+        self._allocate(req, 1)
         return req
 
     def batch(self, chunks: list[tuple[int, int]], decodes: list[int], sample: bool = True
@@ -236,11 +245,11 @@ class Profiler:
 
     def run_cpu(self) -> list[dict]:
         """Per-step host overhead in the engine loop as `backend=engine` runs it: period minus execute."""
-        engine, rows = self.engine, []
+        rows = []
         runner_execute = self.runner.execute
         spent: list[tuple[float, float]] = []  # (execute s, mean decode context) of each loop step
 
-        def timed_execute(out, kv):
+        def timed_execute(out: SchedulerOutput, kv: KVCacheManager) -> list[int]:
             t0 = time.perf_counter()
             sampled = runner_execute(out, kv)
             elapsed = time.perf_counter() - t0
@@ -250,12 +259,13 @@ class Profiler:
         self.runner.execute = timed_execute
         try:
             for b in self.grid.cpu_batches:
-                rows.append(self._cpu_point(engine, b, spent))
+                rows.append(self._cpu_point(b, spent))
         finally:
             del self.runner.execute
         return rows
 
-    def _cpu_point(self, engine, b: int, spent: list[tuple[float, float]]) -> dict:
+    def _cpu_point(self, b: int, spent: list[tuple[float, float]]) -> dict:
+        engine = self.engine
         params = SamplingParams(max_tokens=self.grid.cpu_steps + 4, temperature=0.0, ignore_eos=True)
         for i in range(b):
             engine.add_request(f"cpu{b}-{i}", None, [100 + i % 500] * 16, params)

@@ -65,15 +65,18 @@ class RoundRobin:
         self._next = 0
 
     def select(self, req: Request, replicas: Sequence[Replica]) -> int:
-        i = self._next
-        self._next = (i + 1) % len(replicas)
-        return i
+        return self._take_turn(len(replicas))
 
     def rotation(self, n: int) -> list[int]:
         """0..n-1 starting from the next replica in turn: a tie-break that spreads ties evenly (at low load
         every replica has 0 outstanding; ties to the lowest index would send it everything)."""
-        first = self.select(None, range(n))
+        first = self._take_turn(n)
         return [*range(first, n), *range(first)]
+
+    def _take_turn(self, n: int) -> int:
+        i = self._next
+        self._next = (i + 1) % n
+        return i
 
 
 class LeastOutstanding:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -187,6 +188,8 @@ class ProfileStepTime(RooflineStepTime):
         batch (1 where the profile predates the `context` column or the grid lacks the point)."""
         if "context" not in cpu.columns:
             return _Curve(np.array([1]), np.array([1.0]))
+        if "execute_s" not in cpu.columns:
+            raise ValueError(f"{self.folder / 'cpu.csv'}: missing column 'execute_s' (it has 'context')")
         grid = [self._decode(int(b), int(b * c)) for b, c in zip(cpu["batch"], cpu["context"])]
         ratio = [e / g if g else 1.0 for e, g in zip(cpu["execute_s"], grid)]
         return _Curve(cpu["batch"].to_numpy(), np.asarray(ratio))
@@ -225,7 +228,7 @@ class ProfileStepTime(RooflineStepTime):
             return fallback
         return float(np.median(rows["median_s"].to_numpy() / rows["blocks"].to_numpy()))
 
-    def _attention(self, chunks) -> float:
+    def _attention(self, chunks: Iterable[tuple[int, int]]) -> float:
         a0, a1, a2 = self._attn
         t = 0.0
         for n, c in chunks:

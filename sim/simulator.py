@@ -79,7 +79,7 @@ class Simulation:
         """The engine that serves `req`."""
         return self.engines[0]
 
-    def _arrive(self):
+    def _arrive(self) -> Iterator[simpy.Event]:
         env = self.env
         for req in self._requests:
             if req.arrival_time > env.now:
@@ -93,7 +93,7 @@ class Simulation:
         for engine in self.engines:
             engine.notify()
 
-    def _engine_loop(self, engine: Engine):
+    def _engine_loop(self, engine: Engine) -> Iterator[simpy.Event]:
         env, scheduler, predict, stages = self.env, engine.scheduler, engine.step_time.predict, engine.stages
         on_finished = self.on_finished
         while True:
@@ -119,7 +119,7 @@ class Simulation:
             if finished and on_finished:
                 on_finished(len(finished))
 
-    def _through_stages(self, stages: list[simpy.Resource], duration: float):
+    def _through_stages(self, stages: list[simpy.Resource], duration: float) -> Iterator[simpy.Event]:
         """One micro-batch through the pipeline: each stage holds it for duration / P, then hands it on
         (the step time already holds the P - 1 activation sends, so they are spread over the stages).
         A stage busy with another virtual engine's batch makes this one wait: that, and stages idle

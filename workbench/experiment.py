@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from engine.core import CacheConfig, Scheduler, SchedulerConfig, TraceRecorder
 from engine.core.config import default_max_num_batched_tokens
+
+if TYPE_CHECKING:
+    from sim.lora import LoRA
+    from sim.multimodal import VisionEncoder
+    from sim.quantization import QuantizationTerm
+    from sim.simulator import StepTimeModel
+    from sim.specs import HardwareSpec, ModelSpec, ParallelSpec
+    from sim.terms import Term
 
 BACKENDS = ("sim", "engine", "server")
 
@@ -124,7 +132,6 @@ def simulate(cfg: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, Any, dict
         parallel_spec,
         weight_bytes_per_gpu,
     )
-    from sim.step_time import make_step_time_model
     from sim.terms import with_terms
     from workbench.workloads import assign_adapters, assign_images, iter_requests, load_workload
 
@@ -151,8 +158,7 @@ def simulate(cfg: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, Any, dict
     )
     cpu_blocks = num_cpu_blocks(cache_cfg.swap_space, model, par, bs, kv_bytes)
     base, step_time_note = _step_time_model(
-        cfg["backend"].get("step_time", "auto"), model, hw, par, bs, make_step_time_model,
-        cfg["backend"].get("profile_root"),
+        cfg["backend"].get("step_time", "auto"), model, hw, par, bs, cfg["backend"].get("profile_root")
     )
     if sched_cfg.preemption_mode == "cost" or sched_cfg.shed_ttft_ms:
         _fill_preemption_costs(sched_cfg, base, block_bytes(model, par, bs, kv_bytes) / (hw.pcie_gbs * 1e9))
@@ -206,12 +212,13 @@ def simulate(cfg: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, Any, dict
     return requests_df, steps_df, itl, info
 
 
-def _feature_terms(quant_term, lora, encoder, model, hw, par) -> list:
+def _feature_terms(quant_term: QuantizationTerm | None, lora: LoRA, encoder: VisionEncoder | None,
+                   model: ModelSpec, hw: HardwareSpec, par: ParallelSpec) -> list[Term]:
     """Step-time terms of the features that are on (sim.terms): none by default."""
     from sim.lora import LoRATerm
     from sim.multimodal import EncoderTerm
 
-    terms = [quant_term] if quant_term is not None else []
+    terms: list[Term] = [quant_term] if quant_term is not None else []
     if lora.enabled:
         terms.append(LoRATerm(model, hw, par, lora))
     if encoder is not None:
@@ -219,7 +226,7 @@ def _feature_terms(quant_term, lora, encoder, model, hw, par) -> list:
     return terms
 
 
-def _feature_counts(terms: list) -> dict[str, Any]:
+def _feature_counts(terms: list[Term]) -> dict[str, Any]:
     """LoRA loads and images encoded, summed over replicas (for summary.json)."""
     from sim.lora import LoRATerm
     from sim.multimodal import EncoderTerm
@@ -282,19 +289,25 @@ def _fill_preemption_costs(sched_cfg: SchedulerConfig, step_time: Any, swap_s_pe
         sched_cfg.recompute_s_per_token = step_time.predict(chunk) / n
 
 
-def _step_time_model(kind, model, hw, par, block_size, factory, engine_profiles=None):
+def _step_time_model(kind: str, model: ModelSpec, hw: HardwareSpec, par: ParallelSpec, block_size: int,
+                     engine_profiles: str | None = None) -> tuple[StepTimeModel, str]:
     """auto: the engine's own profiles of this model and card, else Vidur's, else the roofline."""
+    from sim.step_time import make_step_time_model
+
+    def build(name: str) -> StepTimeModel:
+        return make_step_time_model(name, model, hw, par, block_size, engine_profile_root=engine_profiles)
+
     if kind != "auto":
-        return factory(kind, model, hw, par, block_size, engine_profile_root=engine_profiles), kind
+        return build(kind), kind
     try:
-        st = factory("profile", model, hw, par, block_size, engine_profile_root=engine_profiles)
+        st = build("profile")
         return st, f"profile ({st.folder})"
     except ValueError as e:
         why = f"no engine profile: {e}"
     try:
-        return factory("vidur", model, hw, par, block_size), f"vidur ({why})"
+        return build("vidur"), f"vidur ({why})"
     except ValueError as e:
-        return factory("roofline", model, hw, par, block_size), f"roofline ({why}; no Vidur profile: {e})"
+        return build("roofline"), f"roofline ({why}; no Vidur profile: {e})"
 
 
 class _NoBar:

@@ -38,10 +38,12 @@ def summarize(requests: pd.DataFrame, steps: pd.DataFrame | None = None, itl_s: 
     n_in, n_out = int(_f(done["prompt_tokens"]).sum()), int(_f(done["output_tokens"]).sum())
     scheduled = requests[_f(requests["first_scheduled_s"]).notna()]  # rejected requests never look up
     kv, weights = _f(steps["kv_usage"]).to_numpy(), _f(steps["duration_s"]).to_numpy()
+    num_rejected = int((reason == "rejected").sum())
+    num_good = _num_good(latency, slo) if _active(slo) else None
     out: dict[str, Any] = {
         "num_requests": len(requests),
         "num_finished": len(done),
-        "num_rejected": int((reason == "rejected").sum()),
+        "num_rejected": num_rejected,
         "num_aborted": int((reason == "abort").sum()),
         "num_shed": int((reason == "shed").sum()),  # dropped by admission control (max_waiting, shed_ttft_ms)
         "duration_s": duration_s,
@@ -49,11 +51,10 @@ def summarize(requests: pd.DataFrame, steps: pd.DataFrame | None = None, itl_s: 
         "input_throughput": per_s(n_in),
         "output_throughput": per_s(n_out),
         "total_token_throughput": per_s(n_in + n_out),
-        "goodput": per_s(_num_good(latency, slo)) if _active(slo) else math.nan,
+        "goodput": per_s(num_good) if num_good is not None else math.nan,
         # share of the servable requests (all but prompts over max_model_len: no deployment of this model
         # serves those) finished within every SLO; shed and aborted requests count as misses
-        "slo_attainment": _ratio(_num_good(latency, slo), len(requests) - int((reason == "rejected").sum()))
-        if _active(slo) else math.nan,
+        "slo_attainment": math.nan if num_good is None else _ratio(num_good, len(requests) - num_rejected),
     }
     for name, values in (*latency.items(), ("itl_ms", 1e3 * np.asarray(itl_s if itl_s is not None else []))):
         out |= _stats(name, values)

@@ -16,9 +16,8 @@ class BlockPool:
     work of allocating, caching and freeing to a few list operations.
     """
 
-    def __init__(self, num_blocks: int, enable_caching: bool = True, eviction_policy: str = "lru") -> None:
+    def __init__(self, num_blocks: int, eviction_policy: str = "lru") -> None:
         self.num_blocks = num_blocks
-        self.enable_caching = enable_caching
         self.ref_cnt = [0] * num_blocks
         self.block_hash: list[int | None] = [None] * num_blocks
         # Scores of the lfu and cost free queues (engine.core.eviction), which reset them on eviction:

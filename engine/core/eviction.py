@@ -30,8 +30,10 @@ class LRUQueue(OrderedDict):
     revalue = None  # no per-block scores to keep up to date
 
 
-class HeapQueue:
+class ScoredFreeQueue:
     """Smallest `scores[block]` first, least recently freed on ties; stale heap entries are skipped."""
+
+    revalue = None  # only CostQueue derives scores from a block table before it is freed
 
     def __init__(self, pool: BlockPool, scores: list[int]) -> None:
         self._scores = scores
@@ -69,16 +71,14 @@ class HeapQueue:
         return block_id in self._live
 
 
-class LFUQueue(HeapQueue):
+class LFUQueue(ScoredFreeQueue):
     """The block with the fewest prefix-cache hits goes first (least recently freed on ties)."""
-
-    revalue = None
 
     def __init__(self, pool: BlockPool) -> None:
         super().__init__(pool, pool.hits)
 
 
-class CostQueue(HeapQueue):
+class CostQueue(ScoredFreeQueue):
     """Keeps the blocks that save the most recompute: a block at depth d (1 = first block of a
     prompt) hit h times has saved d x h blocks of prefill; its value is the largest such product
     over itself and its cached descendants, and the lowest value goes first."""
@@ -99,5 +99,5 @@ class CostQueue(HeapQueue):
 EVICTION_POLICIES = {"lru": LRUQueue, "lfu": LFUQueue, "cost": CostQueue}
 
 
-def make_free_queue(name: str, pool: BlockPool) -> LRUQueue | HeapQueue:
+def make_free_queue(name: str, pool: BlockPool) -> LRUQueue | ScoredFreeQueue:
     return LRUQueue() if name == "lru" else EVICTION_POLICIES[name](pool)

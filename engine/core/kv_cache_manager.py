@@ -57,9 +57,8 @@ class KVCacheManager:
     ) -> None:
         self.block_size = block_size
         self.enable_caching = enable_caching
-        self.pool = BlockPool(num_gpu_blocks, enable_caching, eviction_policy)
+        self.pool = BlockPool(num_gpu_blocks, eviction_policy)
         self.num_gpu_blocks = num_gpu_blocks
-        self.num_cpu_blocks = num_cpu_blocks
         self._tables: dict[str, list[int]] = {}  # request id -> req.block_table, for the executor
         self._cpu_free: list[int] = list(range(num_cpu_blocks - 1, -1, -1))
         self._swapped: dict[str, list[int]] = {}

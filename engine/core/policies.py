@@ -90,12 +90,11 @@ class EarliestDeadlineFirst(HeapQueue):
 class LastAdmitted:
     """vLLM's victim: the most recently admitted running request.
 
-    `select(running, current)` returns an index into `running`; `current` is the
-    request that needs a block (those before it are already in this step's batch).
+    `select(running)` returns the index into `running` of the request to preempt.
     """
 
     @staticmethod
-    def select(running: list[Request], current: int) -> int:
+    def select(running: list[Request]) -> int:
         return len(running) - 1
 
 
@@ -103,7 +102,7 @@ class LowestPriority:
     """The running request with the largest priority value, latest arrival on ties."""
 
     @staticmethod
-    def select(running: list[Request], current: int) -> int:
+    def select(running: list[Request]) -> int:
         return max(range(len(running)), key=lambda j: (running[j].priority, running[j].arrival_time))
 
 
@@ -111,7 +110,7 @@ class LeastComputed:
     """The running request with the fewest computed tokens: the least work lost to a recompute."""
 
     @staticmethod
-    def select(running: list[Request], current: int) -> int:
+    def select(running: list[Request]) -> int:
         return min(
             range(len(running)), key=lambda j: (running[j].num_computed_tokens, -running[j].arrival_time)
         )
@@ -125,7 +124,7 @@ class MostBlocks:
     """
 
     @staticmethod
-    def select(running: list[Request], current: int) -> int:
+    def select(running: list[Request]) -> int:
         candidates = range(1, len(running)) if len(running) > 1 else range(1)
         return max(candidates, key=lambda j: (running[j].num_kv_slots, running[j].arrival_time))
 

@@ -123,6 +123,9 @@ class Scheduler:
 
     def _leave_running(self, req: Request) -> None:
         self.running.remove(req)
+        self._release_lora(req)
+
+    def _release_lora(self, req: Request) -> None:
         if self.loras is not None and req.lora_id:
             self.loras.release(req.lora_id)
 
@@ -193,7 +196,7 @@ class Scheduler:
                 break
             if not blocked:
                 break
-            j = self.victim_policy.select(running, k)
+            j = self.victim_policy.select(running)
             victim = running.pop(j)
             if j < k:  # already in this step's batch: give its tokens back
                 k -= 1
@@ -260,18 +263,18 @@ class Scheduler:
         skipped = []  # passed over for now (adapter without a slot, long prefill over its cap)
         while waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
             req = waiting.peek()
-            remaining = len(req.all_token_ids)
             if self._prefill_capped(out, req):
                 break
-            is_long = long_cap and remaining > threshold
-            if (is_long and num_long >= long_cap) or not self._lora_fits(req):
+            hits = kv.get_computed_blocks(req) if self._lora_fits(req) else None
+            # Long, as in _num_long_prefills: by what is left to compute after the prefix-cache hit.
+            num_hit = len(hits) * bs if hits is not None else 0
+            n = len(req.all_token_ids) - num_hit
+            is_long = long_cap and n > threshold
+            if hits is None or (is_long and num_long >= long_cap):
                 if len(skipped) == MAX_SKIPPED:
                     break
                 skipped.append(waiting.pop())
                 continue
-            hits = kv.get_computed_blocks(req)
-            num_hit = len(hits) * bs
-            n = remaining - num_hit
             if threshold:
                 n = min(n, threshold)
             if n > budget:
@@ -346,8 +349,7 @@ class Scheduler:
         req.num_preemptions += 1
         self.num_preemptions += 1
         req.num_mm_handled = 0  # the encoder outputs it held are dropped with its KV
-        if self.loras is not None and req.lora_id:
-            self.loras.release(req.lora_id)
+        self._release_lora(req)
         out.preempted.append(req)
         if self.preemption.swap(req, len(req.block_table)):
             mapping = self.kv.swap_out(req)
