@@ -31,6 +31,7 @@ def replay_on_engine(cfg: dict[str, Any], engine: Any = None
     pending = iter_requests(workload, engine.vocab_size)
     nxt = next(pending, None)
     t0 = engine.now()
+    allocs_before = _device_allocations(engine)
     with GCPauses() as pauses:
         while nxt is not None or engine.has_unfinished_requests():
             now = engine.now() - t0
@@ -60,8 +61,21 @@ def replay_on_engine(cfg: dict[str, Any], engine: Any = None
         "gc_collections": pauses.count,
         "gc_pause_s": pauses.seconds,
         "gc_max_pause_ms": pauses.longest * 1e3,
+        # cudaMalloc / cudaFree calls and allocator retries during the replay: each can stall a step by
+        # milliseconds, in serving (varied step shapes) but not in the profiler (one shape back to back).
+        **{k: v - allocs_before.get(k, 0) for k, v in _device_allocations(engine).items()},
     }
     return requests, steps, rec.itl_s, info
+
+
+def _device_allocations(engine: Any) -> dict[str, int]:
+    if engine.runner.device.type != "cuda":
+        return {}
+    import torch
+
+    stats = torch.cuda.memory_stats(engine.runner.device)
+    return {"cuda_mallocs": stats.get("num_device_alloc", 0), "cuda_frees": stats.get("num_device_free", 0),
+            "cuda_alloc_retries": stats.get("num_alloc_retries", 0)}
 
 
 class GCPauses:
