@@ -154,7 +154,7 @@ class LLMEngine:
         self._dropped.clear()
         if out.empty:
             return outputs
-        sampled = self.runner.execute(out, self.scheduler.kv)
+        sampled = self.runner.execute(out)
         now = self.now()
         self.scheduler.update(out, sampled, now)
         for req in out.requests:

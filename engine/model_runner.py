@@ -10,7 +10,6 @@ import torch
 
 from engine.config import EngineArgs, ModelConfig
 from engine.core.config import SchedulerConfig
-from engine.core.kv_cache_manager import KVCacheManager
 from engine.core.scheduler_output import SchedulerOutput
 from engine.loader import load_model
 from engine.models import AttentionMetadata
@@ -173,12 +172,12 @@ class ModelRunner:
 
     # ---- one step -----------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, kv: KVCacheManager) -> list[int]:
+    def execute(self, out: SchedulerOutput) -> list[int]:
         """Swap, run the step's forward and sample; the token of `out.requests[i]` is at i (-1: none)."""
         self._swap(out)
         sampled = [-1] * len(out.requests)
         if out.requests:
-            batch = self._prepare(out, kv)
+            batch = self._prepare(out)
             if batch.sample_rows:
                 logits = self._forward(batch)
                 tokens = self.sampler(logits, [out.requests[i] for i in batch.sample_rows]).tolist()
@@ -190,13 +189,13 @@ class ModelRunner:
             torch.cuda.synchronize()  # the step's measured duration covers the GPU work
         return sampled
 
-    def _prepare(self, out: SchedulerOutput, kv: KVCacheManager) -> HostBatch:
+    def _prepare(self, out: SchedulerOutput) -> HostBatch:
         token_ids, starts, tables, rows = [], [], [], []
         for i, (req, n) in enumerate(zip(out.requests, out.num_scheduled_tokens)):
             start = req.num_computed_tokens
             token_ids.append(req.all_token_ids[start:start + n])
             starts.append(start)
-            tables.append(kv.block_ids(req.request_id))
+            tables.append(req.block_table)
             if start + n >= req.num_tokens:
                 rows.append(i)
         return self._host_batch(token_ids, starts, tables, rows)

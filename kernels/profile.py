@@ -197,7 +197,7 @@ class Profiler:
         if not self.fits(chunks, decodes):
             return
         out = self.batch(chunks, decodes, sample)
-        times = self._time(lambda: self.runner.execute(out, self.kv))
+        times = self._time(lambda: self.runner.execute(out))
         self._free(out)
         self._add(kind, times, tokens=out.total_num_scheduled_tokens, num_chunks=len(chunks),
                   chunk=chunks[0][0] if chunks else 0, chunk_context=chunks[0][1] if chunks else 0,
@@ -249,9 +249,9 @@ class Profiler:
         runner_execute = self.runner.execute
         spent: list[tuple[float, float]] = []  # (execute s, mean decode context) of each loop step
 
-        def timed_execute(out: SchedulerOutput, kv: KVCacheManager) -> list[int]:
+        def timed_execute(out: SchedulerOutput) -> list[int]:
             t0 = time.perf_counter()
-            sampled = runner_execute(out, kv)
+            sampled = runner_execute(out)
             elapsed = time.perf_counter() - t0
             spent.append((elapsed, out.decode_context_tokens / max(out.num_decode_tokens, 1)))
             return sampled

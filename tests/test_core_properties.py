@@ -39,7 +39,7 @@ class FakeKV:
                 if (cpu_block, off) in self.cpu:
                     self.gpu[(gpu_block, off)] = self.cpu[(cpu_block, off)]
         for req, n in zip(out.requests, out.num_scheduled_tokens):
-            table = sched.kv.block_ids(req.request_id)
+            table = req.block_table
             start = req.num_computed_tokens
             for pos in range(start):
                 assert self.gpu.get((table[pos // bs], pos % bs)) == content(req, pos), (

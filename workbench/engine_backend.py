@@ -126,9 +126,9 @@ def build_engine(cfg: dict[str, Any]) -> Any:
     b = cfg["backend"]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = b.get("model_path") or str(write_dummy_model_dir(hf_config(cfg["model"]), Path(tmp)))
+        sched, cache = scheduler_config(cfg, cfg["model"]["max_model_len"]), cache_config(cfg)
         # The harness's whole scheduler and cache groups, so every engine/core policy runs on the engine too.
-        engine = LLMEngine(_engine_args(cfg, model_dir, EngineArgs),
-                           scheduler_config(cfg, cfg["model"]["max_model_len"]), cache_config(cfg))
+        engine = LLMEngine(_engine_args(cfg["backend"], model_dir, sched, cache, EngineArgs), sched, cache)
     if b.get("warmup", True):
         warm_up(engine)
     return engine
@@ -151,9 +151,8 @@ def warm_up(engine: Any) -> None:
     engine.reset()
 
 
-def _engine_args(cfg: dict[str, Any], model_dir: str, engine_args: type) -> Any:
-    b, cache = cfg["backend"], cache_config(cfg)
-    sched = scheduler_config(cfg, cfg["model"]["max_model_len"])
+def _engine_args(b: dict[str, Any], model_dir: str, sched: Any, cache: Any, engine_args: type) -> Any:
+    """EngineArgs of the backend group and the vLLM-named knobs of the scheduler and cache configs."""
     return engine_args(
         model=model_dir,
         dtype=b.get("dtype", "auto"),

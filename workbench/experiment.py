@@ -161,7 +161,7 @@ def simulate(cfg: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, Any, dict
         cfg["backend"].get("step_time", "auto"), model, hw, par, bs, cfg["backend"].get("profile_root")
     )
     if sched_cfg.preemption_mode == "cost" or sched_cfg.shed_ttft_ms:
-        _fill_preemption_costs(sched_cfg, base, block_bytes(model, par, bs, kv_bytes) / (hw.pcie_gbs * 1e9))
+        _fill_step_costs(sched_cfg, base, block_bytes(model, par, bs, kv_bytes) / (hw.pcie_gbs * 1e9))
     quant_term = QuantizationTerm(model, hw, par, bs, quant, kv_bytes) if quant.enabled or kv_bytes else None
     workload = load_workload(cfg["workload"])
     seed = cfg["workload"].get("seed", 0)
@@ -276,7 +276,7 @@ def _tables(replicas: list[list[Scheduler]]) -> tuple[pd.DataFrame, pd.DataFrame
     return pd.concat(requests, ignore_index=True), steps_df, itl
 
 
-def _fill_preemption_costs(sched_cfg: SchedulerConfig, step_time: Any, swap_s_per_block: float) -> None:
+def _fill_step_costs(sched_cfg: SchedulerConfig, step_time: Any, swap_s_per_block: float) -> None:
     """preemption_mode=cost and TTFT shedding: the costs left null, from the hardware's PCIe bandwidth and
     the step-time model (one prefill chunk of max_num_batched_tokens tokens, per token)."""
     from engine.core.scheduler_output import SchedulerOutput

@@ -181,7 +181,7 @@ def prompt_token_ids(row: Any, index: int, vocab_size: int) -> list[int]:
         counters = np.asarray(hashes, dtype=np.uint64)[:, None] * np.uint64(MOONCAKE_BLOCK) + np.arange(
             MOONCAKE_BLOCK, dtype=np.uint64)
         return _synthetic_ids(_STREAM_HASH, counters.ravel()[:n], vocab_size).tolist()
-    return _unique_ids(n, _STREAM_REQUEST + index, vocab_size).tolist()
+    return _unique_prompts(np.array([n]), index, vocab_size)[0]
 
 
 def _check_vocab(vocab_size: int) -> None:

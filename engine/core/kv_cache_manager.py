@@ -43,8 +43,8 @@ def _images_in(req: Request, lo: int, hi: int) -> tuple[str, ...]:
 class KVCacheManager:
     """Block tables of requests on top of the block pool, plus CPU swap space.
 
-    A request's GPU block table is `req.block_table` (block ids; `block_ids(request_id)`
-    for the executor), of which the first `req.num_cached_blocks` are indexed.
+    A request's GPU block table is `req.block_table` (block ids, read by the executor too), of
+    which the first `req.num_cached_blocks` are indexed.
     """
 
     def __init__(
@@ -59,7 +59,6 @@ class KVCacheManager:
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_gpu_blocks, eviction_policy)
         self.num_gpu_blocks = num_gpu_blocks
-        self._tables: dict[str, list[int]] = {}  # request id -> req.block_table, for the executor
         self._cpu_free: list[int] = list(range(num_cpu_blocks - 1, -1, -1))
         self._swapped: dict[str, list[int]] = {}
         self.prefix_queries = 0  # tokens looked up at admission
@@ -76,9 +75,6 @@ class KVCacheManager:
     @property
     def num_free_cpu_blocks(self) -> int:
         return len(self._cpu_free)
-
-    def block_ids(self, request_id: str) -> list[int]:
-        return self._tables.get(request_id, [])
 
     def get_computed_blocks(self, req: Request) -> list[int]:
         """Longest cached prefix of full blocks; never the last token, which must be computed."""
@@ -126,7 +122,7 @@ class KVCacheManager:
             return False
         pool.touch(hits)
         table = hits + pool.allocate(need)
-        req.block_table = self._tables[req.request_id] = table
+        req.block_table = table
         req.num_kv_slots = len(table) * bs
         req.num_cached_blocks = len(hits)
         self.prefix_queries += len(req.all_token_ids)
@@ -160,7 +156,6 @@ class KVCacheManager:
             self.pool.uncache(b)
         req.block_table = []
         req.num_kv_slots = req.num_cached_blocks = 0
-        self._tables.pop(req.request_id, None)
         return table
 
     def swap_out(self, req: Request) -> list[tuple[int, int]] | None:
@@ -188,7 +183,7 @@ class KVCacheManager:
         table = self.pool.allocate(need)
         del self._swapped[req.request_id]
         self._cpu_free.extend(cpu)
-        req.block_table = self._tables[req.request_id] = table
+        req.block_table = table
         req.num_kv_slots = len(table) * bs
         req.num_cached_blocks = 0
         if self.enable_caching and total // bs:

@@ -156,7 +156,7 @@ class Scheduler:
         if self._num_mm:
             self._schedule_encoder_inputs(out)
         out.num_running = len(self.running)
-        out.num_waiting = len(self.waiting) + len(self.swapped)
+        out.num_waiting = self.num_waiting
         out.kv_usage = self.kv.usage
         self._step_start = now
         return out
