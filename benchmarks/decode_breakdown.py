@@ -3,18 +3,22 @@
     python benchmarks/decode_breakdown.py [--model W7|W0.6] [--batches 1 8 64]
 
 For each decode batch size it prints:
-  step     the engine's median pure-decode step (schedule, inputs, forward, sampling, sync), from its trace;
+  step     the engine's median pure-decode step (schedule, inputs, forward, sampling, sync), from its trace,
+           with scheduling in step and with async scheduling (the host's work hidden behind the GPU's);
   graph    the captured decode graph alone (CUDA events around replay());
   kernels  GPU time per kernel family inside one decode forward (torch.profiler), against the weight-read
            bound (weight + KV bytes at 3.0 TB/s);
 and with --sweep, first, for the model's linear layers at M = 1 and 16, the read bandwidth of cuBLAS and of
-every tile config of kernels.linear, timed inside a CUDA graph over weights larger than the L2.
+every tile config of kernels.linear, timed inside a CUDA graph over weights larger than the L2; for o and
+down (the layers whose output the next RMSNorm reads) also every tile config at SPLIT_K 2 and 4 (tagged
+x2, x4), which stores fp32 partial sums that the norm reduces.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import statistics
 import tempfile
 from pathlib import Path
@@ -26,7 +30,7 @@ from engine_throughput import HBM_BYTES_PER_S, Shape, decode_latency, make_workl
 
 from engine import LLM
 from engine.dummy import write_dummy_model_dir
-from kernels.linear import _skinny_matmul_kernel
+from kernels.linear import _skinny_matmul_kernel, tuned_configs
 
 
 def graph_time(fn, reps: int = 20, iters: int = 5) -> float:
@@ -49,28 +53,32 @@ def graph_time(fn, reps: int = 20, iters: int = 5) -> float:
 
 SWEEP = [(bn, bk, w, st) for bn in (16, 32, 64) for bk in (128, 256, 512) for w in (4, 8) for st in (3, 4, 6)
          if bn * bk <= 16384]
+SPLIT_K_LAYERS = ("o", "down")  # kernels.linear returns split-K partials for these (their reader is a norm)
 
 
-def _sweep_one(ws: list[torch.Tensor], m: int) -> list[tuple[str, float]]:
-    """Seconds per call of cuBLAS and of each SWEEP config on x [m, K] times each of the weights ws."""
+def _sweep_one(ws: list[torch.Tensor], m: int, split_ks: tuple[int, ...]) -> list[tuple[str, float]]:
+    """Seconds per call of cuBLAS and of each SWEEP config at each split_ks on x [m, K] times each of ws."""
     n, k = ws[0].shape
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(1, m, n, device="cuda", dtype=torch.bfloat16)
+    partials = torch.empty(max(split_ks), m, n, device="cuda", dtype=torch.float32)
 
     def per_call(fn) -> float:
         return graph_time(lambda: [fn(w) for w in ws], reps=3) / len(ws)
 
-    def config(bn: int, bk: int, nw: int, st: int):
-        return lambda w: _skinny_matmul_kernel.fn[(triton.cdiv(n, bn),)](
-            x, w, w, out, m, n, k, x.stride(0), w.stride(0), out.stride(0), HAS_BIAS=False, BLOCK_M=16,
-            BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=st)
+    def config(bn: int, bk: int, nw: int, st: int, sk: int):
+        dst = out if sk == 1 else partials
+        return lambda w: _skinny_matmul_kernel[(triton.cdiv(n, bn), sk)](
+            x, w, w, dst, m, n, k, x.stride(0), w.stride(0), dst.stride(0), dst.stride(1), HAS_BIAS=False,
+            BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=nw, num_stages=st)
 
     results = [("cublas", per_call(lambda w: F.linear(x, w)))]
-    for bn, bk, nw, st in SWEEP:
+    for (bn, bk, nw, st), sk in itertools.product(SWEEP, split_ks):
+        name = f"n{bn} k{bk} w{nw} s{st}" + (f" x{sk}" if sk > 1 else "")
         try:
-            results.append((f"n{bn} k{bk} w{nw} s{st}", per_call(config(bn, bk, nw, st))))
+            results.append((name, per_call(config(bn, bk, nw, st, sk))))
         except Exception as e:  # noqa: BLE001 -- a config that does not fit (shared memory) is skipped
-            print(f"    skip n{bn} k{bk} w{nw} s{st}: {type(e).__name__}")
+            print(f"    skip {name}: {type(e).__name__}")
     return sorted(results, key=lambda r: r[1])
 
 
@@ -83,10 +91,15 @@ def skinny_sweep(shape: Shape) -> None:
         # Distinct weights per call, more than the L2 holds, so every call streams from HBM.
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
         for m in (1, 16):
-            results = _sweep_one(ws, m)
+            results = _sweep_one(ws, m, (1, 2, 4) if name in SPLIT_K_LAYERS else (1,))
             gbps = {cfg: n * k * 2 / t / 1e9 for cfg, t in results}
             best = ", ".join(f"{cfg} {gbps[cfg]:.0f}" for cfg, _ in results[:4])
             print(f"  sweep {name:8s} {n}x{k} M={m}: cublas {gbps['cublas']:.0f} GB/s; best (GB/s): {best}")
+            if name in SPLIT_K_LAYERS:  # the best tile at each split count, which the top 4 may not show
+                per_split = {int(cfg.split(" x")[1]) if " x" in cfg else 1: cfg
+                             for cfg, _ in reversed(results) if cfg != "cublas"}  # the fastest written last
+                print("    best per SPLIT_K (GB/s): "
+                      + ", ".join(f"{sk}: {cfg} {gbps[cfg]:.0f}" for sk, cfg in sorted(per_split.items())))
         del ws
 
 
@@ -139,12 +152,18 @@ def main() -> None:
         model_dir = write_dummy_model_dir(w.config, Path(tmp) / w.name)
         llm = LLM(model=str(model_dir), load_format="dummy", dtype="bfloat16", max_model_len=2048,
                   max_num_seqs=max(args.batches))
+        for key, config in tuned_configs().items():
+            print(f"  kernels.linear tuned {key}: {config}")
         for batch in args.batches:
-            step = decode_latency(llm, w, batch)
+            steps = {}
+            for mode in ("sync", "async"):
+                llm.engine.args.async_scheduling = mode == "async"
+                steps[mode] = decode_latency(llm, w, batch)
             graph = replay_time(llm, batch)
             bound = (shape.weight_bytes + batch * 160 * shape.kv_bytes_per_token) / HBM_BYTES_PER_S
-            print(f"batch {batch}: step {step * 1e3:.3f} ms, graph replay {graph * 1e3:.3f} ms, bound "
-                  f"{bound * 1e3:.3f} ms (step/bound {step / bound:.2f}x, graph/bound {graph / bound:.2f}x)")
+            print(f"batch {batch}: bound {bound * 1e3:.3f} ms; " + ", ".join(
+                f"{mode} step {t * 1e3:.3f} ms ({t / bound:.2f}x)" for mode, t in steps.items())
+                + f", graph replay {graph * 1e3:.3f} ms ({graph / bound:.2f}x)")
             kernel_breakdown(llm, batch)
 
 

@@ -140,16 +140,20 @@ def roofline_seconds(w: Workload) -> dict[str, float]:
 
 
 # ---- runs ------------------------------------------------------------------------------
-def run_engine(w: Workload, model_dir: Path) -> tuple[float, LLM]:
+def load_engine(w: Workload, model_dir: Path) -> LLM:
     llm = LLM(model=str(model_dir), load_format="dummy", dtype="bfloat16", max_model_len=MAX_MODEL_LEN)
     warm = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in w.prompts[:4]], warm, use_tqdm=False)  # Triton JIT
+    return llm
+
+
+def run_engine(llm: LLM, w: Workload) -> float:
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in w.output_lens]
     t0 = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in w.prompts], params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
     assert [len(o.outputs[0].token_ids) for o in outs] == w.output_lens
-    return elapsed, llm
+    return elapsed
 
 
 def decode_latency(llm: LLM, w: Workload, batch: int, steps: int = DECODE_STEPS) -> float:
@@ -239,27 +243,29 @@ def report(w: Workload, skip_hf: bool) -> dict:
     print(f"\n== {w.name}: {len(w.prompts)} requests, {w.prompt_tokens} prompt + {w.output_tokens} output "
           "tokens")
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = write_dummy_model_dir(w.config, Path(tmp) / w.name)
-        elapsed, llm = run_engine(w, model_dir)
+        llm = load_engine(w, write_dummy_model_dir(w.config, Path(tmp) / w.name))
+    row = {"workload": w.name, **roofline_seconds(w)}
+    s = Shape.of(w.config)
+    # The same engine with vLLM's async scheduling off (the baseline) and on: one model load, one capture.
+    for mode in ("sync", "async"):
+        llm.engine.args.async_scheduling = mode == "async"
+        elapsed = run_engine(llm, w)
         stats = llm.engine.stats
-        print(f"engine: {_rates(w, elapsed)}  ({stats.num_preemptions} preemptions, {stats.num_gpu_blocks} "
-              "KV blocks)")
-        row = {"workload": w.name, "engine_s": elapsed, "engine_output_tok_s": w.output_tokens / elapsed,
-               "engine_total_tok_s": total / elapsed}
-        bound = roofline_seconds(w)
-        print(f"roofline: memory {bound['memory_s']:.2f} s, compute {bound['compute_s']:.2f} s -> bound "
-              f"{bound['bound_s']:.2f} s; engine at {bound['bound_s'] / elapsed:.1%} of it")
-        row.update(bound)
-        s = Shape.of(w.config)
+        print(f"engine ({mode} scheduling): {_rates(w, elapsed)}  ({stats.num_preemptions} preemptions, "
+              f"{stats.num_gpu_blocks} KV blocks); roofline bound {row['bound_s']:.2f} s (memory "
+              f"{row['memory_s']:.2f} s, compute {row['compute_s']:.2f} s): {row['bound_s'] / elapsed:.1%}")
+        row.update({f"engine_{mode}_s": elapsed, f"engine_{mode}_output_tok_s": w.output_tokens / elapsed,
+                    f"engine_{mode}_total_tok_s": total / elapsed})
         for batch in (1, 8, 64):
             step = decode_latency(llm, w, batch)
             context = DECODE_PROMPT + DECODE_STEPS // 2
             floor = (s.weight_bytes + batch * context * s.kv_bytes_per_token) / HBM_BYTES_PER_S
-            print(f"decode step, batch {batch:3d}: {step * 1e3:.2f} ms  (weight+KV read bound "
-                  f"{floor * 1e3:.2f} ms, {floor / step:.0%})")
-            row[f"decode_ms_b{batch}"] = step * 1e3
-        del llm
-        free_gpu()
+            print(f"  decode step, batch {batch:3d}: {step * 1e3:.2f} ms  (weight+KV read bound "
+                  f"{floor * 1e3:.2f} ms: {step / floor:.2f}x)")
+            row[f"decode_{mode}_ms_b{batch}"] = step * 1e3
+    elapsed = row["engine_async_s"]
+    del llm
+    free_gpu()
     if not skip_hf:
         hf_s, how = run_hf(w)
         free_gpu()

@@ -119,6 +119,8 @@ class EngineArgs:
     num_gpu_blocks_override: int | None = None
     scheduling_policy: str = "fcfs"
     device: str = "auto"
+    # vLLM's --async-scheduling: the next step is scheduled and launched while this one runs on the GPU.
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size != 1:

@@ -16,8 +16,9 @@ from engine.core.recorder import TraceRecorder
 from engine.core.request import Request, RequestStatus
 from engine.core.sampling_params import SamplingParams
 from engine.core.scheduler import Scheduler
+from engine.core.scheduler_output import SchedulerOutput
 from engine.detokenizer import Detokenizer
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, SampledTokens
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
 
@@ -80,6 +81,7 @@ class LLMEngine:
                                    self.runner.num_cpu_blocks, self.recorder)
         self._tracked: dict[str, _Tracked] = {}
         self._dropped: list[_Tracked] = []  # finished without a step (shed): reported by the next step()
+        self._in_flight: tuple[SchedulerOutput, SampledTokens] | None = None  # async: launched, not resolved
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> LLMEngine:
@@ -136,7 +138,7 @@ class LLMEngine:
             self.runner.sampler.forget(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._dropped) or self.scheduler.has_unfinished_requests()
+        return bool(self._dropped) or self._in_flight is not None or self.scheduler.has_unfinished_requests()
 
     # ---- one step ------------------------------------------------------------------
     def step(self, final_only: bool = False) -> list[RequestOutput]:
@@ -152,11 +154,29 @@ class LLMEngine:
         for t in self._dropped:
             del self._tracked[t.req.request_id]
         self._dropped.clear()
-        if out.empty:
+        if not self.args.async_scheduling:
+            if not out.empty:
+                sampled = self.runner.execute(out)
+                now = self.now()
+                self.scheduler.update(out, sampled, now)
+                outputs += self._collect(out, now, final_only)
             return outputs
-        sampled = self.runner.execute(out)
-        now = self.now()
-        self.scheduler.update(out, sampled, now)
+        # Async: launch this step, then wait for the previous one's tokens while the GPU runs it.
+        launched = None if out.empty else (out, self.runner.launch(out))
+        if self._in_flight is not None:
+            prev, tokens = self._in_flight
+            sampled = tokens.tolist()
+            now = self.now()
+            self.scheduler.resolve(prev, sampled, now)
+            outputs += self._collect(prev, now, final_only)
+        if launched is not None:
+            self.scheduler.advance(out)
+        self._in_flight = launched
+        return outputs
+
+    def _collect(self, out: SchedulerOutput, now: float, final_only: bool) -> list[RequestOutput]:
+        """Outputs of the step's requests that got tokens or finished."""
+        outputs = []
         for req in out.requests:
             tracked = self._tracked.get(req.request_id)
             if tracked is None or req.num_output_tokens == tracked.num_reported:

@@ -10,6 +10,7 @@ import torch
 
 from engine.config import EngineArgs, ModelConfig
 from engine.core.config import SchedulerConfig
+from engine.core.request import PENDING, Request
 from engine.core.scheduler_output import SchedulerOutput
 from engine.loader import load_model
 from engine.models import AttentionMetadata
@@ -51,6 +52,43 @@ class HostBatch:
     max_query_len: int
     sample_rows: list[int]  # indices into SchedulerOutput.requests of the requests that sample
     logits_index: np.ndarray  # the token row whose logits each of them samples from
+    # Async scheduling: token rows whose id is PENDING, and the rows of the previous step's sampled tokens
+    # that hold them.
+    pending_rows: np.ndarray | None = None
+    pending_from: np.ndarray | None = None
+
+
+@dataclass(slots=True)
+class SampledTokens:
+    """A step's sampled tokens on their way to the host; `tolist()` waits for them and the step's GPU work."""
+
+    host: torch.Tensor | None  # [rows] int64, pinned where the device is a GPU
+    rows: list[int]  # indices into SchedulerOutput.requests of the requests that sampled
+    num_requests: int
+    done: torch.cuda.Event | None
+
+    @classmethod
+    def start(cls, tokens: torch.Tensor | None, rows: list[int], num_requests: int,
+              device: torch.device) -> SampledTokens:
+        if device.type != "cuda":
+            return cls(tokens, rows, num_requests, None)
+        host = None
+        if tokens is not None:
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()  # also when nothing sampled: the step's measured duration covers its GPU work
+        return cls(host, rows, num_requests, done)
+
+    def tolist(self) -> list[int]:
+        """The token of request i at i (-1: none)."""
+        if self.done is not None:
+            self.done.synchronize()
+        sampled = [-1] * self.num_requests
+        if self.host is not None:
+            for i, tok in zip(self.rows, self.host.tolist()):
+                sampled[i] = tok
+        return sampled
 
 
 class GraphInputs:
@@ -102,6 +140,8 @@ class ModelRunner:
         self.cpu_cache = self._allocate(self.num_cpu_blocks, swap=True)
         self._bind_cache(self.kv_cache[0], self.kv_cache[1])
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._turn = 0  # which pinned host twin of the graph inputs the next replay fills
+        self._last_sampled: tuple[list[Request], list[int], torch.Tensor] | None = None
         if self.device.type == "cuda" and not args.enforce_eager:
             self._capture_graphs(sched.max_num_seqs)
 
@@ -171,34 +211,59 @@ class ModelRunner:
             self.kv_cache[:, :, gpu] = self.cpu_cache[:, :, cpu].to(self.device, non_blocking=True)
 
     # ---- one step -----------------------------------------------------------------
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> list[int]:
         """Swap, run the step's forward and sample; the token of `out.requests[i]` is at i (-1: none)."""
+        return self.launch(out).tolist()
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput) -> SampledTokens:
+        """`execute` without waiting for the device: the host can schedule the next step meanwhile. Input
+        tokens still PENDING are the previous launch's sampled tokens, gathered on the device."""
         self._swap(out)
-        sampled = [-1] * len(out.requests)
+        tokens, rows = None, []
         if out.requests:
             batch = self._prepare(out)
-            if batch.sample_rows:
-                logits = self._forward(batch)
-                tokens = self.sampler(logits, [out.requests[i] for i in batch.sample_rows]).tolist()
-                for i, tok in zip(batch.sample_rows, tokens):
-                    sampled[i] = tok
-            else:
-                self._forward(batch)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()  # the step's measured duration covers the GPU work
-        return sampled
+            rows = batch.sample_rows
+            logits = self._forward(batch)
+            if rows:
+                tokens = self.sampler(logits, [out.requests[i] for i in rows])
+                self._last_sampled = (out.requests, rows, tokens)
+        return SampledTokens.start(tokens, rows, len(out.requests), self.device)
 
     def _prepare(self, out: SchedulerOutput) -> HostBatch:
-        token_ids, starts, tables, rows = [], [], [], []
+        token_ids, starts, tables, rows, pending = [], [], [], [], []
         for i, (req, n) in enumerate(zip(out.requests, out.num_scheduled_tokens)):
             start = req.num_computed_tokens
-            token_ids.append(req.all_token_ids[start:start + n])
+            tokens = req.all_token_ids
+            token_ids.append(tokens[start:start + n])
             starts.append(start)
             tables.append(req.block_table)
-            if start + n >= req.num_tokens:
+            if start + n >= len(tokens):
                 rows.append(i)
-        return self._host_batch(token_ids, starts, tables, rows)
+                if tokens[-1] == PENDING:
+                    pending.append(i)
+        batch = self._host_batch(token_ids, starts, tables, rows)
+        if pending:
+            batch.pending_rows = batch.query_start_loc[1:][pending] - 1
+            batch.pending_from = self._previous_rows([out.requests[i] for i in pending])
+        return batch
+
+    def _previous_rows(self, reqs: list[Request]) -> np.ndarray:
+        """Rows of the previous launch's sampled tokens that belong to `reqs`."""
+        prev_reqs, prev_rows, _ = self._last_sampled
+        row_of = {prev_reqs[i].request_id: j for j, i in enumerate(prev_rows)}
+        return np.fromiter((row_of[r.request_id] for r in reqs), dtype=np.int64, count=len(reqs))
+
+    def _fill_pending(self, input_ids: torch.Tensor, batch: HostBatch) -> None:
+        """Write the previous step's sampled tokens (still on the device) into the PENDING input rows."""
+        dst, src = batch.pending_rows, batch.pending_from
+        prev = self._last_sampled[2]
+        m = len(dst)
+        if np.array_equal(dst, src) and dst[-1] == m - 1:  # the steady decode batch: the same rows
+            input_ids[:m].copy_(prev[:m])
+            return
+        dev = input_ids.device
+        input_ids[torch.from_numpy(dst).to(dev)] = prev[torch.from_numpy(src).to(dev)]
 
     def _host_batch(self, token_ids: list[list[int]], starts: list[int], tables: list[list[int]],
                     rows: list[int]) -> HostBatch:
@@ -240,7 +305,10 @@ class ModelRunner:
             slot_mapping=put(batch.slot_mapping), block_tables=put(batch.block_tables),
             seq_lens=put(batch.seq_lens), query_start_loc=put(batch.query_start_loc),
             max_query_len=batch.max_query_len, max_seq_len=int(batch.seq_lens.max()))
-        hidden = self.model(put(batch.input_ids), put(batch.positions), meta)
+        input_ids = put(batch.input_ids)
+        if batch.pending_rows is not None:
+            self._fill_pending(input_ids, batch)
+        hidden = self.model(input_ids, put(batch.positions), meta)
         return self.model.compute_logits(hidden[put(batch.logits_index)])
 
     # ---- CUDA graphs for decode steps ----------------------------------------------
@@ -249,10 +317,14 @@ class ModelRunner:
         sizes = graph_batch_sizes(max_num_seqs)
         m, b = sizes[-1], self.max_blocks_per_seq
         nbytes = GraphInputs.nbytes(m, b)
-        self.graph_host = GraphInputs(torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True), m, b)
+        # Two pinned host twins, used in turn: with async scheduling the host fills one for the next step
+        # while the copy from the other may still be queued behind the running step.
+        self.graph_hosts = [GraphInputs(torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True), m, b)
+                            for _ in range(2)]
+        self._host_uploaded: list[torch.cuda.Event | None] = [None, None]
         self.graph_inputs = g = GraphInputs(torch.zeros(nbytes, dtype=torch.uint8, device=self.device), m, b)
-        self._pad_graph_rows(0, m)
-        self._upload_graph_inputs(m)
+        self._pad_graph_rows(self.graph_hosts[0], 0, m)
+        self._upload_graph_inputs(0, m)
         # Held by the runner: a graph keeps no reference to the tensors it reads.
         self.graph_qsl = qsl = torch.arange(m + 1, dtype=torch.int32, device=self.device)
         self.graph_logits = torch.zeros(m, self.model.config.vocab_size, dtype=torch.float32,
@@ -275,28 +347,36 @@ class ModelRunner:
                 self.graphs[size] = graph
         torch.cuda.synchronize()
 
-    def _pad_graph_rows(self, start: int, end: int) -> None:
+    def _pad_graph_rows(self, h: GraphInputs, start: int, end: int) -> None:
         """Rows [start, end) of a graph batch: a one-token context in the pad block, written there."""
-        h = self.graph_host
         h.input_ids[start:end] = 0
         h.positions[start:end] = 0
         h.slot_mapping[start:end] = self.pad_block * self.block_size
         h.seq_lens[start:end] = 1
         h.block_tables[start:end, 0] = self.pad_block
 
-    def _upload_graph_inputs(self, size: int) -> None:
-        end = self.graph_host.end_of_row[size]
-        self.graph_inputs.buffer[:end].copy_(self.graph_host.buffer[:end], non_blocking=True)
+    def _upload_graph_inputs(self, turn: int, size: int) -> None:
+        h = self.graph_hosts[turn]
+        end = h.end_of_row[size]
+        self.graph_inputs.buffer[:end].copy_(h.buffer[:end], non_blocking=True)
+        done = self._host_uploaded[turn] = torch.cuda.Event()
+        done.record()
 
     def _replay(self, batch: HostBatch) -> torch.Tensor:
-        n, h = len(batch.seq_lens), self.graph_host
+        n = len(batch.seq_lens)
         size = min(s for s in self.graphs if s >= n)
+        turn = self._turn = self._turn ^ 1
+        if (uploaded := self._host_uploaded[turn]) is not None:
+            uploaded.synchronize()  # its last copy has left: long done, unless the device is far behind
+        h = self.graph_hosts[turn]
         h.input_ids.numpy()[:n] = batch.input_ids
         h.positions.numpy()[:n] = batch.positions
         h.slot_mapping.numpy()[:n] = batch.slot_mapping
         h.seq_lens.numpy()[:n] = batch.seq_lens
         h.block_tables.numpy()[:n, :batch.block_tables.shape[1]] = batch.block_tables
-        self._pad_graph_rows(n, size)
-        self._upload_graph_inputs(size)
+        self._pad_graph_rows(h, n, size)
+        self._upload_graph_inputs(turn, size)
+        if batch.pending_rows is not None:
+            self._fill_pending(self.graph_inputs.input_ids, batch)
         self.graphs[size].replay()
         return self.graph_logits[:n]

@@ -3,14 +3,18 @@
 Every op takes impl='auto' | 'triton' | 'torch' (and 'compile' for the element-wise ops): 'auto' runs
 Triton on CUDA tensors (or torch.compile where kernels.dispatch.CUDA_BACKEND says so) and the torch
 reference on CPU; 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before this package is imported.
+
+Fusions the Llama model uses: linear(..., split_k=True) may return SplitK partial sums, which only rms_norm
+consumes (it reduces them);
+rotary_store_kv rotates q and k and writes k and v into the paged cache in one kernel.
 """
 
 from kernels.activation import silu_and_mul
 from kernels.attention import paged_attention
-from kernels.kv_write import store_kv
-from kernels.linear import linear
+from kernels.kv_write import rotary_store_kv, store_kv
+from kernels.linear import SplitK, linear
 from kernels.norm import rms_norm
 from kernels.rotary import apply_rotary, build_cos_sin_cache
 
-__all__ = ["apply_rotary", "build_cos_sin_cache", "linear", "paged_attention", "rms_norm", "silu_and_mul",
-           "store_kv"]
+__all__ = ["SplitK", "apply_rotary", "build_cos_sin_cache", "linear", "paged_attention", "rms_norm",
+           "rotary_store_kv", "silu_and_mul", "store_kv"]

@@ -1,4 +1,5 @@
-"""Write the step's new keys/values into the paged KV cache."""
+"""Write the step's new keys/values into the paged KV cache, alone (store_kv) or right after the rotary
+embedding of q and k in the same kernel (rotary_store_kv, what the model runs)."""
 
 from __future__ import annotations
 
@@ -8,28 +9,62 @@ import triton.language as tl
 
 from kernels import reference
 from kernels.dispatch import pick
+from kernels.rotary import _rotary_args, _rotary_token
 
 
 @triton.jit
 def _store_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
-                     stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_key_t, stride_key_h, stride_val_t, stride_val_h,
                      stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-                     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                     HEADS_P: tl.constexpr, DIM_P: tl.constexpr):
-    token = tl.program_id(0)
+                     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                     KV_HEADS_P: tl.constexpr, DIM_P: tl.constexpr):
+    _store_kv_token(tl.program_id(0).to(tl.int64), key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                    stride_key_t, stride_key_h, stride_val_t, stride_val_h,
+                    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                    NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, KV_HEADS_P, DIM_P)
+
+
+@triton.jit
+def _rotary_store_kv_kernel(pos_ptr, q_ptr, k_ptr, cos_sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
+                            stride_cache, key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                            stride_key_t, stride_key_h, stride_val_t, stride_val_h,
+                            stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                            NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HALF: tl.constexpr,
+                            HEADS_P: tl.constexpr, HALF_P: tl.constexpr, IS_NEOX: tl.constexpr,
+                            NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                            KV_HEADS_P: tl.constexpr, DIM_P: tl.constexpr):
+    # key_ptr is k_ptr: the keys go to the cache as rotated here.
+    token = tl.program_id(0).to(tl.int64)
+    _rotary_token(token, pos_ptr, q_ptr, k_ptr, cos_sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
+                  stride_cache, NUM_Q_HEADS, NUM_K_HEADS, HALF, HEADS_P, HALF_P, IS_NEOX)
+    # The cache takes k as just rotated in place, by other threads of this program: make their stores
+    # visible before reading k back (a barrier orders global memory within the CTA).
+    tl.debug_barrier()
+    _store_kv_token(token, key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                    stride_key_t, stride_key_h, stride_val_t, stride_val_h,
+                    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                    NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, KV_HEADS_P, DIM_P)
+
+
+@triton.jit
+def _store_kv_token(token, key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                    stride_key_t, stride_key_h, stride_val_t, stride_val_h,
+                    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                    KV_HEADS_P: tl.constexpr, DIM_P: tl.constexpr):
+    """Copy one token's keys and values into its cache slot; a negative slot (padding token) is skipped."""
     slot = tl.load(slot_ptr + token).to(tl.int64)
-    if slot < 0:  # padding token
-        return
-    block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
-    h = tl.arange(0, HEADS_P)[:, None]
-    d = tl.arange(0, DIM_P)[None, :]
-    mask = (h < NUM_HEADS) & (d < HEAD_DIM)
-    k = tl.load(key_ptr + token.to(tl.int64) * stride_kt + h * stride_kh + d, mask=mask)
-    v = tl.load(value_ptr + token.to(tl.int64) * stride_vt + h * stride_vh + d, mask=mask)
-    tl.store(k_cache_ptr + block * stride_kcb + offset * stride_kcs + h * stride_kch + d,
-             k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_cache_ptr + block * stride_vcb + offset * stride_vcs + h * stride_vch + d,
-             v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    if slot >= 0:
+        block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+        h = tl.arange(0, KV_HEADS_P)[:, None]
+        d = tl.arange(0, DIM_P)[None, :]
+        mask = (h < NUM_KV_HEADS) & (d < HEAD_DIM)
+        k = tl.load(key_ptr + token * stride_key_t + h * stride_key_h + d, mask=mask)
+        v = tl.load(value_ptr + token * stride_val_t + h * stride_val_h + d, mask=mask)
+        tl.store(k_cache_ptr + block * stride_kcb + offset * stride_kcs + h * stride_kch + d,
+                 k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_cache_ptr + block * stride_vcb + offset * stride_vcs + h * stride_vch + d,
+                 v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -40,19 +75,39 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
     if pick("store_kv", key, impl) == "torch":
         reference.store_kv(key, value, k_cache, v_cache, slot_mapping)
         return
+    args, consts = _store_kv_args("store_kv", key, value, k_cache, v_cache, slot_mapping)
+    _store_kv_kernel[(key.shape[0],)](*args, **consts, num_warps=4)
+
+
+def rotary_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor, is_neox: bool = True,
+                    impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """apply_rotary(positions, q, k, cos_sin_cache, head_dim, is_neox) then store_kv(k, v, k_cache, v_cache,
+    slot_mapping) in one launch: q [num_tokens, num_heads, head_dim], k/v [num_tokens, num_kv_heads,
+    head_dim] (views of a fused qkv projection are fine). q and k rotate in place and are returned."""
+    if pick("rotary_store_kv", q, impl) == "torch":
+        return reference.rotary_store_kv(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping,
+                                         is_neox)
+    rot_args, rot_consts = _rotary_args("rotary_store_kv", positions, q, k, cos_sin_cache, is_neox)
+    kv_args, kv_consts = _store_kv_args("rotary_store_kv", k, v, k_cache, v_cache, slot_mapping)
+    _rotary_store_kv_kernel[(q.shape[0],)](*rot_args, *kv_args, **rot_consts, **kv_consts, num_warps=4)
+    return q, k
+
+
+def _store_kv_args(op: str, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> tuple[tuple, dict]:
+    """_store_kv_token's arguments after `token` (positional, then constexpr)."""
     num_tokens, num_heads, head_dim = key.shape
     if slot_mapping.shape != (num_tokens,):
-        raise ValueError(f"store_kv: slot_mapping has shape {tuple(slot_mapping.shape)}, "
+        raise ValueError(f"{op}: slot_mapping has shape {tuple(slot_mapping.shape)}, "
                          f"expected one slot per token ({num_tokens},)")
     for t in (key, value, k_cache, v_cache):
         if t.stride(-1) != 1:
-            raise ValueError("store_kv: key, value and the caches need a contiguous last dimension")
-    _store_kv_kernel[(num_tokens,)](
-        key, value, k_cache, v_cache, slot_mapping,
-        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
-        HEADS_P=triton.next_power_of_2(num_heads), DIM_P=triton.next_power_of_2(head_dim),
-        num_warps=4,
-    )
+            raise ValueError(f"{op}: key, value and the caches need a contiguous last dimension")
+    args = (key, value, k_cache, v_cache, slot_mapping, key.stride(0), key.stride(1), value.stride(0),
+            value.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2))
+    consts = dict(NUM_KV_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
+                  KV_HEADS_P=triton.next_power_of_2(num_heads), DIM_P=triton.next_power_of_2(head_dim))
+    return args, consts

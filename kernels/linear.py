@@ -4,9 +4,19 @@ cuBLAS picks its GEMM kernels for large M; at M <= SKINNY_MAX_M (decode batches 
 ~2.6 TB/s on an H100 (benchmarks/decode_breakdown.py), while the step is bound by reading every weight once.
 This kernel gives each program a slab of BLOCK_N weight rows and streams it along K with deep software
 pipelining, so many loads are in flight per SM; the rows of x ride along in one tensor-core dot per tile.
+
+split_k serves the layers with few output columns (o_proj, down_proj: N = 4096, 128 slabs of 32 for 132
+SMs), where too few loads are in flight: SPLIT_K programs share a slab, each over a slice of K, and store
+fp32 partial sums (SplitK). The RMSNorm that always follows these layers reduces them (kernels.rms_norm), so
+the split costs no extra launch. The autotuner picks SPLIT_K per weight shape, 1 included. SPLIT_K 4 streams
+faster still alone (benchmarks/decode_breakdown.py --sweep) but the norm then reads twice the partials: in a
+whole decode step 1 or 2 measured best (results/h100_decode_variants.log). SwiGLU fused into down_proj's
+stream was tried and dropped: recomputing it for the 16 padded rows of every program cost the step 1 ms.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,27 +26,56 @@ import triton.language as tl
 from kernels.dispatch import INTERPRET, pick
 
 SKINNY_MAX_M = 16  # above this, the step is no longer a pure weight stream: cuBLAS
+SPLITS = (1, 2)  # split-K counts the autotuner may pick
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 # Candidates timed once per weight shape (N, K) on first use: the winners of `benchmarks/decode_breakdown.py
-# --sweep` (48 configs) on an H100 over the Llama-2-7B shapes (2.36-2.96 TB/s against cuBLAS's 2.12-2.69).
-CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=s)
-           for bn, bk, s in [(32, 128, 4), (32, 512, 3), (32, 512, 4), (64, 256, 4), (64, 128, 3)]]
+# --sweep` (48 configs) on an H100 over the Llama-2-7B shapes (2.36-2.96 TB/s against cuBLAS's 2.12-2.69);
+# with split_k, each of them at every count in SPLITS (the sweep times SPLIT_K 2 and 4 for o and down).
+_TILES = [(32, 128, 4), (32, 512, 3), (32, 512, 4), (64, 256, 4), (64, 128, 3)]  # BLOCK_N, BLOCK_K, stages
+CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1}, num_warps=4, num_stages=s)
+           for bn, bk, s in _TILES]
+SPLIT_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=4, num_stages=s)
+                 for bn, bk, s in _TILES for sk in SPLITS]
 if INTERPRET:  # the CPU interpreter would run every candidate
-    CONFIGS = CONFIGS[:1]
+    CONFIGS, SPLIT_CONFIGS = CONFIGS[:1], SPLIT_CONFIGS[:1]
 
 
-@triton.autotune(configs=CONFIGS, key=["N", "K"])
+@dataclass(slots=True)
+class SplitK:
+    """A linear layer's output left as fp32 partial sums over slices of K, for kernels.rms_norm to reduce."""
+
+    partials: torch.Tensor  # [splits, rows, N] fp32
+    dtype: torch.dtype  # of the layer's output: the sum is rounded to it, as the unsplit kernel rounds
+    shape: torch.Size  # of the layer's output, [..., N]
+
+    def reduce(self) -> torch.Tensor:
+        """The layer's output, as linear() without split_k returns it (up to fp32 summation order)."""
+        return self.partials.sum(0).to(self.dtype).view(self.shape)
+
+
 @triton.jit
-def _skinny_matmul_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr):
+def _skinny_matmul_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_os, stride_om,
+                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """out[split] = x[:, Ks] @ w[:, Ks].T over the BLOCK_N columns of program_id(0) and the K slice Ks of
+    split = program_id(1)."""
     rows = tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(1)
     row_ok, col_ok = rows < M, cols < N
+    if SPLIT_K == 1:  # the loop bounds the unsplit kernel was tuned with
+        k_lo, k_hi = 0, K
+    else:
+        # Each split takes whole K tiles (only K's last tile is partial); a split that starts past the end
+        # of K stores zeros, so the partials buffer needs no zeroing pass.
+        span = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+        k_lo = split * span
+        k_hi = tl.minimum(k_lo + span, K)
     x_base = x_ptr + rows[:, None] * stride_xm
     w_base = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
         x = tl.load(x_base + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -44,24 +83,55 @@ def _skinny_matmul_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stri
         acc = tl.dot(x, tl.trans(w), acc)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(out_ptr + split * stride_os + rows[:, None] * stride_om + cols[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           impl: str = "auto") -> torch.Tensor:
-    """F.linear(x, weight, bias); the streaming kernel for at most SKINNY_MAX_M rows of half-precision x."""
+_KEY = ["N", "K"]
+_skinny_matmul = triton.autotune(configs=CONFIGS, key=_KEY)(_skinny_matmul_kernel)
+_skinny_matmul_split = triton.autotune(configs=SPLIT_CONFIGS, key=_KEY)(_skinny_matmul_kernel)
+
+
+def tuned_configs() -> dict[str, str]:
+    """What the autotuners chose so far, per weight shape (N, K): for benchmark reports."""
+    return {f"{'split' if tuner is _skinny_matmul_split else 'plain'} {key[:2]}": str(cfg)
+            for tuner in (_skinny_matmul, _skinny_matmul_split) for key, cfg in tuner.cache.items()}
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, impl: str = "auto", *,
+           split_k: bool = False) -> torch.Tensor | SplitK:
+    """F.linear(x, weight, bias); the streaming kernel for at most SKINNY_MAX_M rows of half-precision x.
+
+    split_k: when the streaming kernel runs and there is no bias, the result may be a SplitK whose only
+    consumer must be kernels.rms_norm; otherwise a tensor."""
     backend = pick("linear", x, impl)
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if backend == "torch" or rows == 0 or rows > SKINNY_MAX_M or x.dtype == torch.float32:
+    if backend == "torch" or not 0 < rows <= SKINNY_MAX_M or x.dtype not in HALF_DTYPES:
         return F.linear(x, weight, bias)
     n, k = weight.shape
-    x2 = x.reshape(rows, k)
+    x2 = x.reshape(rows, x.shape[-1])
     if x2.stride(-1) != 1 or weight.stride(-1) != 1:
         return F.linear(x, weight, bias)
-    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _skinny_matmul_kernel[grid](x2, weight, bias if bias is not None else weight, out, rows, n, k,
-                                x2.stride(0), weight.stride(0), out.stride(0),
-                                HAS_BIAS=bias is not None, BLOCK_M=16)
-    return out.view(*x.shape[:-1], n)
+    if x2.shape[1] != k:
+        raise ValueError(f"linear: x has {x2.shape[1]} features, weight {tuple(weight.shape)}")
+    out_shape = torch.Size((*x.shape[:-1], n))
+    if split_k and bias is None:
+        partials = torch.empty(max(SPLITS), rows, n, dtype=torch.float32, device=x.device)
+        _launch(_skinny_matmul_split, x2, weight, bias, partials)
+        # The autotuner records the config it ran; tuned before any CUDA-graph capture, so reading it on
+        # the host is safe there.
+        splits = _skinny_matmul_split.best_config.kwargs["SPLIT_K"]
+        return SplitK(partials[:splits], x.dtype, out_shape)
+    out = torch.empty(1, rows, n, dtype=x.dtype, device=x.device)
+    _launch(_skinny_matmul, x2, weight, bias, out)
+    return out.view(out_shape)
+
+
+def _launch(kernel: triton.runtime.Autotuner, x2: torch.Tensor, weight: torch.Tensor,
+            bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """out [splits, rows, N] = the split-K partials of x2 @ weight.T (+ bias): splits = 1 unless tuned."""
+    n, k = weight.shape
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
+    kernel[grid](x2, weight, bias if bias is not None else weight, out, x2.shape[0], n, k,
+                 x2.stride(0), weight.stride(0), out.stride(0), out.stride(1),
+                 HAS_BIAS=bias is not None, BLOCK_M=16)

@@ -63,6 +63,14 @@ def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_
     return q, k
 
 
+def rotary_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor, is_neox: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k = apply_rotary(positions, q, k, cos_sin_cache, k.shape[-1], is_neox)
+    store_kv(k, v, k_cache, v_cache, slot_mapping)
+    return q, k
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up

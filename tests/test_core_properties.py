@@ -14,13 +14,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.core import CacheConfig, Request, SamplingParams, Scheduler, SchedulerConfig
+from engine.core.request import PENDING
 
 MAX_MODEL_LEN = 256
 
 
+def sampled_token(req: Request, pos: int) -> int:
+    """What the fake model samples at `pos`: fixed, so a PENDING token is known to the fake device."""
+    return 7 + (pos * 31 + int(req.request_id)) % 5
+
+
 def content(req: Request, pos: int) -> tuple:
     images = tuple(h for h, (o, _) in zip(req.mm_hashes, req.mm_positions) if o <= pos)
-    return req.lora_id or 0, req.all_token_ids[pos], images
+    tok = req.all_token_ids[pos]
+    return req.lora_id or 0, sampled_token(req, pos) if tok == PENDING else tok, images
 
 
 class FakeKV:
@@ -136,8 +143,9 @@ def check_step(sched: Scheduler, out) -> None:
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(scenarios())
-def test_scheduler_invariants(scenario):
+@given(scenarios(), st.booleans())
+def test_scheduler_invariants(scenario, async_scheduling):
+    """Also with async scheduling: step k + 1 is scheduled before step k's tokens are known."""
     cfg, cache, num_blocks, num_cpu, reqs = scenario
     sched = Scheduler(cfg, cache, num_blocks, num_cpu)
     kv = FakeKV()
@@ -145,14 +153,23 @@ def test_scheduler_invariants(scenario):
     expected = {r.request_id: r.sampling_params.max_tokens for _, r in reqs}
     prompt_len = {r.request_id: r.num_prompt_tokens for _, r in reqs}
     step = 0
-    while pending or sched.has_unfinished_requests():
+    in_flight = None
+    while pending or sched.has_unfinished_requests() or in_flight:
         while pending and pending[0][0] <= step:
             sched.add_request(pending.pop(0)[1], float(step))
         out = sched.schedule(float(step))
         check_step(sched, out)
         check_pool(sched)
         kv.execute(sched, out)
-        sched.update(out, None, step + 1.0)
+        if not async_scheduling:
+            sched.update(out, [sampled_token(r, r.num_computed_tokens + n)
+                               for r, n in zip(out.requests, out.num_scheduled_tokens)], step + 1.0)
+        else:
+            if in_flight is not None:
+                tokens = [sampled_token(r, at) for r, at in zip(in_flight.requests, in_flight.sample_at)]
+                sched.resolve(in_flight, tokens, step + 0.5)
+            sched.advance(out)
+            in_flight = out if out.requests else None
         check_pool(sched)
         step += 1
         assert step < 20000, "no progress"
@@ -169,6 +186,10 @@ def test_scheduler_invariants(scenario):
     assert sched.kv.num_free_blocks == num_blocks, "blocks held after all requests finished"
     assert sched.kv.num_free_cpu_blocks == num_cpu
     assert not any(sched.kv.pool.ref_cnt)
+    for _, req in reqs:
+        if req.status.name != "FINISHED_SHED":
+            assert req.output_token_ids == [sampled_token(req, req.num_prompt_tokens + i)
+                                            for i in range(req.num_output_tokens)]
 
 
 @settings(max_examples=60, deadline=None)

@@ -75,16 +75,20 @@ def llm(tiny_llama_dir):
     return LLM(model=str(tiny_llama_dir), dtype="float32", device="cpu")
 
 
-@pytest.mark.parametrize("model", ["tiny_llama_dir", "tiny_qwen3_dir", "qwen2_dir", "mistral_dir",
-                                   "llama3_rope_dir"])
-def test_greedy_matches_hf(model, request):
+@pytest.mark.parametrize("model,async_scheduling", [
+    ("tiny_llama_dir", False), ("tiny_qwen3_dir", False), ("qwen2_dir", False), ("mistral_dir", False),
+    ("llama3_rope_dir", False), ("tiny_llama_dir", True)])
+def test_greedy_matches_hf(model, async_scheduling, request):
     model_dir = request.getfixturevalue(model)
-    llm = LLM(model=str(model_dir), dtype="float32", device="cpu", enable_prefix_caching=False)
+    llm = LLM(model=str(model_dir), dtype="float32", device="cpu", enable_prefix_caching=False,
+              async_scheduling=async_scheduling)
     assert_matches_hf(model_dir, PROMPTS, llm.generate(PROMPTS, GREEDY, use_tqdm=False))
 
 
-def test_prefix_caching_matches_hf(tiny_llama_dir):
-    llm = LLM(model=str(tiny_llama_dir), dtype="float32", device="cpu", enable_prefix_caching=True)
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_prefix_caching_matches_hf(tiny_llama_dir, async_scheduling):
+    llm = LLM(model=str(tiny_llama_dir), dtype="float32", device="cpu", enable_prefix_caching=True,
+              async_scheduling=async_scheduling)
     first = llm.generate(PREFIX_PROMPTS[:1], GREEDY, use_tqdm=False)
     rest = llm.generate(PREFIX_PROMPTS[1:], GREEDY, use_tqdm=False)
     assert_matches_hf(tiny_llama_dir, PREFIX_PROMPTS, first + rest)
@@ -92,19 +96,22 @@ def test_prefix_caching_matches_hf(tiny_llama_dir):
     assert llm.engine.stats.prefix_cache_hits > 0
 
 
-def test_chunked_prefill_matches_hf(tiny_qwen3_dir):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_chunked_prefill_matches_hf(tiny_qwen3_dir, async_scheduling):
     llm = LLM(model=str(tiny_qwen3_dir), dtype="float32", device="cpu", enable_chunked_prefill=True,
-              max_num_batched_tokens=16)
+              max_num_batched_tokens=16, async_scheduling=async_scheduling)
     assert_matches_hf(tiny_qwen3_dir, PROMPTS, llm.generate(PROMPTS, GREEDY, use_tqdm=False))
     steps = llm.engine.recorder.steps_table()
     assert max(p + d for p, d in zip(steps["num_prefill_tokens"], steps["num_decode_tokens"])) <= 16
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
-def test_preemption_matches_hf(tiny_llama_dir, mode):
+def test_preemption_matches_hf(tiny_llama_dir, mode, async_scheduling):
     # 16 blocks x 16 tokens hold 256 tokens, the requests need about 380 when all have run.
     llm = LLM(model=str(tiny_llama_dir), dtype="float32", device="cpu", max_model_len=256,
-              num_gpu_blocks_override=16, preemption_mode=mode, swap_space=0.01, enable_prefix_caching=False)
+              num_gpu_blocks_override=16, preemption_mode=mode, swap_space=0.01, enable_prefix_caching=False,
+              async_scheduling=async_scheduling)
     params = SamplingParams(temperature=0.0, max_tokens=40)
     assert_matches_hf(tiny_llama_dir, PROMPTS, llm.generate(PROMPTS, params, use_tqdm=False), max_tokens=40)
     assert llm.engine.stats.num_preemptions > 0
@@ -134,7 +141,9 @@ def test_seeded_sampling_is_reproducible(llm):
     assert llm.generate(PROMPTS[0], other_seed, use_tqdm=False)[0].outputs[0].token_ids != alone
 
 
-def test_stop_string_truncates_text(llm):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_stop_string_truncates_text(tiny_llama_dir, async_scheduling):
+    llm = LLM(model=str(tiny_llama_dir), dtype="float32", device="cpu", async_scheduling=async_scheduling)
     full = llm.generate(PROMPTS[1], GREEDY, use_tqdm=False)[0].outputs[0]
     stop = full.text[6:8]
     cut = llm.generate(PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=24, stop=[stop]),
@@ -144,9 +153,11 @@ def test_stop_string_truncates_text(llm):
     assert cut.token_ids == full.token_ids[: len(cut.token_ids)] and len(cut.token_ids) < len(full.token_ids)
 
 
-def test_stop_token_ids_max_tokens_and_ignore_eos(tiny_llama_dir):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_stop_token_ids_max_tokens_and_ignore_eos(tiny_llama_dir, async_scheduling):
     LEN12 = SamplingParams(temperature=0.0, max_tokens=12)
-    engine = LLMEngine.from_kwargs(str(tiny_llama_dir), dtype="float32", device="cpu")
+    engine = LLMEngine.from_kwargs(str(tiny_llama_dir), dtype="float32", device="cpu",
+                                   async_scheduling=async_scheduling)
     llm = LLM.__new__(LLM)
     llm.engine, llm._ids = engine, iter(range(10**6))
     greedy = llm.generate(PROMPTS[0], LEN12, use_tqdm=False)[0].outputs[0]

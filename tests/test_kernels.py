@@ -2,29 +2,71 @@
 
 Triton decides at import whether kernels run in its CPU interpreter, so the `test_triton_*` cases only run
 with TRITON_INTERPRET=1 in the environment: test_interpreter_suite re-runs them in a subprocess that sets it,
-on machines without CUDA (run them directly with `TRITON_INTERPRET=1 pytest tests/test_kernels.py -k triton`).
-With CUDA, the `test_gpu_*` cases (marker gpu) run the kernels natively on real shapes.
+on machines without CUDA (run them directly with `TRITON_INTERPRET=1 pytest tests/test_kernels.py -k triton`);
+bf16 cases run there with two interpreter ops given the GPU's semantics (interpreter_bf16).
+With CUDA, the `test_gpu_*` cases (marker gpu) run the kernels natively on real shapes, and a small Llama
+layer stack through the fused paths against the unfused references.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 import kernels
+from engine.config import ModelConfig
+from engine.models.llama import AttentionMetadata, LlamaModel
 from kernels import attention
 from kernels import reference as ref
 from kernels.attention import TileConfig, default_num_splits
 from kernels.dispatch import INTERPRET
+from kernels.linear import SPLITS, SplitK, _skinny_matmul_split
 from kernels.rotary import build_cos_sin_cache
 
 interp = pytest.mark.skipif(not INTERPRET, reason="runs in test_interpreter_suite (TRITON_INTERPRET=1)")
+
+
+@pytest.fixture(autouse=True)
+def interpreter_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton's interpreter keeps bf16 as raw uint16 bits: its tl.dot multiplies the bit patterns and its
+    fp32 -> bf16 casts truncate (bf16 is unsupported there: triton-lang/triton#11584). Give those two ops
+    the GPU's semantics (bf16 operands exact in fp32, round to nearest even) so bf16 kernels run on CPU."""
+    if not INTERPRET:
+        return
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    cast, dot = builder.cast_impl, builder.create_dot
+
+    def cast_rtne(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            bits = torch.from_numpy(np.array(src.data, dtype=np.float32)).to(torch.bfloat16).view(torch.int16)
+            return interpreter.TensorHandle(bits.numpy().view(np.uint16), tl.bfloat16)
+        return cast(self, src, dst_type)
+
+    def dot_fp32(self, a, b, *args):
+        a, b = (cast(self, t, tl.float32) if t.dtype.scalar == tl.bfloat16 else t for t in (a, b))
+        return dot(self, a, b, *args)
+
+    monkeypatch.setattr(builder, "cast_impl", cast_rtne)
+    monkeypatch.setattr(builder, "create_dot", dot_fp32)
+
+
+def force_split_k(monkeypatch: pytest.MonkeyPatch, splits: int) -> None:
+    """Let the split-K autotuner run one config only (a single config is never tuned, nor cached)."""
+    config = triton.Config({"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": splits}, num_warps=4, num_stages=4)
+    monkeypatch.setattr(_skinny_matmul_split, "configs", [config])
 
 
 def gpu(test: Callable) -> Callable:
@@ -272,6 +314,33 @@ def test_triton_rotary(is_neox: bool, rot_factor: float, dtype: torch.dtype) -> 
 
 
 @interp
+@pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
+@pytest.mark.parametrize("rot_factor", [1.0, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_rotary_store_kv(is_neox: bool, rot_factor: float, dtype: torch.dtype) -> None:
+    # q, k, v are views of one fused qkv projection; two padding tokens (slot -1) rotate but write nothing.
+    num_tokens, heads, kv_heads, head_dim, num_blocks, block_size = 7, 4, 2, 32, 3, 4
+    cache = build_cos_sin_cache(head_dim, 64, 10000.0, {"partial_rotary_factor": rot_factor}, dtype)
+    positions = torch.randint(0, 64, (num_tokens,))
+    slots = torch.randperm(num_blocks * block_size)[:num_tokens]
+    slots[[1, 5]] = -1
+    qkv = torch.randn(num_tokens, heads + 2 * kv_heads, head_dim).to(dtype)
+    caches = torch.randn(2, num_blocks, block_size, kv_heads, head_dim).to(dtype)
+    expected_qkv, expected_caches = qkv.clone(), caches.clone()
+    got_q, got_k = kernels.rotary_store_kv(positions, *qkv.split([heads, kv_heads, kv_heads], dim=1), cache,
+                                           *caches, slots, is_neox, impl="triton")
+    ref.rotary_store_kv(positions, *expected_qkv.split([heads, kv_heads, kv_heads], dim=1), cache,
+                        *expected_caches, slots, is_neox)
+    assert got_q.data_ptr() == qkv.data_ptr() and got_k.data_ptr() == qkv[:, heads].data_ptr()
+    torch.testing.assert_close(qkv, expected_qkv)
+    torch.testing.assert_close(caches, expected_caches)
+    # What the kernel wrote to the cache is exactly the k it left in place.
+    written = slots >= 0
+    blocks, offsets = slots[written] // block_size, slots[written] % block_size
+    assert torch.equal(caches[0][blocks, offsets], qkv[written, heads:heads + kv_heads])
+
+
+@interp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_silu_and_mul(dtype: torch.dtype) -> None:
     x = torch.randn(3, 4, 2 * 1100).to(dtype)  # more than one column block
@@ -281,10 +350,11 @@ def test_triton_silu_and_mul(dtype: torch.dtype) -> None:
 @interp
 @pytest.mark.parametrize("rows", [1, 5, 16])
 @pytest.mark.parametrize("bias", [False, True])
-def test_triton_skinny_linear(rows: int, bias: bool) -> None:
-    # N and K off the tile sizes, so both edges are masked; fp16 in, fp32 accumulation.
-    x, w = torch.randn(rows, 300).half(), torch.randn(40, 300).half()
-    b = torch.randn(40).half() if bias else None
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_skinny_linear(rows: int, bias: bool, dtype: torch.dtype) -> None:
+    # N and K off the tile sizes, so both edges are masked; half precision in, fp32 accumulation.
+    x, w = torch.randn(rows, 300).to(dtype), (torch.randn(40, 300) / 300**0.5).to(dtype)
+    b = torch.randn(40).to(dtype) if bias else None
     expected = F.linear(x.float(), w.float(), None if b is None else b.float())
     torch.testing.assert_close(kernels.linear(x, w, b, impl="triton").float(), expected, atol=2e-2, rtol=1e-2)
 
@@ -292,6 +362,67 @@ def test_triton_skinny_linear(rows: int, bias: bool) -> None:
 def test_linear_keeps_cublas_for_many_rows_and_fp32() -> None:
     x, w = torch.randn(17, 8), torch.randn(4, 8)
     assert torch.equal(kernels.linear(x, w), F.linear(x, w))
+
+
+def test_fused_linear_and_norm_references_on_cpu() -> None:
+    # The torch paths (the CPU engine's) of the fused ops: unfused semantics, plain tensors out.
+    x, w = torch.randn(3, 8).bfloat16(), torch.randn(4, 8).bfloat16()
+    assert torch.equal(kernels.linear(x, w, split_k=True), F.linear(x, w))
+    partials, residual, weight = torch.randn(4, 3, 8), torch.randn(3, 8).bfloat16(), torch.randn(8).bfloat16()
+    split = SplitK(partials, torch.bfloat16, torch.Size((3, 8)))
+    expected = ref.rms_norm(partials.sum(0).bfloat16(), weight, 1e-6, residual)
+    for got, want in zip(kernels.rms_norm(split, weight, 1e-6, residual), expected):
+        assert torch.equal(got, want)
+
+
+@interp
+@pytest.mark.parametrize("splits", SPLITS)
+@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_split_k_linear_into_rms_norm(dtype: torch.dtype, rows: int, splits: int,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # K = 300: 3 tiles of 128, the last masked, split 2 + 1; N = 40: a masked column slab.
+    force_split_k(monkeypatch, splits)
+    n, k = 40, 300
+    x = torch.randn(rows, k).to(dtype)
+    w = (torch.randn(n, k) / k**0.5).to(dtype)
+    norm_w, residual = torch.randn(n).to(dtype), torch.randn(rows, n).to(dtype)
+    out = kernels.linear(x, w, impl="triton", split_k=True)
+    assert isinstance(out, SplitK) and out.partials.shape == (splits, rows, n)
+    assert out.dtype == dtype and out.shape == (rows, n)
+    # Each split holds the product over its own whole K tiles.
+    inp = x.float()
+    span = triton.cdiv(triton.cdiv(k, 128), splits) * 128
+    for s in range(splits):
+        lo, hi = min(s * span, k), min((s + 1) * span, k)
+        expected = inp[:, lo:hi] @ w[:, lo:hi].float().T
+        torch.testing.assert_close(out.partials[s], expected, atol=1e-4, rtol=1e-4)
+    # The norm's reduction equals the unsplit kernel's output, exactly with one split.
+    plain = kernels.linear(x, w, impl="triton")
+    got = kernels.rms_norm(out, norm_w, 1e-6, residual, impl="triton")
+    expected = kernels.rms_norm(plain, norm_w, 1e-6, residual, impl="triton")
+    if splits == 1:
+        assert torch.equal(out.reduce(), plain)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    else:
+        torch.testing.assert_close(out.reduce(), plain)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+    for a, b in zip(got, kernels.rms_norm(out, norm_w, 1e-6, residual, impl="torch")):
+        torch.testing.assert_close(a, b)
+    assert kernels.rms_norm(out, norm_w, 1e-6, impl="triton").shape == (rows, n)
+
+
+@interp
+def test_triton_split_k_falls_back_to_a_tensor() -> None:
+    # Prefill-sized batches, fp32 models and layers with a bias return a plain tensor.
+    w, b = torch.randn(8, 16).half(), torch.randn(8).half()
+    cases = [(torch.randn(17, 16).half(), None), (torch.randn(2, 16), None), (torch.randn(2, 16).half(), b)]
+    for x, bias in cases:
+        out = kernels.linear(x, w.to(x.dtype), bias, impl="triton", split_k=True)
+        expected = F.linear(x.float(), w.float(), None if bias is None else bias.float())
+        assert isinstance(out, torch.Tensor) and out.dtype == x.dtype
+        torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=1e-2)
 
 
 # --- real shapes on the GPU ---
@@ -382,3 +513,133 @@ def test_gpu_store_kv() -> None:
     ref.store_kv(key, value, *caches[1], slots)
     assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
 
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_rotary_store_kv(dtype: torch.dtype) -> None:
+    # Llama 3's 32 / 8 heads over a fused qkv projection, 500 tokens, every 7th a padding token.
+    cache = build_cos_sin_cache(128, 8192, 500000.0, LLAMA3_SCALING, dtype).cuda()
+    positions = torch.randint(0, 8192, (500,), device="cuda")
+    slots = torch.randperm(64 * 16, device="cuda")[:500]
+    slots[::7] = -1
+    qkv = torch.randn(500, 48, 128, device="cuda", dtype=dtype)
+    caches = torch.randn(2, 64, 16, 8, 128, device="cuda", dtype=dtype)
+    expected_qkv, expected_caches = qkv.clone(), caches.clone()
+    kernels.rotary_store_kv(positions, *qkv.split([32, 8, 8], dim=1), cache, *caches, slots)
+    ref.rotary_store_kv(positions, *expected_qkv.split([32, 8, 8], dim=1), cache, *expected_caches, slots)
+    torch.testing.assert_close(qkv, expected_qkv, atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(caches, expected_caches, atol=2e-2, rtol=1e-2)
+    written = slots >= 0
+    assert torch.equal(caches[0].flatten(0, 1)[slots[written]], qkv[written, 32:40])
+
+@gpu
+@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_split_k_linear_into_rms_norm(rows: int, dtype: torch.dtype) -> None:
+    # Llama-2-7B's o_proj and down_proj, each split count against the unsplit kernel.
+    torch.manual_seed(0)
+    norm_w = torch.randn(4096, device="cuda", dtype=dtype)
+    residual = torch.randn(rows, 4096, device="cuda", dtype=dtype)
+    for k in (4096, 11008):
+        x = torch.randn(rows, k, device="cuda", dtype=dtype)
+        w = torch.randn(4096, k, device="cuda", dtype=dtype) / k**0.5
+        plain = kernels.linear(x, w)
+        expected = ref.rms_norm(plain, norm_w, 1e-6, residual)
+        tuned = kernels.linear(x, w, split_k=True)
+        assert isinstance(tuned, SplitK) and tuned.partials.shape[0] in SPLITS
+        for splits in SPLITS:
+            with pytest.MonkeyPatch.context() as mp:
+                force_split_k(mp, splits)
+                out = kernels.linear(x, w, split_k=True)
+            assert out.partials.shape == (splits, rows, 4096)
+            torch.testing.assert_close(out.reduce(), plain, atol=2e-2, rtol=2e-2)
+            for got, want in zip(kernels.rms_norm(out, norm_w, 1e-6, residual), expected):
+                torch.testing.assert_close(got, want, atol=5e-2, rtol=2e-2)
+
+
+def tiny_llama(tmp_path: Path) -> ModelConfig:
+    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 256,
+              "intermediate_size": 688, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+              "max_position_embeddings": 256}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return ModelConfig.from_dir(tmp_path)
+
+
+def reference_layers(model: LlamaModel, ids: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+                     meta: AttentionMetadata, caches: torch.Tensor) -> torch.Tensor:
+    """LlamaModel.forward unfused, on the torch references (separate rotary, KV write, SwiGLU and sums),
+    with its own caches [layers, 2, blocks, block_size, kv heads, head_dim]."""
+    h, residual = model.embed_tokens(ids), None
+    n = ids.shape[0]
+    for layer, (k_cache, v_cache) in zip(model.layers, caches):
+        attn, mlp = layer.self_attn, layer.mlp
+        norm = layer.input_layernorm
+        h, residual = ((ref.rms_norm(h, norm.weight, norm.eps), h) if residual is None
+                       else ref.rms_norm(h, norm.weight, norm.eps, residual))
+        q, k, v = F.linear(h, attn.qkv_proj.weight).split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        ref.apply_rotary(positions, q, k, cos_sin, attn.head_dim)
+        ref.store_kv(k.view(n, -1, attn.head_dim), v.view(n, -1, attn.head_dim), k_cache, v_cache,
+                     meta.slot_mapping)
+        o = ref.paged_attention(q.view(n, -1, attn.head_dim), k_cache, v_cache, meta.block_tables,
+                                meta.seq_lens, meta.query_start_loc, attn.scale)
+        h = F.linear(o.reshape(n, -1), attn.o_proj.weight)
+        norm = layer.post_attention_layernorm
+        h, residual = ref.rms_norm(h, norm.weight, norm.eps, residual)
+        h = F.linear(ref.silu_and_mul(F.linear(h, mlp.gate_up_proj.weight)), mlp.down_proj.weight)
+    return ref.rms_norm(h, model.norm.weight, model.norm.eps, residual)[0]
+
+
+@gpu
+@pytest.mark.parametrize("splits", [None, max(SPLITS)], ids=["tuned", "split-max"])
+@pytest.mark.parametrize("batch", [1, 16])
+def test_gpu_llama_layers_fused_match_reference(batch: int, splits: int | None, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # A 20-token prefill per sequence (cuBLAS), then one decode step (split-K o_proj and down_proj, reduced
+    # in the norms) in a CUDA graph; rotary + KV write fused in both.
+    if splits is not None:
+        force_split_k(monkeypatch, splits)
+    torch.manual_seed(0)
+    cfg, prompt, block_size = tiny_llama(tmp_path), 20, 16
+    model = LlamaModel(cfg).to(device="cuda", dtype=torch.bfloat16)
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.data.normal_(1.0, 0.2)
+    cos_sin = build_cos_sin_cache(cfg.head_dim, 256, cfg.rope_theta, None, torch.bfloat16).cuda()
+    blocks = 2  # per sequence: prompt + 1 token
+    cache_shape = (batch * blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+    fused = torch.zeros(cfg.num_layers, 2, *cache_shape, device="cuda", dtype=torch.bfloat16)
+    unfused = fused.clone()
+    for layer, (k_cache, v_cache) in zip(model.layers, fused):
+        layer.self_attn.k_cache, layer.self_attn.v_cache = k_cache, v_cache
+    tables = torch.arange(batch * blocks, device="cuda", dtype=torch.int32).view(batch, blocks)
+
+    def step(start: int, length: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        pos = torch.arange(start, start + length, device="cuda").repeat(batch)
+        seq = torch.arange(batch, device="cuda").repeat_interleave(length)
+        slots = (tables[seq, pos // block_size] * block_size + pos % block_size).int()
+        meta = AttentionMetadata(
+            slot_mapping=slots, block_tables=tables,
+            seq_lens=torch.full((batch,), start + length, device="cuda", dtype=torch.int32),
+            query_start_loc=torch.arange(0, batch * length + 1, length, device="cuda", dtype=torch.int32),
+            max_query_len=length, max_seq_len=start + length)
+        ids = torch.randint(0, cfg.vocab_size, (batch * length,), device="cuda")
+        return ids, pos, meta
+
+    with torch.inference_mode():
+        ids, pos, meta = step(0, prompt)
+        expected = reference_layers(model, ids, pos, cos_sin, meta, unfused)
+        torch.testing.assert_close(model(ids, pos, cos_sin, meta), expected, atol=5e-2, rtol=5e-2)
+        ids, pos, meta = step(prompt, 1)
+        x = torch.randn(batch, cfg.num_heads * cfg.head_dim, device="cuda", dtype=torch.bfloat16)
+        assert isinstance(model.layers[0].self_attn.o_proj(x), SplitK)
+        model(ids, pos, cos_sin, meta)  # tunes the kernels outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model(ids, pos, cos_sin, meta)
+        graph.replay()
+        expected = reference_layers(model, ids, pos, cos_sin, meta, unfused)
+    torch.testing.assert_close(out, expected, atol=5e-2, rtol=5e-2)
+    assert (out.float() - expected.float()).abs().mean() < 5e-3
+    torch.testing.assert_close(fused, unfused, atol=5e-2, rtol=5e-2)

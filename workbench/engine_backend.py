@@ -6,6 +6,7 @@ import dataclasses
 import gc
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,37 @@ TIME_COLUMNS = ("arrival_s", "first_scheduled_s", "first_token_s", "finish_s")
 def replay_on_engine(cfg: dict[str, Any], engine: Any = None
                      ) -> tuple[pd.DataFrame, pd.DataFrame, Any, dict[str, Any]]:
     """Replay the workload in real time. `engine`: one `build_engine` made for the same model and knobs,
-    reset and reused (one model load for several runs); None builds one."""
-    if engine is None:
-        engine = build_engine(cfg)
-    else:
+    reset and reused (one model load for several runs; the caller owns it); None builds one for this run
+    and releases it when the run ends, failed or not, so the next run of the process (a Hydra multirun's
+    next job) finds the device memory free."""
+    if engine is not None:
         engine.reset()
+        return _replay(cfg, engine)
+    try:
+        engine = build_engine(cfg)
+        return _replay(cfg, engine)
+    except BaseException as e:
+        # The launcher keeps a failed job's exception, whose frames would keep this engine alive.
+        traceback.clear_frames(e.__traceback__)
+        raise
+    finally:
+        engine = None
+        release_engines()
+
+
+def release_engines() -> None:
+    """Free the engines nothing refers to any more. LLMEngine gc.freeze()s what is alive when it starts
+    (model, KV cache, CUDA graphs) and frozen objects are never collected, so without this a second engine
+    in the same process would size its KV cache on a GPU the first one still fills."""
+    gc.unfreeze()
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _replay(cfg: dict[str, Any], engine: Any) -> tuple[pd.DataFrame, pd.DataFrame, Any, dict[str, Any]]:
     workload = load_workload(cfg["workload"])
     pending = iter_requests(workload, engine.vocab_size)
     nxt = next(pending, None)
@@ -51,6 +78,7 @@ def replay_on_engine(cfg: dict[str, Any], engine: Any = None
     info = {
         "backend": "engine",
         "device": str(engine.runner.device),
+        **_device_names(engine.runner.device),
         "num_gpu_blocks": engine.runner.num_gpu_blocks,
         "num_cpu_blocks": engine.runner.num_cpu_blocks,
         "num_steps": engine.scheduler.num_steps,
@@ -66,6 +94,14 @@ def replay_on_engine(cfg: dict[str, Any], engine: Any = None
         **{k: v - allocs_before.get(k, 0) for k, v in _device_allocations(engine).items()},
     }
     return requests, steps, rec.itl_s, info
+
+
+def _device_names(device: Any) -> dict[str, str]:
+    """Which card and torch ran the replay (study reports name them)."""
+    import torch
+
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return {"card": card, "torch": torch.__version__}
 
 
 def _device_allocations(engine: Any) -> dict[str, int]:
@@ -158,6 +194,7 @@ def _engine_args(b: dict[str, Any], model_dir: str, sched: Any, cache: Any, engi
         dtype=b.get("dtype", "auto"),
         seed=b.get("seed", 0),
         enforce_eager=b.get("enforce_eager", False),
+        async_scheduling=b.get("async_scheduling", False),
         device=b.get("device", "auto"),
         load_format="auto" if b.get("model_path") else "dummy",
         max_model_len=sched.max_model_len,

@@ -14,6 +14,9 @@ each a dict with `claim` (the guide's words), `kind`, `metric` (a summary.json k
 - search: among runs within `max_gpus` that finish `min_attainment` of all requests within the SLO, the
   best goodput per GPU and the cheapest deployment (fewest GPUs), against the guide's GPU count `guide`.
 Every other swept parameter is a condition: a claim gets one verdict per combination of their values.
+`backend` (swept as `backend=sim,engine`) is not a condition: with runs of several backends the table puts
+each backend's number and verdict side by side, rows joined on claim + condition; plots draw each backend's
+line (it is a swept parameter like any other).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,8 @@ from workbench.runs import load_run, load_sweep
 
 KINDS = ("value", "capacity", "change", "trend", "search")
 HOLDS, FAILS = "holds", "does not hold"
+BACKEND, SIM, NOT_RUN = "backend", "sim", "not run"
+COLUMNS = ("claim", "condition", "guide", "simulated", "verdict")  # a sim-only table and its claims.json
 
 
 @dataclass(slots=True)
@@ -42,8 +47,9 @@ class Verdict:
     claim: str
     condition: str
     guide: str
-    simulated: str
+    simulated: str  # the number the runs gave: the simulator's, or that of `backend`
     verdict: str
+    backend: str = SIM
 
 
 def write_study_report(sweep_dir: str | Path, study: dict[str, Any] | None = None,
@@ -58,11 +64,12 @@ def write_study_report(sweep_dir: str | Path, study: dict[str, Any] | None = Non
         raise ValueError(f"{sweep_dir}: its runs' config has no `study` block")
     out = Path(out_dir or study.get("report_dir") or sweep_dir)
     verdicts, figures = evaluate(df, study, sweep_dir)
+    header, records = _table(verdicts)
     sections: list[Section] = [
         ("How to regenerate", "text", _regenerate(study, sweep_dir)),
         ("Setup", "text", _setup(study, df)),
-        ("Guide vs simulated", "table", (["claim", "condition", "guide", "simulated", "verdict"],
-                                         [list(asdict(v).values()) for v in verdicts])),
+        (" vs ".join(["Guide vs simulated", *_others(verdicts)]), "table",
+         (header, [list(r.values()) for r in records])),
         ("Verdicts", "text", _summary(verdicts)),
         *((f"Claim {i + 1}: {c['claim']}", "image", (f"claim_{i + 1}.png", png(fig)))
           for i, (c, fig) in enumerate(zip(study["claims"], figures, strict=True))),
@@ -70,7 +77,7 @@ def write_study_report(sweep_dir: str | Path, study: dict[str, Any] | None = Non
         config_section(config, "Resolved config (first run)"),
     ]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "claims.json").write_text(json.dumps([asdict(v) for v in verdicts], indent=2) + "\n")
+    (out / "claims.json").write_text(json.dumps(records, indent=2) + "\n")
     return write_document(out, "report", study.get("title", study["name"]), sections)
 
 
@@ -96,17 +103,17 @@ def _value(claim: dict, df: pd.DataFrame, x: str | None, sweep_dir: Path) -> tup
     where = claim.get("where") or {}
     guide, better, tol = claim["guide"], claim.get("better", "lower"), claim.get("tolerance", 0.2)
     rows = []
-    for cond, g in _groups(df[_match(df, where)], df, set(where)):
+    for values, g in _groups(df[_match(df, where)], df, set(where)):
         sim = float(g[claim["metric"]].mean())
-        rows.append(Verdict(claim["claim"], _join(_label(where), cond), fmt(guide), fmt(sim),
-                            HOLDS if _as_good(sim, guide, better, tol) else FAILS))
+        rows.append(Verdict(claim["claim"], _join(_label(where), _condition(values)), fmt(guide), fmt(sim),
+                            HOLDS if _as_good(sim, guide, better, tol) else FAILS, _backend(g)))
     return rows, _along(df, claim, x, guide_line=guide)
 
 
 def _capacity(claim: dict, df: pd.DataFrame, x: str | None, sweep_dir: Path) -> tuple[list[Verdict], Figure]:
     param, limit, guide = claim["param"], claim["max"], claim["guide"]
     rows = []
-    for cond, g in _groups(df, df, {param}):
+    for values, g in _groups(df, df, {param}):
         g = g.sort_values(param)
         ok = (g[claim["metric"]] <= limit).to_numpy()
         passed = int(np.argmin(ok)) if not ok.all() else len(ok)  # runs up to the first failure
@@ -116,8 +123,8 @@ def _capacity(claim: dict, df: pd.DataFrame, x: str | None, sweep_dir: Path) -> 
             cap = float(g[param].iloc[passed - 1])
             sim = (">= " if passed == len(ok) else "") + fmt(cap)
             verdict = HOLDS if _as_good(cap, guide, "higher", claim.get("tolerance", 0.2)) else FAILS
-        condition = _join(f"{claim['metric']} <= {fmt(limit)}", cond)
-        rows.append(Verdict(claim["claim"], condition, fmt(guide), sim, verdict))
+        condition = _join(f"{claim['metric']} <= {fmt(limit)}", _condition(values))
+        rows.append(Verdict(claim["claim"], condition, fmt(guide), sim, verdict, _backend(g)))
     return rows, _along(df, claim, param, guide_line=limit, guide_x=guide)
 
 
@@ -125,15 +132,15 @@ def _change(claim: dict, df: pd.DataFrame, x: str | None, sweep_dir: Path) -> tu
     lo, hi = claim["guide"]
     keys = set(claim["from"]) | set(claim["to"])
     rows, bars = [], {}
-    for cond, g in _groups(df, df, keys):
+    for values, g in _groups(df, df, keys):
         a, b = g[_match(g, claim["from"])], g[_match(g, claim["to"])]
         if a.empty or b.empty:
             continue
         va, vb = _change_values(claim, a, b, sweep_dir)
         rel = vb / va - 1 if va else math.nan
-        bars[cond or "all runs"] = (va, vb)
-        rows.append(Verdict(claim["claim"], cond or "all runs", _range(lo, hi),
-                            f"{_pct(rel)} ({fmt(va)} -> {fmt(vb)})", _in_range(rel, lo, hi)))
+        bars[_label(values) or "all runs"] = (va, vb)
+        rows.append(Verdict(claim["claim"], _condition(values) or "all runs", _range(lo, hi),
+                            f"{_pct(rel)} ({fmt(va)} -> {fmt(vb)})", _in_range(rel, lo, hi), _backend(g)))
     return rows, _bars(claim, bars)
 
 
@@ -141,20 +148,28 @@ def _trend(claim: dict, df: pd.DataFrame, x: str | None, sweep_dir: Path) -> tup
     param, tol = claim["param"], claim.get("tolerance", 0.02)
     sign = 1.0 if claim.get("direction", "increasing") == "increasing" else -1.0
     rows = []
-    for cond, g in _groups(df, df, {param}):
+    for values, g in _groups(df, df, {param}):
         g = g.sort_values(param)
         xs, ys = g[param].tolist(), g[claim["metric"]].astype(float).to_numpy()
         verdict = _trend_verdict(param, xs, sign * ys, tol * (np.abs(ys).max() or 1.0))
-        rows.append(Verdict(claim["claim"], _join(f"{param} {fmt(xs[0])} -> {fmt(xs[-1])}", cond),
-                            claim.get("direction", "increasing"), " -> ".join(fmt(y) for y in ys), verdict))
+        condition = _join(f"{param} {fmt(xs[0])} -> {fmt(xs[-1])}", _condition(values))
+        rows.append(Verdict(claim["claim"], condition, claim.get("direction", "increasing"),
+                            " -> ".join(fmt(y) for y in ys), verdict, _backend(g)))
     return rows, _along(df, claim, param)
 
 
 def _search(claim: dict, df: pd.DataFrame, x: str | None, sweep_dir: Path) -> tuple[list[Verdict], Figure]:
     ok = _feasible(df, claim)
-    params = [p for p in df.attrs["swept"] if p in df.columns]
+    params = [p for p in df.attrs["swept"] if p in df.columns and p != BACKEND]
+    rows = [r for _, g in _groups(df, df, set(params)) for r in _search_rows(claim, g, ok[g.index], params)]
+    return rows, _scatter(df, claim, ok)
+
+
+def _search_rows(claim: dict, df: pd.DataFrame, ok: pd.Series, params: list[str]) -> list[Verdict]:
+    """The verdict rows of one backend's runs."""
+    backend = _backend(df)
     rows = [Verdict(claim["claim"], f"{int(ok.sum())} of {len(df)} configurations meet the SLO and budget",
-                    fmt(claim["guide"]) + " GPUs", "", "")]
+                    fmt(claim["guide"]) + " GPUs", "", "", backend)]
     if ok.any():
         feasible = df[ok]
         best = feasible.loc[feasible[claim["metric"]].idxmax()]
@@ -163,10 +178,10 @@ def _search(claim: dict, df: pd.DataFrame, x: str | None, sweep_dir: Path) -> tu
             desc = f"{int(r['num_gpus'])} GPUs, {claim['metric']} {fmt(r[claim['metric']])}: " + _label(
                 {p: r[p] for p in params})
             verdict = HOLDS if r["num_gpus"] <= claim["guide"] else FAILS
-            rows.append(Verdict(claim["claim"], what, fmt(claim["guide"]) + " GPUs", desc, verdict))
+            rows.append(Verdict(claim["claim"], what, fmt(claim["guide"]) + " GPUs", desc, verdict, backend))
     else:
         rows[0].verdict = FAILS
-    return rows, _scatter(df, claim, ok)
+    return rows
 
 
 _EVALUATORS: dict[str, Callable[..., tuple[list[Verdict], Figure]]] = {
@@ -213,16 +228,32 @@ def _trend_verdict(param: str, xs: list, v: np.ndarray, tol: float) -> str:
 
 # ---- groups, matching, verdict words ----
 
-def _groups(rows: pd.DataFrame, df: pd.DataFrame, exclude: set[str]) -> Iterator[tuple[str, pd.DataFrame]]:
-    """("k=v, ..." condition label, rows) per combination of the swept parameters not in `exclude`."""
+def _groups(rows: pd.DataFrame, df: pd.DataFrame, exclude: set[str]
+            ) -> Iterator[tuple[dict[str, Any], pd.DataFrame]]:
+    """({parameter: value}, rows) per combination of the swept parameters not in `exclude` (backend
+    included, when swept: plots label each line with it, `_condition` leaves it out of verdict rows)."""
     cols = [c for c in df.attrs["swept"] if c not in exclude and c in rows.columns]
     if not cols or rows.empty:
         if not rows.empty:
-            yield "", rows
+            yield {}, rows
         return
     for key, g in rows.groupby(cols, dropna=False, sort=False):
         key = key if isinstance(key, tuple) else (key,)
-        yield _label(dict(zip(cols, key, strict=True))), g
+        yield dict(zip(cols, key, strict=True)), g
+
+
+def _condition(values: dict[str, Any]) -> str:
+    """A verdict row's condition: the group's parameter values but the backend, which has its own column."""
+    return _label({k: v for k, v in values.items() if k != BACKEND})
+
+
+def _backend(rows: pd.DataFrame) -> str:
+    """The backend that ran these runs (summary.json's `backend`; sim where older runs lack it)."""
+    names = rows[BACKEND].dropna().unique() if BACKEND in rows.columns else []
+    if len(names) > 1:
+        raise ValueError(f"study: runs of backends {', '.join(map(str, names))} share a condition: sweep "
+                         "them as a Hydra override (backend=sim,engine)")
+    return str(names[0]) if len(names) else SIM
 
 
 def _match(df: pd.DataFrame, where: dict[str, Any]) -> pd.Series:
@@ -295,23 +326,72 @@ def _regenerate(study: dict, sweep_dir: Path) -> str:
 
 
 def _setup(study: dict, df: pd.DataFrame) -> str:
-    backends = sorted({str(b) for b in df.get("backend", pd.Series(["sim"]))})
-    engine = ("" if "engine" in backends else "\n\nEngine: not run for this report; every number is the "
-              "simulator's (the same scheduler code; step times from the model named in each run's "
-              "`step_time_model`).")
-    return (study.get("notes") or "").rstrip() + engine
+    return (study.get("notes") or "").rstrip() + "\n\n" + _engine_note(df)
+
+
+def _engine_note(df: pd.DataFrame) -> str:
+    runs = df[df[BACKEND] == "engine"] if BACKEND in df.columns else df.iloc[:0]
+    if runs.empty:
+        return ("Engine: not run for this report; every number is the simulator's (the same scheduler code; "
+                "step times from the model named in each run's `step_time_model`).")
+    where = "; ".join(dict.fromkeys(_engine_device(r) for _, r in runs.iterrows()))
+    return (f"Engine: {len(runs)} of the {len(df)} runs replayed their workload in real time on the engine "
+            f"(`backend=engine`) on {where}; the others are the simulator's (the same scheduler code; step "
+            "times from the model named in each run's `step_time_model`).")
+
+
+def _engine_device(run: pd.Series) -> str:
+    """The card and torch of an engine run (summary.json `card`, `torch`; older runs record `device` only)."""
+    card = run.get("card")
+    return str(run.get("device")) if _missing(card) else f"{card} (torch {run.get('torch')})"
+
+
+def _table(verdicts: list[Verdict]) -> tuple[list[str], list[dict[str, str]]]:
+    """The verdict table's header and its rows as records (claims.json). With runs of several backends, one
+    row per claim + condition: the simulator's number and verdict, then each other backend's ("not run"
+    where that backend has no runs for the condition)."""
+    others = _others(verdicts)
+    if not others:
+        return list(COLUMNS), [{k: getattr(v, k) for k in COLUMNS} for v in verdicts]
+    header, empty = [*COLUMNS[:-1], f"verdict ({SIM})"], {"simulated": NOT_RUN, "verdict": ""}
+    for b in others:
+        header += [b, f"verdict ({b})"]
+        empty |= {b: NOT_RUN, f"{b}_verdict": ""}
+    rows: dict[tuple[str, str], dict[str, str]] = {}
+    for v in verdicts:
+        row = rows.setdefault((v.claim, v.condition),
+                              {"claim": v.claim, "condition": v.condition, "guide": v.guide, **empty})
+        keys = ("simulated", "verdict") if v.backend == SIM else (v.backend, f"{v.backend}_verdict")
+        row[keys[0]], row[keys[1]] = v.simulated, v.verdict
+    return header, list(rows.values())
+
+
+def _others(verdicts: list[Verdict]) -> list[str]:
+    """The backends beside the simulator, in order of appearance."""
+    return list(dict.fromkeys(v.backend for v in verdicts if v.backend != SIM))
 
 
 def _summary(verdicts: list[Verdict]) -> str:
+    """One line per claim; with several backends, one sub-line per backend."""
+    several = len({v.backend for v in verdicts}) > 1
     lines = []
     for claim in dict.fromkeys(v.claim for v in verdicts):
-        by: dict[str, list[str]] = {}
-        for v in verdicts:
-            if v.claim == claim and v.verdict:
-                by.setdefault(v.verdict, []).append(v.condition or "all runs")
-        lines.append(f"- **{claim}**: " + "; ".join(f"{verdict} when {' / '.join(conds)}"
-                                                   for verdict, conds in by.items()))
+        rows = [v for v in verdicts if v.claim == claim]
+        if not several:
+            lines.append(f"- **{claim}**: " + _verdict_words(rows))
+            continue
+        lines.append(f"- **{claim}**:")
+        lines += [f"  - {b}: " + _verdict_words([v for v in rows if v.backend == b])
+                  for b in dict.fromkeys(v.backend for v in rows)]
     return "\n".join(lines)
+
+
+def _verdict_words(rows: list[Verdict]) -> str:
+    by: dict[str, list[str]] = {}
+    for v in rows:
+        if v.verdict:
+            by.setdefault(v.verdict, []).append(v.condition or "all runs")
+    return "; ".join(f"{verdict} when {' / '.join(conds)}" for verdict, conds in by.items())
 
 
 def _metrics(study: dict) -> list[str]:
@@ -334,10 +414,10 @@ def _along(df: pd.DataFrame, claim: dict, x: str | None, guide_line: float | Non
         ax.set(xlabel="run", ylabel=metric)
     else:
         numeric = pd.api.types.is_numeric_dtype(df[x])
-        for cond, g in _groups(df, df, {x}):
+        for values, g in _groups(df, df, {x}):
             g = g.sort_values(x) if numeric else g
             ax.plot(g[x] if numeric else g[x].astype(str), g[metric].astype(float), marker="o",
-                    label=cond or metric)
+                    label=_label(values) or metric)
         ax.set(xlabel=x, ylabel=metric)
         if numeric and df[x].max() > 20 * max(df[x].min(), 1e-9) > 0:
             ax.set_xscale("log")

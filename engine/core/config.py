@@ -92,7 +92,8 @@ class CacheConfig:
         check_choice(EVICTION_POLICIES, self.eviction_policy, "cache.eviction_policy")
         if self.block_size < 1:
             raise ValueError(f"cache.block_size must be >= 1, got {self.block_size}")
-        if not 0 < self.gpu_memory_utilization <= 1:
+        util = self.gpu_memory_utilization
+        if not isinstance(util, int | float) or not 0 < util <= 1:
             raise ValueError(
                 f"cache.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from engine.core.block_pool import BlockPool
-from engine.core.request import Request
+from engine.core.request import PENDING, Request
 
 
 def block_hashes(req: Request, block_size: int, num_full_blocks: int) -> list[int]:
@@ -132,6 +132,11 @@ class KVCacheManager:
         return True
 
     def _cache_full_blocks(self, req: Request, num_full: int) -> None:
+        tokens = req.all_token_ids
+        if tokens[-1] == PENDING:  # async scheduling: a block is indexed once all its tokens are known
+            num_full = min(num_full, (len(tokens) - 1) // self.block_size)
+            if num_full <= req.num_cached_blocks:
+                return
         hashes = block_hashes(req, self.block_size, num_full)
         self.pool.cache(req.block_table, hashes, req.num_cached_blocks, num_full)
         req.num_cached_blocks = num_full

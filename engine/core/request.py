@@ -24,6 +24,10 @@ class RequestStatus(enum.IntEnum):
         return self >= RequestStatus.FINISHED_STOPPED
 
 
+# The token of a step still running (async scheduling): the next step is scheduled before it is known, and the
+# executor reads it from the device.
+PENDING = -1
+
 FINISH_REASON = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",

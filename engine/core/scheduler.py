@@ -12,6 +12,7 @@ the caller passes the time.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from itertools import islice, repeat
 
@@ -21,7 +22,7 @@ from engine.core.kv_cache_manager import KVCacheManager
 from engine.core.lora import LoRASlots
 from engine.core.policies import make_preemption, make_queue, make_victim_policy
 from engine.core.recorder import TraceRecorder
-from engine.core.request import Request, RequestStatus
+from engine.core.request import PENDING, Request, RequestStatus
 from engine.core.scheduler_output import SchedulerOutput
 
 RUNNING = RequestStatus.RUNNING
@@ -73,7 +74,7 @@ class Scheduler:
         self.num_shed = 0
         self.num_preemptions = 0
         self.num_steps = 0
-        self._step_start = 0.0
+        self._last_resolved = 0.0  # async scheduling: when the previous step's tokens became known
 
     # ---- requests in and out -------------------------------------------------
     def add_request(self, req: Request, now: float) -> bool:
@@ -104,15 +105,17 @@ class Scheduler:
         """End requests from outside the step loop (abort, stop string); their blocks are freed at once."""
         for rid in request_ids:
             req = self.requests.get(rid)
-            if req is None:
-                continue
-            if req.status == RUNNING:
-                self._leave_running(req)
-            elif req.status == RequestStatus.SWAPPED:
-                self.swapped.remove(req)
-            else:
-                self.waiting.remove(req)
-            self._finish(req, status, now)
+            if req is not None:
+                self._dequeue(req)
+                self._finish(req, status, now)
+
+    def _dequeue(self, req: Request) -> None:
+        if req.status == RUNNING:
+            self._leave_running(req)
+        elif req.status == RequestStatus.SWAPPED:
+            self.swapped.remove(req)
+        else:
+            self.waiting.remove(req)
 
     def _finish(self, req: Request, status: RequestStatus, now: float) -> None:
         self.kv.free(req)
@@ -158,7 +161,7 @@ class Scheduler:
         out.num_running = len(self.running)
         out.num_waiting = self.num_waiting
         out.kv_usage = self.kv.usage
-        self._step_start = now
+        out.scheduled_at = now
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
@@ -390,20 +393,19 @@ class Scheduler:
                 status = RequestStatus.FINISHED_STOPPED
             else:
                 continue
-            if req.status != RUNNING:
+            if req.status >= RequestStatus.FINISHED_STOPPED:
                 continue  # aborted after this step was scheduled
-            req.status = status
             if tok != req.eos_token_id and status == RequestStatus.FINISHED_STOPPED:
                 req.stop_reason = tok
-            finished.append(req)
-        for req in finished:
-            self._leave_running(req)
-            self._finish(req, req.status, now)
+            finished.append((req, status))
+        for req, status in finished:
+            self._dequeue(req)  # running; with async scheduling it may have been preempted since
+            self._finish(req, status, now)
         self.recorder.on_step(
             (
                 self.num_steps,
-                self._step_start,
-                now - self._step_start,
+                out.scheduled_at,
+                now - out.scheduled_at,
                 out.num_prefill_tokens,
                 out.num_decode_tokens,
                 len(self.running),
@@ -414,4 +416,48 @@ class Scheduler:
             )
         )
         self.num_steps += 1
+        return [req for req, _ in finished] if finished else []
+
+    # ---- async scheduling: the next step is scheduled while this one runs ----------
+    def advance(self, out: SchedulerOutput) -> None:
+        """The first half of `update`, before the step's tokens are known: advance the requests and append a
+        PENDING token to each that samples, so that the next step can be scheduled (its decode rows read
+        the PENDING tokens from the device) while this one runs. `resolve` fills them in."""
+        out.sample_at = sample_at = []
+        for req, n in zip(out.requests, out.num_scheduled_tokens):
+            tokens = req.all_token_ids
+            if req.status.finished:  # finished by the previous step's tokens after this one was scheduled
+                sample_at.append(-1)
+                continue
+            computed = req.num_computed_tokens + n
+            req.num_computed_tokens = computed
+            if computed < len(tokens):
+                sample_at.append(-1)
+                continue
+            sample_at.append(computed)
+            tokens.append(PENDING)
+
+    def resolve(self, out: SchedulerOutput, sampled: list[int], now: float) -> list[Request]:
+        """The second half of `update`: the tokens of an `advance`d step are known. `update` writes them in
+        place of their PENDING tokens, records their times and finishes the requests they end: these may
+        have been scheduled into the step running now (its tokens for them are dropped) or preempted by it."""
+        reqs, tokens, preempted = [], [], []
+        for req, at, tok in zip(out.requests, out.sample_at, sampled):
+            if at < 0 or req.status.finished:
+                continue
+            req.all_token_ids.pop()  # its PENDING token, the last: the next step's advance comes after this
+            if req.num_computed_tokens != at:  # preempted since: update finds it at its sampled position
+                preempted.append((req, req.num_computed_tokens))
+                req.num_computed_tokens = at
+            reqs.append(req)
+            tokens.append(tok)
+        # Steps overlap: a step's duration runs from when the previous step's tokens were known.
+        start = max(out.scheduled_at, self._last_resolved)
+        done = dataclasses.replace(out, requests=reqs, num_scheduled_tokens=[0] * len(reqs),
+                                   scheduled_at=start)
+        finished = self.update(done, tokens, now)
+        for req, computed in preempted:
+            req.num_computed_tokens = computed
+        self._last_resolved = now
         return finished
+

@@ -12,7 +12,8 @@ class SchedulerOutput:
     """One step's batch.
 
     `requests[i]` computes `num_scheduled_tokens[i]` tokens, starting at its
-    `num_computed_tokens` (not yet advanced: `Scheduler.update` advances it).
+    `num_computed_tokens` (not yet advanced: `Scheduler.update`, or `advance` with async
+    scheduling, advances it).
     A request samples a token this step iff its computed tokens reach
     `num_tokens` after the step. Decode requests are those past their prompt that
     compute exactly one token; everything else is a prefill chunk.
@@ -44,6 +45,8 @@ class SchedulerOutput:
     num_running: int = 0
     num_waiting: int = 0
     kv_usage: float = 0.0
+    scheduled_at: float = 0.0
+    sample_at: list[int] | None = None  # async scheduling: each request's PENDING token's index, or -1
 
     @property
     def total_num_scheduled_tokens(self) -> int:

@@ -33,15 +33,23 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor | kernels.SplitK, residual: torch.Tensor | None = None):
         return kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose decode-sized calls stream the weights through kernels.linear."""
+    """nn.Linear whose decode-sized calls stream the weights through kernels.linear.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.weight, self.bias)
+    split_k: the output may be kernels.SplitK partial sums, for layers that only an RMSNorm reads (o_proj,
+    down_proj)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 split_k: bool = False) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.split_k = split_k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | kernels.SplitK:
+        return kernels.linear(x, self.weight, self.bias, split_k=self.split_k)
 
 
 class Attention(nn.Module):
@@ -51,7 +59,7 @@ class Attention(nn.Module):
         self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim**-0.5
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False, split_k=True)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -60,7 +68,7 @@ class Attention(nn.Module):
         self.k_cache = self.v_cache = torch.empty(0)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, cos_sin: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata) -> torch.Tensor | kernels.SplitK:
         n = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm:
@@ -69,8 +77,8 @@ class Attention(nn.Module):
         q = q.reshape(n, self.num_heads, self.head_dim)
         k = k.reshape(n, self.num_kv_heads, self.head_dim)
         v = v.reshape(n, self.num_kv_heads, self.head_dim)
-        q, k = kernels.apply_rotary(positions, q, k, cos_sin, self.head_dim)
-        kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        q, k = kernels.rotary_store_kv(positions, q, k, v, cos_sin, self.k_cache, self.v_cache,
+                                       meta.slot_mapping)
         o = kernels.paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
                                     meta.query_start_loc, self.scale, meta.max_query_len, meta.max_seq_len)
         return self.o_proj(o.reshape(n, self.q_size))
@@ -80,9 +88,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, split_k=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | kernels.SplitK:
         return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
 
 
@@ -94,9 +102,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None,
-                cos_sin: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        # The residual add is fused into the next norm, as in vLLM.
+    def forward(self, positions: torch.Tensor, h: torch.Tensor | kernels.SplitK,
+                residual: torch.Tensor | None, cos_sin: torch.Tensor,
+                meta: AttentionMetadata) -> tuple[torch.Tensor | kernels.SplitK, torch.Tensor]:
+        # The residual add is fused into the next norm, as in vLLM; so is the reduction of the split-K
+        # o_proj / down_proj output, which no other op reads.
         if residual is None:
             h, residual = self.input_layernorm(h), h
         else:
