@@ -212,6 +212,24 @@ def test_bad_requests_and_abort(llm):
     assert engine.stats.num_free_blocks == total and not engine.has_unfinished_requests()
 
 
+def test_async_abort_mid_flight_leaves_the_others_exact(tiny_llama_dir, llm):
+    """With async scheduling a request aborted while its step runs frees its blocks; the others' tokens are
+    the same as without async scheduling."""
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:3], params, use_tqdm=False)]
+    engine = LLMEngine.from_kwargs(str(tiny_llama_dir), dtype="float32", device="cpu", async_scheduling=True)
+    for i, prompt in enumerate(PROMPTS[:3]):
+        engine.add_request(str(i), prompt, None, params)
+    for _ in range(5):
+        engine.step()
+    engine.abort_request("1")  # scheduled in the step in flight
+    done = {}
+    while engine.has_unfinished_requests():
+        done |= {o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished}
+    assert done == {"0": expected[0], "2": expected[2]}
+    assert engine.stats.num_free_blocks == engine.stats.num_gpu_blocks
+
+
 def test_streaming_steps_are_cumulative(llm):
     engine = llm.engine
     params = SamplingParams(temperature=0.0, max_tokens=10)

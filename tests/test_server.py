@@ -53,14 +53,15 @@ def wait_until(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> No
         time.sleep(0.01)
 
 
-def start(model_dir, api_key: str | None = None) -> tuple[ServerThread, LLMEngine]:
-    engine = LLMEngine(EngineArgs(model=str(model_dir), **ENGINE_KW))
+def start(model_dir, api_key: str | None = None, **kw) -> tuple[ServerThread, LLMEngine]:
+    engine = LLMEngine(EngineArgs(model=str(model_dir), **ENGINE_KW, **kw))
     return ServerThread(build_app(engine, MODEL, str(model_dir), api_key)), engine
 
 
-@pytest.fixture(scope="module")
-def served(tiny_llama_dir) -> Iterator[tuple[ServerThread, LLMEngine]]:
-    server, engine = start(tiny_llama_dir)
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def served(tiny_llama_dir, request) -> Iterator[tuple[ServerThread, LLMEngine]]:
+    """The server, with the engine's scheduling in step and async (`--async-scheduling`)."""
+    server, engine = start(tiny_llama_dir, async_scheduling=request.param)
     yield server, engine
     server.stop()
 
