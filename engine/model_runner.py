@@ -321,7 +321,7 @@ class ModelRunner:
         # while the copy from the other may still be queued behind the running step.
         self.graph_hosts = [GraphInputs(torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True), m, b)
                             for _ in range(2)]
-        self._host_uploaded: list[torch.cuda.Event | None] = [None, None]
+        self._host_uploaded = [torch.cuda.Event(), torch.cuda.Event()]  # recorded after each twin's copy
         self.graph_inputs = g = GraphInputs(torch.zeros(nbytes, dtype=torch.uint8, device=self.device), m, b)
         self._pad_graph_rows(self.graph_hosts[0], 0, m)
         self._upload_graph_inputs(0, m)
@@ -359,15 +359,13 @@ class ModelRunner:
         h = self.graph_hosts[turn]
         end = h.end_of_row[size]
         self.graph_inputs.buffer[:end].copy_(h.buffer[:end], non_blocking=True)
-        done = self._host_uploaded[turn] = torch.cuda.Event()
-        done.record()
+        self._host_uploaded[turn].record()
 
     def _replay(self, batch: HostBatch) -> torch.Tensor:
         n = len(batch.seq_lens)
         size = min(s for s in self.graphs if s >= n)
         turn = self._turn = self._turn ^ 1
-        if (uploaded := self._host_uploaded[turn]) is not None:
-            uploaded.synchronize()  # its last copy has left: long done, unless the device is far behind
+        self._host_uploaded[turn].synchronize()  # its last copy has left: long done unless the GPU lags
         h = self.graph_hosts[turn]
         h.input_ids.numpy()[:n] = batch.input_ids
         h.positions.numpy()[:n] = batch.positions
