@@ -5,8 +5,8 @@ Triton on CUDA tensors (or torch.compile where kernels.dispatch.CUDA_BACKEND say
 reference on CPU; 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before this package is imported.
 
 Fusions the Llama model uses: linear(..., split_k=True) may return SplitK partial sums, which only rms_norm
-consumes (it reduces them);
-rotary_store_kv rotates q and k and writes k and v into the paged cache in one kernel.
+consumes (it reduces them); linear(..., swiglu=True) applies SwiGLU to a [gate; up] projection in the same
+kernel; rotary_store_kv rotates q and k and writes k and v into the paged cache in one kernel.
 """
 
 from kernels.activation import silu_and_mul

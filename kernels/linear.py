@@ -10,8 +10,15 @@ SMs), where too few loads are in flight: SPLIT_K programs share a slab, each ove
 fp32 partial sums (SplitK). The RMSNorm that always follows these layers reduces them (kernels.rms_norm), so
 the split costs no extra launch. The autotuner picks SPLIT_K per weight shape, 1 included. SPLIT_K 4 streams
 faster still alone (benchmarks/decode_breakdown.py --sweep) but the norm then reads twice the partials: in a
-whole decode step 1 or 2 measured best (results/h100_decode_variants.log). SwiGLU fused into down_proj's
-stream was tried and dropped: recomputing it for the 16 padded rows of every program cost the step 1 ms.
+whole decode step 1 or 2 measured best (results/h100_decode_variants.log).
+
+swiglu serves gate_up_proj: each program streams BLOCK_N / 2 rows of the gate half of the weight and the
+same rows of the up half, so its tile holds both operands of its BLOCK_N / 2 outputs, and it stores
+silu(gate) * up (kernels.silu_and_mul's rounding) instead of the projection: no SwiGLU launch, half the
+writes. SwiGLU fused into down_proj's stream instead was tried and dropped: recomputing it for the 16 padded
+rows of every program cost the step 1 ms. Prefetching the next layer's weights into L2 at each kernel's end,
+and programmatic dependent launch, were tried and dropped too (results/h100_prefetch_ab.log,
+results/h100_pdl_ab.log): both slowed the step.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.activation import silu_and_mul
 from kernels.dispatch import INTERPRET, pick
 
 SKINNY_MAX_M = 16  # above this, the step is no longer a pure weight stream: cuBLAS
@@ -57,13 +65,23 @@ class SplitK:
 @triton.jit
 def _skinny_matmul_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_os, stride_om,
                           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                          SWIGLU: tl.constexpr = False):
     """out[split] = x[:, Ks] @ w[:, Ks].T over the BLOCK_N columns of program_id(0) and the K slice Ks of
-    split = program_id(1)."""
+    split = program_id(1). SWIGLU: w is [gate; up] (N = 2 I); the program's columns are gate rows
+    [c, c + BLOCK_N / 2) and the same up rows, and out [M, I] gets silu(gate) * up at columns c..."""
+    HALF: tl.constexpr = BLOCK_N // 2
     rows = tl.arange(0, BLOCK_M)
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
-    row_ok, col_ok = rows < M, cols < N
+    if SWIGLU:
+        j = tl.arange(0, BLOCK_N)
+        out_col = tl.program_id(0) * HALF + j % HALF
+        cols = out_col + (j // HALF) * (N // 2)  # weight rows: gate for j < HALF, then up
+        col_ok = out_col < N // 2
+    else:
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+    row_ok = rows < M
     if SPLIT_K == 1:  # the loop bounds the unsplit kernel was tuned with
         k_lo, k_hi = 0, K
     else:
@@ -83,55 +101,71 @@ def _skinny_matmul_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stri
         acc = tl.dot(x, tl.trans(w), acc)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + split * stride_os + rows[:, None] * stride_om + cols[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    if SWIGLU:
+        # Rounded as the unfused ops round: the projection to the activation dtype, silu again before *.
+        dt = out_ptr.dtype.element_ty
+        gate, up = tl.split(tl.permute(tl.reshape(acc.to(dt).to(tl.float32), (BLOCK_M, 2, HALF)), (0, 2, 1)))
+        act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
+        out_cols = tl.program_id(0) * HALF + tl.arange(0, HALF)
+        tl.store(out_ptr + rows[:, None] * stride_om + out_cols[None, :], (act * up).to(dt),
+                 mask=row_ok[:, None] & (out_cols < N // 2)[None, :])
+    else:
+        tl.store(out_ptr + split * stride_os + rows[:, None] * stride_om + cols[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 _KEY = ["N", "K"]
-_skinny_matmul = triton.autotune(configs=CONFIGS, key=_KEY)(_skinny_matmul_kernel)
-_skinny_matmul_split = triton.autotune(configs=SPLIT_CONFIGS, key=_KEY)(_skinny_matmul_kernel)
+TUNERS = {name: triton.autotune(configs=SPLIT_CONFIGS if name == "split" else CONFIGS, key=_KEY)(
+    _skinny_matmul_kernel) for name in ("plain", "split", "swiglu")}
 
 
 def tuned_configs() -> dict[str, str]:
     """What the autotuners chose so far, per weight shape (N, K): for benchmark reports."""
-    return {f"{'split' if tuner is _skinny_matmul_split else 'plain'} {key[:2]}": str(cfg)
-            for tuner in (_skinny_matmul, _skinny_matmul_split) for key, cfg in tuner.cache.items()}
+    return {f"{name} {key[:2]}": str(cfg)
+            for name, tuner in TUNERS.items() for key, cfg in tuner.cache.items()}
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, impl: str = "auto", *,
-           split_k: bool = False) -> torch.Tensor | SplitK:
+           split_k: bool = False, swiglu: bool = False) -> torch.Tensor | SplitK:
     """F.linear(x, weight, bias); the streaming kernel for at most SKINNY_MAX_M rows of half-precision x.
 
     split_k: when the streaming kernel runs and there is no bias, the result may be a SplitK whose only
-    consumer must be kernels.rms_norm; otherwise a tensor."""
-    backend = pick("linear", x, impl)
+    consumer must be kernels.rms_norm; otherwise a tensor.
+    swiglu: weight is a fused [gate; up] projection; returns silu_and_mul(F.linear(x, weight, bias))."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if backend == "torch" or not 0 < rows <= SKINNY_MAX_M or x.dtype not in HALF_DTYPES:
-        return F.linear(x, weight, bias)
     n, k = weight.shape
-    x2 = x.reshape(rows, x.shape[-1])
-    if x2.stride(-1) != 1 or weight.stride(-1) != 1:
-        return F.linear(x, weight, bias)
-    if x2.shape[1] != k:
-        raise ValueError(f"linear: x has {x2.shape[1]} features, weight {tuple(weight.shape)}")
+    streams = (pick("linear", x, impl) != "torch" and 0 < rows <= SKINNY_MAX_M and x.dtype in HALF_DTYPES
+               and x.stride(-1) == 1 and weight.stride(-1) == 1
+               and not (swiglu and (bias is not None or n % 2)))
+    if not streams:
+        out = F.linear(x, weight, bias)
+        return silu_and_mul(out, impl) if swiglu else out
+    if x.shape[-1] != k:
+        raise ValueError(f"linear: x has {x.shape[-1]} features, weight {tuple(weight.shape)}")
+    x2 = x.reshape(rows, k)
+    if swiglu:
+        out = torch.empty(1, rows, n // 2, dtype=x.dtype, device=x.device)
+        _launch(TUNERS["swiglu"], x2, weight, bias, out, swiglu=True)
+        return out.view(*x.shape[:-1], n // 2)
     out_shape = torch.Size((*x.shape[:-1], n))
     if split_k and bias is None:
         partials = torch.empty(max(SPLITS), rows, n, dtype=torch.float32, device=x.device)
-        _launch(_skinny_matmul_split, x2, weight, bias, partials)
+        _launch(TUNERS["split"], x2, weight, bias, partials)
         # The autotuner records the config it ran; tuned before any CUDA-graph capture, so reading it on
         # the host is safe there.
-        splits = _skinny_matmul_split.best_config.kwargs["SPLIT_K"]
+        splits = TUNERS["split"].best_config.kwargs["SPLIT_K"]
         return SplitK(partials[:splits], x.dtype, out_shape)
     out = torch.empty(1, rows, n, dtype=x.dtype, device=x.device)
-    _launch(_skinny_matmul, x2, weight, bias, out)
+    _launch(TUNERS["plain"], x2, weight, bias, out)
     return out.view(out_shape)
 
 
 def _launch(kernel: triton.runtime.Autotuner, x2: torch.Tensor, weight: torch.Tensor,
-            bias: torch.Tensor | None, out: torch.Tensor) -> None:
-    """out [splits, rows, N] = the split-K partials of x2 @ weight.T (+ bias): splits = 1 unless tuned."""
+            bias: torch.Tensor | None, out: torch.Tensor, swiglu: bool = False) -> None:
+    """out [splits, rows, N] = the split-K partials of x2 @ weight.T (+ bias): splits = 1 unless tuned;
+    with swiglu, out [1, rows, N / 2] = SwiGLU of the [gate; up] product."""
     n, k = weight.shape
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
     kernel[grid](x2, weight, bias if bias is not None else weight, out, x2.shape[0], n, k,
                  x2.stride(0), weight.stride(0), out.stride(0), out.stride(1),
-                 HAS_BIAS=bias is not None, BLOCK_M=16)
+                 HAS_BIAS=bias is not None, BLOCK_M=16, SWIGLU=swiglu)

@@ -31,7 +31,7 @@ from kernels import attention
 from kernels import reference as ref
 from kernels.attention import TileConfig, default_num_splits
 from kernels.dispatch import INTERPRET
-from kernels.linear import SPLITS, SplitK, _skinny_matmul_split
+from kernels.linear import SPLITS, TUNERS, SplitK
 from kernels.rotary import build_cos_sin_cache
 
 interp = pytest.mark.skipif(not INTERPRET, reason="runs in test_interpreter_suite (TRITON_INTERPRET=1)")
@@ -66,7 +66,7 @@ def interpreter_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
 def force_split_k(monkeypatch: pytest.MonkeyPatch, splits: int) -> None:
     """Let the split-K autotuner run one config only (a single config is never tuned, nor cached)."""
     config = triton.Config({"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": splits}, num_warps=4, num_stages=4)
-    monkeypatch.setattr(_skinny_matmul_split, "configs", [config])
+    monkeypatch.setattr(TUNERS["split"], "configs", [config])
 
 
 def gpu(test: Callable) -> Callable:
@@ -359,6 +359,28 @@ def test_triton_skinny_linear(rows: int, bias: bool, dtype: torch.dtype) -> None
     torch.testing.assert_close(kernels.linear(x, w, b, impl="triton").float(), expected, atol=2e-2, rtol=1e-2)
 
 
+@interp
+@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_skinny_linear_swiglu(rows: int, dtype: torch.dtype) -> None:
+    # I = 40 gate rows over 32-wide output slabs (the second masked), K = 300 (a masked tile): the fused
+    # SwiGLU rounds as the unfused ops do, so it equals them up to the projection's summation order.
+    x, w = torch.randn(rows, 300).to(dtype), (torch.randn(80, 300) / 300**0.5).to(dtype)
+    fused = kernels.linear(x, w, impl="triton", swiglu=True)
+    assert fused.shape == (rows, 40) and fused.dtype == dtype
+    unfused = kernels.silu_and_mul(kernels.linear(x, w, impl="triton"), impl="triton")
+    torch.testing.assert_close(fused, unfused, atol=2e-2, rtol=1e-2)
+    expected = ref.silu_and_mul(F.linear(x.float(), w.float()))
+    torch.testing.assert_close(fused.float(), expected, atol=3e-2, rtol=2e-2)
+
+
+def test_linear_swiglu_falls_back_to_unfused_ops() -> None:
+    # The CPU engine's path, prefill-sized batches and fp32: F.linear then silu_and_mul.
+    for x in (torch.randn(3, 8).bfloat16(), torch.randn(40, 8).bfloat16(), torch.randn(2, 8)):
+        w = torch.randn(6, 8).to(x.dtype)
+        assert torch.equal(kernels.linear(x, w, swiglu=True), ref.silu_and_mul(F.linear(x, w)))
+
+
 def test_linear_keeps_cublas_for_many_rows_and_fp32() -> None:
     x, w = torch.randn(17, 8), torch.randn(4, 8)
     assert torch.equal(kernels.linear(x, w), F.linear(x, w))
@@ -500,6 +522,19 @@ def test_gpu_skinny_linear(rows: int, dtype: torch.dtype) -> None:
         x, w = torch.randn(rows, k, device="cuda", dtype=dtype), torch.randn(n, k, device="cuda", dtype=dtype)
         expected = x.float() @ w.float().T
         torch.testing.assert_close(kernels.linear(x, w).float(), expected, atol=0.5, rtol=2e-2)
+
+
+@gpu
+@pytest.mark.parametrize("rows", [1, 8, 16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_skinny_linear_swiglu(rows: int, dtype: torch.dtype) -> None:
+    # Llama-2-7B's and Qwen3-0.6B's gate_up_proj: the fused SwiGLU against the unfused kernels.
+    torch.manual_seed(0)
+    for n, k in [(22016, 4096), (6144, 1024)]:
+        x = torch.randn(rows, k, device="cuda", dtype=dtype)
+        w = torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5
+        unfused = kernels.silu_and_mul(kernels.linear(x, w))
+        torch.testing.assert_close(kernels.linear(x, w, swiglu=True), unfused, atol=2e-2, rtol=2e-2)
 
 
 @gpu

@@ -41,15 +41,15 @@ class Linear(nn.Linear):
     """nn.Linear whose decode-sized calls stream the weights through kernels.linear.
 
     split_k: the output may be kernels.SplitK partial sums, for layers that only an RMSNorm reads (o_proj,
-    down_proj)."""
+    down_proj). swiglu: the weight is [gate; up] and the output is their SwiGLU (gate_up_proj)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 split_k: bool = False) -> None:
+                 split_k: bool = False, swiglu: bool = False) -> None:
         super().__init__(in_features, out_features, bias)
-        self.split_k = split_k
+        self.split_k, self.swiglu = split_k, swiglu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | kernels.SplitK:
-        return kernels.linear(x, self.weight, self.bias, split_k=self.split_k)
+        return kernels.linear(x, self.weight, self.bias, split_k=self.split_k, swiglu=self.swiglu)
 
 
 class Attention(nn.Module):
@@ -87,11 +87,11 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, swiglu=True)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, split_k=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | kernels.SplitK:
-        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj(x))
 
 
 class DecoderLayer(nn.Module):
