@@ -69,7 +69,8 @@ def _sweep_one(ws: list[torch.Tensor], m: int, split_ks: tuple[int, ...]) -> lis
     def config(bn: int, bk: int, nw: int, st: int, sk: int):
         dst = out if sk == 1 else partials
         return lambda w: _skinny_matmul_kernel[(triton.cdiv(n, bn), sk)](
-            x, w, w, dst, m, n, k, x.stride(0), w.stride(0), dst.stride(0), dst.stride(1), HAS_BIAS=False,
+            x, w, w, dst, m, n, k, x.stride(0), w.stride(0), dst.stride(0), dst.stride(1),
+            x, x, 0, x, x, x, 0, 0, 0, HAS_BIAS=False,  # no rotary epilogue
             BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=nw, num_stages=st)
 
     results = [("cublas", per_call(lambda w: F.linear(x, w)))]

@@ -6,15 +6,17 @@ reference on CPU; 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before th
 
 Fusions the Llama model uses: linear(..., split_k=True) may return SplitK partial sums, which only rms_norm
 consumes (it reduces them); linear(..., swiglu=True) applies SwiGLU to a [gate; up] projection in the same
-kernel; rotary_store_kv rotates q and k and writes k and v into the paged cache in one kernel.
+kernel; rotary_store_kv rotates q and k and writes k and v into the paged cache in one kernel, and
+linear_rotary_store_kv does that in the qkv projection's kernel itself for decode-sized batches.
 """
 
 from kernels.activation import silu_and_mul
 from kernels.attention import paged_attention
 from kernels.kv_write import rotary_store_kv, store_kv
-from kernels.linear import SplitK, linear
+from kernels.linear import RotaryStoreKV, SplitK, linear, linear_rotary_store_kv
 from kernels.norm import rms_norm
 from kernels.rotary import apply_rotary, build_cos_sin_cache
 
-__all__ = ["SplitK", "apply_rotary", "build_cos_sin_cache", "linear", "paged_attention", "rms_norm",
-           "rotary_store_kv", "silu_and_mul", "store_kv"]
+__all__ = ["RotaryStoreKV", "SplitK", "apply_rotary", "build_cos_sin_cache", "linear",
+           "linear_rotary_store_kv", "paged_attention", "rms_norm", "rotary_store_kv", "silu_and_mul",
+           "store_kv"]

@@ -32,6 +32,7 @@ import triton.language as tl
 
 from kernels.activation import silu_and_mul
 from kernels.dispatch import INTERPRET, pick
+from kernels.kv_write import rotary_store_kv
 
 SKINNY_MAX_M = 16  # above this, the step is no longer a pure weight stream: cuBLAS
 SPLITS = (1, 2)  # split-K counts the autotuner may pick
@@ -63,13 +64,56 @@ class SplitK:
 
 
 @triton.jit
+def _rotary_store_kv_tile(x1, x2, out_ptr, rows, row_ok, stride_om, first_pair, pos_ptr, cs_ptr, stride_cs,
+                          slot_ptr, kc_ptr, vc_ptr, stride_cb, stride_cbs, stride_ch,
+                          HALF: tl.constexpr, NQ: tl.constexpr, NKV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          CACHE_BLOCK: tl.constexpr):
+    """The epilogue of a qkv projection tile: x1, x2 [rows, HALF] are dims c and c + HEAD_DIM / 2 of one head
+    (pairs first_pair...); q and k heads are rotated (neox, kernels.rotary's rounding), all are stored to
+    out, and k and v heads also to the paged cache at each row's slot (negative: padding, skipped)."""
+    dt = out_ptr.dtype.element_ty
+    head = first_pair // (HEAD_DIM // 2)
+    c = first_pair % (HEAD_DIM // 2) + tl.arange(0, HALF)
+    if head < NQ + NKV:
+        pos = tl.load(pos_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        cos = tl.load(cs_ptr + pos[:, None] * stride_cs + c[None, :], mask=row_ok[:, None], other=0.0)
+        sin = tl.load(cs_ptr + pos[:, None] * stride_cs + HEAD_DIM // 2 + c[None, :], mask=row_ok[:, None],
+                      other=0.0)
+        cos, sin = cos.to(dt).to(tl.float32), sin.to(dt).to(tl.float32)
+        o1 = (x1 * cos).to(dt).to(tl.float32) - (x2 * sin).to(dt).to(tl.float32)
+        o2 = (x2 * cos).to(dt).to(tl.float32) + (x1 * sin).to(dt).to(tl.float32)
+    else:
+        o1, o2 = x1, x2
+    col = head * HEAD_DIM + c
+    tl.store(out_ptr + rows[:, None] * stride_om + col[None, :], o1.to(dt), mask=row_ok[:, None])
+    tl.store(out_ptr + rows[:, None] * stride_om + (col + HEAD_DIM // 2)[None, :], o2.to(dt),
+             mask=row_ok[:, None])
+    if head >= NQ:
+        slot = tl.load(slot_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+        if head < NQ + NKV:
+            cache = kc_ptr
+        else:
+            cache = vc_ptr
+        base = ((slot // CACHE_BLOCK) * stride_cb + (slot % CACHE_BLOCK) * stride_cbs
+                + ((head - NQ) % NKV) * stride_ch)
+        ok = (row_ok & (slot >= 0))[:, None]
+        tl.store(cache + base[:, None] + c[None, :], o1.to(dt), mask=ok)
+        tl.store(cache + base[:, None] + (c + HEAD_DIM // 2)[None, :], o2.to(dt), mask=ok)
+
+
+@triton.jit
 def _skinny_matmul_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_os, stride_om,
-                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                          pos_ptr, cs_ptr, stride_cs, slot_ptr, kc_ptr, vc_ptr, stride_cb, stride_cbs,
+                          stride_ch, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                          SWIGLU: tl.constexpr = False):
+                          SWIGLU: tl.constexpr = False, ROPE: tl.constexpr = False, NQ: tl.constexpr = 0,
+                          NKV: tl.constexpr = 0, HEAD_DIM: tl.constexpr = 2, CACHE_BLOCK: tl.constexpr = 1):
     """out[split] = x[:, Ks] @ w[:, Ks].T over the BLOCK_N columns of program_id(0) and the K slice Ks of
-    split = program_id(1). SWIGLU: w is [gate; up] (N = 2 I); the program's columns are gate rows
-    [c, c + BLOCK_N / 2) and the same up rows, and out [M, I] gets silu(gate) * up at columns c..."""
+    split = program_id(1). The column pairing modes (SPLIT_K 1), where the program's tile is two halves of
+    BLOCK_N / 2 columns each, from first + [0, HALF) and second + [0, HALF):
+    SWIGLU: w is [gate; up] (N = 2 I); the halves are the same gate and up rows, and out [M, I] gets
+    silu(gate) * up; ROPE: w is a qkv projection (NQ, NKV, NKV heads of HEAD_DIM); the halves are dims c and
+    c + HEAD_DIM / 2 of one head, rotated and written to the cache in _rotary_store_kv_tile."""
     HALF: tl.constexpr = BLOCK_N // 2
     rows = tl.arange(0, BLOCK_M)
     split = tl.program_id(1)
@@ -78,6 +122,11 @@ def _skinny_matmul_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stri
         out_col = tl.program_id(0) * HALF + j % HALF
         cols = out_col + (j // HALF) * (N // 2)  # weight rows: gate for j < HALF, then up
         col_ok = out_col < N // 2
+    elif ROPE:
+        j = tl.arange(0, BLOCK_N)
+        pair = tl.program_id(0) * HALF + j % HALF  # HALF divides HEAD_DIM / 2: one head per program
+        cols = (pair // (HEAD_DIM // 2)) * HEAD_DIM + pair % (HEAD_DIM // 2) + (j // HALF) * (HEAD_DIM // 2)
+        col_ok = cols < N
     else:
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
@@ -101,10 +150,17 @@ def _skinny_matmul_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stri
         acc = tl.dot(x, tl.trans(w), acc)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if SWIGLU:
-        # Rounded as the unfused ops round: the projection to the activation dtype, silu again before *.
+    if SWIGLU or ROPE:
+        # Rounded as the unfused ops round: the projection to the activation dtype first.
         dt = out_ptr.dtype.element_ty
-        gate, up = tl.split(tl.permute(tl.reshape(acc.to(dt).to(tl.float32), (BLOCK_M, 2, HALF)), (0, 2, 1)))
+        first, second = tl.split(tl.permute(tl.reshape(acc.to(dt).to(tl.float32), (BLOCK_M, 2, HALF)),
+                                            (0, 2, 1)))
+    if ROPE:
+        _rotary_store_kv_tile(first, second, out_ptr, rows, row_ok, stride_om, tl.program_id(0) * HALF,
+                              pos_ptr, cs_ptr, stride_cs, slot_ptr, kc_ptr, vc_ptr, stride_cb, stride_cbs,
+                              stride_ch, HALF, NQ, NKV, HEAD_DIM, CACHE_BLOCK)
+    elif SWIGLU:
+        gate, up = first, second
         act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
         out_cols = tl.program_id(0) * HALF + tl.arange(0, HALF)
         tl.store(out_ptr + rows[:, None] * stride_om + out_cols[None, :], (act * up).to(dt),
@@ -116,13 +172,20 @@ def _skinny_matmul_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stri
 
 _KEY = ["N", "K"]
 TUNERS = {name: triton.autotune(configs=SPLIT_CONFIGS if name == "split" else CONFIGS, key=_KEY)(
-    _skinny_matmul_kernel) for name in ("plain", "split", "swiglu")}
+    _skinny_matmul_kernel) for name in ("plain", "split", "swiglu", "rope")}
 
 
 def tuned_configs() -> dict[str, str]:
     """What the autotuners chose so far, per weight shape (N, K): for benchmark reports."""
     return {f"{name} {key[:2]}": str(cfg)
             for name, tuner in TUNERS.items() for key, cfg in tuner.cache.items()}
+
+
+def _streams(x: torch.Tensor, weight: torch.Tensor, impl: str) -> bool:
+    """Whether the streaming kernel takes x [..., K] times weight (else F.linear)."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return (pick("linear", x, impl) != "torch" and 0 < rows <= SKINNY_MAX_M and x.dtype in HALF_DTYPES
+            and x.stride(-1) == 1 and weight.stride(-1) == 1)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, impl: str = "auto", *,
@@ -134,10 +197,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     swiglu: weight is a fused [gate; up] projection; returns silu_and_mul(F.linear(x, weight, bias))."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     n, k = weight.shape
-    streams = (pick("linear", x, impl) != "torch" and 0 < rows <= SKINNY_MAX_M and x.dtype in HALF_DTYPES
-               and x.stride(-1) == 1 and weight.stride(-1) == 1
-               and not (swiglu and (bias is not None or n % 2)))
-    if not streams:
+    if not _streams(x, weight, impl) or (swiglu and (bias is not None or n % 2)):
         out = F.linear(x, weight, bias)
         return silu_and_mul(out, impl) if swiglu else out
     if x.shape[-1] != k:
@@ -160,12 +220,62 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out.view(out_shape)
 
 
+@dataclass(slots=True)
+class RotaryStoreKV:
+    """What linear_rotary_store_kv's kernel needs beyond the projection (see kernels.rotary_store_kv)."""
+
+    positions: torch.Tensor
+    cos_sin_cache: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    def fusable(self, x: torch.Tensor) -> bool:
+        """Whether the streaming kernel can do it: full neox rotary over heads of a multiple of 64 dims (each
+        program's half tile, 16 or 32 pairs, within one head), one cache layout for k and v."""
+        return (self.cos_sin_cache.shape[-1] == self.head_dim and self.head_dim % 64 == 0
+                and self.k_cache.stride() == self.v_cache.stride() and self.k_cache.dtype == x.dtype
+                and self.k_cache.stride(-1) == 1 and self.cos_sin_cache.stride(-1) == 1)
+
+
+def linear_rotary_store_kv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                           rope: RotaryStoreKV, impl: str = "auto") -> torch.Tensor:
+    """qkv = linear(x, weight, bias) for a fused q/k/v projection x [rows, hidden], then
+    kernels.rotary_store_kv on its heads
+    (neox): q and k rotated in qkv, k and v written to the paged cache. For decode-sized batches one
+    streaming kernel, whose programs each hold dims c and c + head_dim / 2 of one head (column pairing, as
+    swiglu pairs gate and up rows): no rotary launch, the same rounding."""
+    rows = x.shape[0]
+    if not (_streams(x, weight, impl) and rope.fusable(x)):
+        qkv = linear(x, weight, bias, impl)
+        q_size, kv_size = rope.num_heads * rope.head_dim, rope.num_kv_heads * rope.head_dim
+        q, k, v = (t.view(rows, -1, rope.head_dim) for t in qkv.split([q_size, kv_size, kv_size], dim=-1))
+        rotary_store_kv(rope.positions, q, k, v, rope.cos_sin_cache, rope.k_cache, rope.v_cache,
+                        rope.slot_mapping, impl=impl)
+        return qkv
+    out = torch.empty(1, rows, weight.shape[0], dtype=x.dtype, device=x.device)
+    _launch(TUNERS["rope"], x.reshape(rows, -1), weight, bias, out, rope=rope)
+    return out.view(rows, -1)
+
+
 def _launch(kernel: triton.runtime.Autotuner, x2: torch.Tensor, weight: torch.Tensor,
-            bias: torch.Tensor | None, out: torch.Tensor, swiglu: bool = False) -> None:
+            bias: torch.Tensor | None, out: torch.Tensor, swiglu: bool = False,
+            rope: RotaryStoreKV | None = None) -> None:
     """out [splits, rows, N] = the split-K partials of x2 @ weight.T (+ bias): splits = 1 unless tuned;
-    with swiglu, out [1, rows, N / 2] = SwiGLU of the [gate; up] product."""
+    with swiglu, out [1, rows, N / 2] = SwiGLU of the [gate; up] product; with rope, rotated and cached."""
     n, k = weight.shape
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
+    if rope is None:
+        rope_args, consts = (x2, x2, 0, x2, x2, x2, 0, 0, 0), {}
+    else:
+        kc = rope.k_cache
+        rope_args = (rope.positions, rope.cos_sin_cache, rope.cos_sin_cache.stride(0), rope.slot_mapping, kc,
+                     rope.v_cache, kc.stride(0), kc.stride(1), kc.stride(2))
+        consts = {"ROPE": True, "NQ": rope.num_heads, "NKV": rope.num_kv_heads, "HEAD_DIM": rope.head_dim,
+                  "CACHE_BLOCK": kc.shape[1]}
     kernel[grid](x2, weight, bias if bias is not None else weight, out, x2.shape[0], n, k,
-                 x2.stride(0), weight.stride(0), out.stride(0), out.stride(1),
-                 HAS_BIAS=bias is not None, BLOCK_M=16, SWIGLU=swiglu)
+                 x2.stride(0), weight.stride(0), out.stride(0), out.stride(1), *rope_args,
+                 HAS_BIAS=bias is not None, BLOCK_M=16, SWIGLU=swiglu, **consts)

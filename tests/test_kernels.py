@@ -374,6 +374,57 @@ def test_triton_skinny_linear_swiglu(rows: int, dtype: torch.dtype) -> None:
     torch.testing.assert_close(fused.float(), expected, atol=3e-2, rtol=2e-2)
 
 
+def qkv_rotary_case(rows: int, dtype: torch.dtype, device: str, heads: tuple[int, int, int], hidden: int,
+                    bias: bool) -> tuple:
+    """x, weight, bias, cos/sin cache, positions, slots (rows 1, 4, ...: padding) and zeroed k/v caches
+    (views of one tensor, as the model runner's) for a qkv projection of heads (num q, num kv, head_dim)."""
+    nq, nkv, hd = heads
+    n = (nq + 2 * nkv) * hd
+    x = torch.randn(rows, hidden, device=device).to(dtype)
+    w = (torch.randn(n, hidden, device=device) / hidden**0.5).to(dtype)
+    b = torch.randn(n, device=device).to(dtype) if bias else None
+    cos_sin = build_cos_sin_cache(hd, 512, 10000.0, None, dtype).to(device)
+    positions = torch.randint(0, 512, (rows,), device=device)
+    slots = torch.randperm(4 * 16, device=device)[:rows]
+    slots[1::3] = -1
+    caches = torch.zeros(2, 4, 16, nkv, hd, device=device, dtype=dtype)
+    return x, w, b, cos_sin, positions, slots, caches
+
+
+@interp
+@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_linear_rotary_store_kv(rows: int, bias: bool, dtype: torch.dtype) -> None:
+    # 4 q heads and 2 kv heads of 64 dims (32 pairs a head: two 16-pair program halves each), Qwen2's bias:
+    # the fused epilogue rounds as the projection and rotary_store_kv do, so it equals them up to the last
+    # bit of the projection's sums (numpy's matmul under the interpreter sums column sets differently).
+    x, w, b, cos_sin, positions, slots, caches = qkv_rotary_case(rows, dtype, "cpu", (4, 2, 64), 96, bias)
+    fused_caches, unfused_caches = caches.clone(), caches.clone()
+    rope = kernels.RotaryStoreKV(positions, cos_sin, *fused_caches, slots, 4, 2, 64)
+    fused = kernels.linear_rotary_store_kv(x, w, b, rope, impl="triton")
+    unfused = kernels.linear(x, w, b, impl="triton")
+    q, k, v = unfused.view(rows, 8, 64).split([4, 2, 2], dim=1)
+    kernels.rotary_store_kv(positions, q, k, v, cos_sin, *unfused_caches, slots, impl="triton")
+    assert fused.shape == (rows, 8 * 64)
+    torch.testing.assert_close(fused, unfused, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(fused_caches, unfused_caches, atol=1e-2, rtol=1e-2)
+    assert fused_caches.abs().sum() > 0
+
+
+def test_linear_rotary_store_kv_falls_back_on_cpu() -> None:
+    # The CPU engine's path: F.linear, then the reference rotary and KV write.
+    x, w, b, cos_sin, positions, slots, caches = qkv_rotary_case(3, torch.float32, "cpu", (4, 2, 64), 96,
+                                                                 bias=True)
+    expected_caches = caches.clone()
+    qkv = kernels.linear_rotary_store_kv(x, w, b, kernels.RotaryStoreKV(positions, cos_sin, *caches, slots,
+                                                                        4, 2, 64))
+    expected = F.linear(x, w, b)
+    q, k, v = expected.view(3, 8, 64).split([4, 2, 2], dim=1)
+    ref.rotary_store_kv(positions, q, k, v, cos_sin, *expected_caches, slots)
+    assert torch.equal(qkv, expected) and torch.equal(caches, expected_caches)
+
+
 def test_linear_swiglu_falls_back_to_unfused_ops() -> None:
     # The CPU engine's path, prefill-sized batches and fp32: F.linear then silu_and_mul.
     for x in (torch.randn(3, 8).bfloat16(), torch.randn(40, 8).bfloat16(), torch.randn(2, 8)):
@@ -535,6 +586,26 @@ def test_gpu_skinny_linear_swiglu(rows: int, dtype: torch.dtype) -> None:
         w = torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5
         unfused = kernels.silu_and_mul(kernels.linear(x, w))
         torch.testing.assert_close(kernels.linear(x, w, swiglu=True), unfused, atol=2e-2, rtol=2e-2)
+
+
+@gpu
+@pytest.mark.parametrize("rows", [1, 8, 16])
+@pytest.mark.parametrize("heads", [(32, 32, 128), (32, 8, 128), (16, 8, 64)],
+                         ids=["llama2", "llama3", "head_dim64"])
+def test_gpu_linear_rotary_store_kv(rows: int, heads: tuple[int, int, int]) -> None:
+    # The fused qkv projection + rotary + KV write against the unfused kernels, on real shapes.
+    torch.manual_seed(0)
+    x, w, b, cos_sin, positions, slots, caches = qkv_rotary_case(rows, torch.bfloat16, "cuda", heads, 4096,
+                                                                 bias=False)
+    fused_caches, unfused_caches = caches.clone(), caches.clone()
+    rope = kernels.RotaryStoreKV(positions, cos_sin, *fused_caches, slots, *heads)
+    fused = kernels.linear_rotary_store_kv(x, w, b, rope)
+    unfused = kernels.linear(x, w, b)
+    nq, nkv, hd = heads
+    q, k, v = unfused.view(rows, -1, hd).split([nq, nkv, nkv], dim=1)
+    kernels.rotary_store_kv(positions, q, k, v, cos_sin, *unfused_caches, slots)
+    torch.testing.assert_close(fused, unfused, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(fused_caches, unfused_caches, atol=2e-2, rtol=2e-2)
 
 
 @gpu

@@ -70,15 +70,17 @@ class Attention(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor, cos_sin: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor | kernels.SplitK:
         n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if self.qk_norm:
-            q = self.q_norm(q.reshape(-1, self.head_dim))
-            k = self.k_norm(k.reshape(-1, self.head_dim))
-        q = q.reshape(n, self.num_heads, self.head_dim)
-        k = k.reshape(n, self.num_kv_heads, self.head_dim)
-        v = v.reshape(n, self.num_kv_heads, self.head_dim)
-        q, k = kernels.rotary_store_kv(positions, q, k, v, cos_sin, self.k_cache, self.v_cache,
-                                       meta.slot_mapping)
+        if self.qk_norm:  # Qwen3 normalizes each q and k head before the rotary embedding
+            q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(n, self.num_heads, self.head_dim)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(n, self.num_kv_heads, self.head_dim)
+            q, k = kernels.rotary_store_kv(positions, q, k, v.reshape(n, self.num_kv_heads, self.head_dim),
+                                           cos_sin, self.k_cache, self.v_cache, meta.slot_mapping)
+        else:
+            rope = kernels.RotaryStoreKV(positions, cos_sin, self.k_cache, self.v_cache, meta.slot_mapping,
+                                         self.num_heads, self.num_kv_heads, self.head_dim)
+            qkv = kernels.linear_rotary_store_kv(x, self.qkv_proj.weight, self.qkv_proj.bias, rope)
+            q = qkv[:, :self.q_size].view(n, self.num_heads, self.head_dim)
         o = kernels.paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
                                     meta.query_start_loc, self.scale, meta.max_query_len, meta.max_seq_len)
         return self.o_proj(o.reshape(n, self.q_size))
