@@ -12,13 +12,17 @@ the split costs no extra launch. The autotuner picks SPLIT_K per weight shape, 1
 faster still alone (benchmarks/decode_breakdown.py --sweep) but the norm then reads twice the partials: in a
 whole decode step 1 or 2 measured best (results/h100_decode_variants.log).
 
-swiglu serves gate_up_proj: each program streams BLOCK_N / 2 rows of the gate half of the weight and the
-same rows of the up half, so its tile holds both operands of its BLOCK_N / 2 outputs, and it stores
-silu(gate) * up (kernels.silu_and_mul's rounding) instead of the projection: no SwiGLU launch, half the
-writes. SwiGLU fused into down_proj's stream instead was tried and dropped: recomputing it for the 16 padded
-rows of every program cost the step 1 ms. Prefetching the next layer's weights into L2 at each kernel's end,
-and programmatic dependent launch, were tried and dropped too (results/h100_prefetch_ab.log,
-results/h100_pdl_ab.log): both slowed the step.
+Column pairing: a decode step is ~8 kernels a layer, each with a fixed launch-to-drain cost, so the
+element-wise op after a projection runs in its epilogue. swiglu (gate_up_proj): each program streams
+BLOCK_N / 2 rows of the gate half of the weight and the same rows of the up half, so its tile holds both
+operands of its outputs, and it stores silu(gate) * up (kernels.silu_and_mul's rounding): no SwiGLU launch,
+half the writes. linear_rotary_store_kv (qkv_proj): each program's halves are dims c and c + head_dim / 2 of
+one head, which is what the neox rotary pairs; it rotates q and k and writes k and v to the paged cache: no
+rotary launch. Together -0.2 ms a batch-1 step on an H100 (results/h100_swiglu_merge_ab.log,
+results/h100_rope_ab.log). Tried and dropped (A/B logs in results/): SwiGLU fused into down_proj's stream
+(recomputed for the 16 padded rows of every program: +1 ms), the RMSNorm computed inside the next
+projection (the kernel grew by what the norm launches cost), prefetching the next layer's weights into L2
+and programmatic dependent launch (both slower), .cg / evict_first weight loads (no change).
 """
 
 from __future__ import annotations

@@ -54,8 +54,9 @@ def prompts(one_b_dir):
     return [[bos] + [rng.randrange(5, 384) for _ in range(rng.randint(8, 300))] for _ in range(NUM_PROMPTS)]
 
 
-def hf_model(path, dtype):
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).cuda().eval()
+def hf_model(path, dtype, attn_implementation: str = "sdpa"):
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=attn_implementation).cuda().eval()
 
 
 @torch.inference_mode()
@@ -87,16 +88,19 @@ def test_one_b_bf16_matches_hf(one_b_dir, prompts):
 
     # Greedy: the same 32 tokens as HF bf16, or a first divergence where HF's two candidates are within bf16
     # noise of each other (random weights give flat logits, so such near-ties are common). How often HF bf16
-    # itself keeps HF fp32's 32 tokens says what any bf16 implementation can reach on this model.
-    exact = near_tie = same_as_fp32 = hf16_as_fp32 = 0
-    for model in (hf16, hf32):
+    # itself keeps HF fp32's 32 tokens, and HF bf16 with its other attention implementation (eager, not
+    # sdpa) keeps HF bf16's, says what any bf16 implementation that is not bit-identical can reach.
+    exact = near_tie = same_as_fp32 = hf16_as_fp32 = eager_as_hf16 = 0
+    hf16_eager = hf_model(one_b_dir, torch.bfloat16, "eager")
+    for model in (hf16, hf32, hf16_eager):
         model.generation_config.eos_token_id = None  # as ignore_eos: EOS may be generated, and does not stop
     for ids, mine in zip(prompts, ours):
         x = torch.tensor([ids], device="cuda")
-        theirs, fp32 = (m.generate(x, do_sample=False, max_new_tokens=NUM_TOKENS, pad_token_id=0)
-                        [0, len(ids):].tolist() for m in (hf16, hf32))
+        theirs, fp32, eager = (m.generate(x, do_sample=False, max_new_tokens=NUM_TOKENS, pad_token_id=0)
+                               [0, len(ids):].tolist() for m in (hf16, hf32, hf16_eager))
         same_as_fp32 += mine == fp32
         hf16_as_fp32 += theirs == fp32
+        eager_as_hf16 += eager == theirs
         if mine == theirs:
             exact += 1
             continue
@@ -105,7 +109,8 @@ def test_one_b_bf16_matches_hf(one_b_dir, prompts):
         near_tie += bool(abs(logits[mine[k]] - logits[theirs[k]]) <= 0.1 * logits.std())
     n = NUM_PROMPTS
     print(f"greedy over {NUM_TOKENS} tokens: {exact}/{n} identical to HF bf16, {near_tie} diverge at a "
-          f"near-tie; identical to HF fp32: ours {same_as_fp32}/{n}, HF bf16's {hf16_as_fp32}/{n}")
+          f"near-tie; identical to HF fp32: ours {same_as_fp32}/{n}, HF bf16's {hf16_as_fp32}/{n}; "
+          f"HF bf16 eager attention identical to HF bf16 sdpa: {eager_as_hf16}/{n}")
     assert exact + near_tie >= 0.95 * NUM_PROMPTS
 
 
