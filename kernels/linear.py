@@ -37,6 +37,7 @@ import triton.language as tl
 from kernels.activation import silu_and_mul
 from kernels.dispatch import INTERPRET, pick
 from kernels.kv_write import rotary_store_kv
+from kernels.rotary import rotate_halves
 
 SKINNY_MAX_M = 16  # above this, the step is no longer a pure weight stream: cuBLAS
 SPLITS = (1, 2)  # split-K counts the autotuner may pick
@@ -83,15 +84,12 @@ def _rotary_store_kv_tile(x1, x2, out_ptr, rows, row_ok, stride_om, first_pair, 
         cos = tl.load(cs_ptr + pos[:, None] * stride_cs + c[None, :], mask=row_ok[:, None], other=0.0)
         sin = tl.load(cs_ptr + pos[:, None] * stride_cs + HEAD_DIM // 2 + c[None, :], mask=row_ok[:, None],
                       other=0.0)
-        cos, sin = cos.to(dt).to(tl.float32), sin.to(dt).to(tl.float32)
-        o1 = (x1 * cos).to(dt).to(tl.float32) - (x2 * sin).to(dt).to(tl.float32)
-        o2 = (x2 * cos).to(dt).to(tl.float32) + (x1 * sin).to(dt).to(tl.float32)
+        o1, o2 = rotate_halves(x1, x2, cos, sin, dt)
     else:
-        o1, o2 = x1, x2
+        o1, o2 = x1.to(dt), x2.to(dt)
     col = head * HEAD_DIM + c
-    tl.store(out_ptr + rows[:, None] * stride_om + col[None, :], o1.to(dt), mask=row_ok[:, None])
-    tl.store(out_ptr + rows[:, None] * stride_om + (col + HEAD_DIM // 2)[None, :], o2.to(dt),
-             mask=row_ok[:, None])
+    tl.store(out_ptr + rows[:, None] * stride_om + col[None, :], o1, mask=row_ok[:, None])
+    tl.store(out_ptr + rows[:, None] * stride_om + (col + HEAD_DIM // 2)[None, :], o2, mask=row_ok[:, None])
     if head >= NQ:
         slot = tl.load(slot_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
         if head < NQ + NKV:
@@ -101,8 +99,8 @@ def _rotary_store_kv_tile(x1, x2, out_ptr, rows, row_ok, stride_om, first_pair, 
         base = ((slot // CACHE_BLOCK) * stride_cb + (slot % CACHE_BLOCK) * stride_cbs
                 + ((head - NQ) % NKV) * stride_ch)
         ok = (row_ok & (slot >= 0))[:, None]
-        tl.store(cache + base[:, None] + c[None, :], o1.to(dt), mask=ok)
-        tl.store(cache + base[:, None] + (c + HEAD_DIM // 2)[None, :], o2.to(dt), mask=ok)
+        tl.store(cache + base[:, None] + c[None, :], o1, mask=ok)
+        tl.store(cache + base[:, None] + (c + HEAD_DIM // 2)[None, :], o2, mask=ok)
 
 
 @triton.jit
@@ -247,9 +245,9 @@ class RotaryStoreKV:
 
 def linear_rotary_store_kv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                            rope: RotaryStoreKV, impl: str = "auto") -> torch.Tensor:
-    """qkv = linear(x, weight, bias) for a fused q/k/v projection x [rows, hidden], then
-    kernels.rotary_store_kv on its heads
-    (neox): q and k rotated in qkv, k and v written to the paged cache. For decode-sized batches one
+    """qkv = linear(x, weight, bias) for a fused q/k/v projection of x [rows, hidden], then
+    kernels.rotary_store_kv on its heads (neox): q and k rotated in qkv, k and v written to the paged
+    cache. For decode-sized batches one
     streaming kernel, whose programs each hold dims c and c + head_dim / 2 of one head (column pairing, as
     swiglu pairs gate and up rows): no rotary launch, the same rounding."""
     rows = x.shape[0]

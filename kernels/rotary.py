@@ -114,14 +114,19 @@ def _rotate(x_ptr, stride_h, cos, sin, NUM_HEADS: tl.constexpr, HALF: tl.constex
         p2 = p1 + 1
     x1 = tl.load(p1, mask=mask, other=0.0)
     x2 = tl.load(p2, mask=mask, other=0.0)
-    dt = x1.dtype
-    c = cos.to(dt).to(tl.float32)[None, :]
-    s = sin.to(dt).to(tl.float32)[None, :]
-    # Each product is rounded to the activation dtype before the sum, as HF's q * cos + rotate_half(q) * sin.
-    o1 = (x1 * c).to(dt).to(tl.float32) - (x2 * s).to(dt).to(tl.float32)
-    o2 = (x2 * c).to(dt).to(tl.float32) + (x1 * s).to(dt).to(tl.float32)
-    tl.store(p1, o1.to(dt), mask=mask)
-    tl.store(p2, o2.to(dt), mask=mask)
+    o1, o2 = rotate_halves(x1, x2, cos[None, :], sin[None, :], x1.dtype)
+    tl.store(p1, o1, mask=mask)
+    tl.store(p2, o2, mask=mask)
+
+
+@triton.jit
+def rotate_halves(x1, x2, cos, sin, DT: tl.constexpr):
+    """The rotation of the paired halves x1, x2 (values of dtype DT, held in any dtype) by cos and sin, in DT.
+    Each product is rounded to DT before the sum, as HF's q * cos + rotate_half(q) * sin; so are cos, sin."""
+    c, s = cos.to(DT).to(tl.float32), sin.to(DT).to(tl.float32)
+    o1 = (x1 * c).to(DT).to(tl.float32) - (x2 * s).to(DT).to(tl.float32)
+    o2 = (x2 * c).to(DT).to(tl.float32) + (x1 * s).to(DT).to(tl.float32)
+    return o1.to(DT), o2.to(DT)
 
 
 def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
