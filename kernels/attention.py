@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels.dispatch import pick
+from kernels.dispatch import pdl, pdl_enter, pick
 
 
 @dataclass(slots=True, frozen=True)
@@ -100,7 +100,7 @@ def _paged_attention_kernel(
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr,
-    DECODE: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    DECODE: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     kv_head = tl.program_id(1)
     if DECODE:
@@ -115,9 +115,11 @@ def _paged_attention_kernel(
         skip = q_len != 1
     else:
         skip = (q_len <= 1) | (q_tile * BLOCK_Q >= q_len)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    # The step's metadata is no kernel's output: safe to read before waiting on the previous kernel.
+    pdl_enter(PDL)
     if skip:
         return
-    seq_len = tl.load(seq_lens_ptr + seq)
 
     rows = tl.arange(0, BLOCK_M)
     q_idx = q_tile * BLOCK_Q + rows // GROUP
@@ -169,10 +171,12 @@ def _paged_attention_kernel(
 
 @triton.jit
 def _merge_splits_kernel(out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, qsl_ptr, stride_ot, stride_oh,
-                         HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, PDL: tl.constexpr):
     seq, head = tl.program_id(0), tl.program_id(1)
     token = tl.load(qsl_ptr + seq)
-    if tl.load(qsl_ptr + seq + 1) - token != 1:
+    q_len = tl.load(qsl_ptr + seq + 1) - token
+    pdl_enter(PDL)
+    if q_len != 1:
         return
     token = token.to(tl.int64)
     part = (token * tl.num_programs(1) + head) * NUM_SPLITS + tl.arange(0, NUM_SPLITS)
@@ -226,7 +230,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         _launch(*args, (part_acc, part_m, part_l), DECODE_TILE, decode=True, num_splits=num_splits)
         _merge_splits_kernel[(num_seqs, num_heads)](out, part_acc, part_m, part_l, query_start_loc,
                                                     out.stride(0), out.stride(1),
-                                                    HEAD_DIM=head_dim, NUM_SPLITS=num_splits, num_warps=4)
+                                                    HEAD_DIM=head_dim, NUM_SPLITS=num_splits, PDL=pdl(q),
+                                                    num_warps=4, launch_pdl=pdl(q))
     if max_query_len > 1:
         _launch(*args, None, PREFILL_TILE, decode=False, num_splits=1)
     return out
@@ -268,5 +273,5 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: 
         GROUP=group, HEAD_DIM=q.shape[2], BLOCK_SIZE=k_cache.shape[1],
         BLOCK_Q=block_q, BLOCK_M=block_m, TILE_N=tile.tile_n,
         DECODE=decode, NUM_SPLITS=num_splits, PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
-        num_warps=tile.num_warps, num_stages=tile.num_stages,
+        PDL=pdl(q), num_warps=tile.num_warps, num_stages=tile.num_stages, launch_pdl=pdl(q),
     )

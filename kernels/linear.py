@@ -22,11 +22,17 @@ rotary launch. Together -0.2 ms a batch-1 step on an H100 (results/h100_swiglu_m
 results/h100_rope_ab.log). Tried and dropped (A/B logs in results/): SwiGLU fused into down_proj's stream
 (recomputed for the 16 padded rows of every program: +1 ms), the RMSNorm computed inside the next
 projection (the kernel grew by what the norm launches cost), prefetching the next layer's weights into L2
-and programmatic dependent launch (both slower), .cg / evict_first weight loads (no change).
+(slower), .cg / evict_first weight loads (no change).
+
+Programmatic dependent launch (kernels.dispatch.pdl, on the GPUs it measured faster on): each program asks
+for the first PREFETCH_BYTES of its weight rows into L2 while the previous kernel drains, waits for it, and
+lets the next kernel launch once past its K loop. With the configs PINNED for the GPU, the batch-1
+Llama-2-7B step on an H100 went from 5.17 to 5.08 ms (results/h100_pin_pdl_ab.log).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +41,7 @@ import triton
 import triton.language as tl
 
 from kernels.activation import silu_and_mul
-from kernels.dispatch import INTERPRET, pick
+from kernels.dispatch import INTERPRET, device_name, pdl, pick
 from kernels.kv_write import rotary_store_kv
 from kernels.rotary import rotate_halves
 
@@ -53,6 +59,18 @@ SPLIT_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, nu
                  for bn, bk, s in _TILES for sk in SPLITS]
 if INTERPRET:  # the CPU interpreter would run every candidate
     CONFIGS, SPLIT_CONFIGS = CONFIGS[:1], SPLIT_CONFIGS[:1]
+# Timed alone, candidates within a few percent of each other swap places from run to run, and which one wins
+# alone is not always what makes the decode step fastest. On the GPUs named here, shapes named here take the
+# config that the whole step measured best (BLOCK_N, BLOCK_K, SPLIT_K, stages, by tuner and weight shape;
+# benchmarks/results/h100_pin_sweep.log): on an H100 with PDL, a batch-1 Llama-2-7B step of 5.08 ms, against
+# 5.10-5.31 ms with any one shape's config changed and 5.14-5.27 ms over the autotuner's own picks.
+PINNED: dict[str, dict[tuple[str, int, int], tuple[int, int, int, int]]] = {
+    "NVIDIA H100 80GB HBM3": {
+        ("plain", 32000, 4096): (64, 256, 1, 4), ("split", 4096, 4096): (64, 256, 2, 4),
+        ("split", 4096, 11008): (64, 256, 2, 4), ("swiglu", 22016, 4096): (64, 256, 1, 4),
+        ("rope", 12288, 4096): (64, 128, 1, 3)},
+}
+PREFETCH_BYTES = 1024  # of each weight row's slice, requested into L2 before waiting on the previous kernel
 
 
 @dataclass(slots=True)
@@ -66,6 +84,14 @@ class SplitK:
     def reduce(self) -> torch.Tensor:
         """The layer's output, as linear() without split_k returns it (up to fp32 summation order)."""
         return self.partials.sum(0).to(self.dtype).view(self.shape)
+
+
+@triton.jit
+def _prefetch_l2(ptrs, nbytes):
+    """Ask for nbytes (a multiple of 16; 0: nothing) at each of ptrs to be brought into L2."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.u32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; "
+        "mov.u32 $0, 0; }", "=r,l,r", [ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -109,7 +135,8 @@ def _skinny_matmul_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stri
                           stride_ch, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                           SWIGLU: tl.constexpr = False, ROPE: tl.constexpr = False, NQ: tl.constexpr = 0,
-                          NKV: tl.constexpr = 0, HEAD_DIM: tl.constexpr = 2, CACHE_BLOCK: tl.constexpr = 1):
+                          NKV: tl.constexpr = 0, HEAD_DIM: tl.constexpr = 2, CACHE_BLOCK: tl.constexpr = 1,
+                          PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
     """out[split] = x[:, Ks] @ w[:, Ks].T over the BLOCK_N columns of program_id(0) and the K slice Ks of
     split = program_id(1). The column pairing modes (SPLIT_K 1), where the program's tile is two halves of
     BLOCK_N / 2 columns each, from first + [0, HALF) and second + [0, HALF):
@@ -143,6 +170,12 @@ def _skinny_matmul_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stri
         k_hi = tl.minimum(k_lo + span, K)
     x_base = x_ptr + rows[:, None] * stride_xm
     w_base = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
+    if PDL:  # kernels.dispatch.pdl; the weights are no kernel's output: safe to ask for before waiting
+        if PREFETCH > 0:
+            nbytes = (tl.maximum(tl.minimum(k_hi - k_lo, PREFETCH // 2), 0) * 2).to(tl.uint32)
+            rows_at = w_ptr + tl.where(col_ok, cols, 0).to(tl.int64) * stride_wn + k_lo
+            _prefetch_l2(rows_at.to(tl.int64), tl.full([BLOCK_N], 0, tl.uint32) + nbytes)
+        tl.extra.cuda.gdc_wait()
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
@@ -150,6 +183,8 @@ def _skinny_matmul_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stri
         x = tl.load(x_base + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_base + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if SWIGLU or ROPE:
@@ -172,8 +207,19 @@ def _skinny_matmul_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stri
                  acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+def _pinned(name: str, configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
+    """The autotuner's candidates for one call: PINNED's config where it names this GPU and shape."""
+    pin = PINNED.get(device_name(nargs["w_ptr"].device), {}).get((name, nargs["N"], nargs["K"]))
+    if pin is None:
+        return configs
+    block_n, block_k, split_k, stages = pin
+    return [triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k}, num_warps=4,
+                          num_stages=stages)]
+
+
 _KEY = ["N", "K"]
-TUNERS = {name: triton.autotune(configs=SPLIT_CONFIGS if name == "split" else CONFIGS, key=_KEY)(
+TUNERS = {name: triton.autotune(configs=SPLIT_CONFIGS if name == "split" else CONFIGS, key=_KEY,
+                                prune_configs_by={"early_config_prune": functools.partial(_pinned, name)})(
     _skinny_matmul_kernel) for name in ("plain", "split", "swiglu", "rope")}
 
 
@@ -278,6 +324,9 @@ def _launch(kernel: triton.runtime.Autotuner, x2: torch.Tensor, weight: torch.Te
                      rope.v_cache, kc.stride(0), kc.stride(1), kc.stride(2))
         consts = {"ROPE": True, "NQ": rope.num_heads, "NKV": rope.num_kv_heads, "HEAD_DIM": rope.head_dim,
                   "CACHE_BLOCK": kc.shape[1]}
+    chained = pdl(x2)
+    aligned = weight.stride(0) * weight.element_size() % 16 == 0 and weight.data_ptr() % 16 == 0
     kernel[grid](x2, weight, bias if bias is not None else weight, out, x2.shape[0], n, k,
                  x2.stride(0), weight.stride(0), out.stride(0), out.stride(1), *rope_args,
-                 HAS_BIAS=bias is not None, BLOCK_M=16, SWIGLU=swiglu, **consts)
+                 HAS_BIAS=bias is not None, BLOCK_M=16, SWIGLU=swiglu, **consts, PDL=chained,
+                 PREFETCH=PREFETCH_BYTES if chained and aligned else 0, launch_pdl=chained)

@@ -8,14 +8,16 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels.dispatch import compiled, pick
+from kernels.dispatch import compiled, pdl, pdl_enter, pick
 from kernels.linear import SplitK
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr, eps, hidden,
                      stride_xs, stride_x, stride_r, stride_o, stride_nr,
-                     SPLITS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     SPLITS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -63,7 +65,7 @@ def rms_norm(x: torch.Tensor | SplitK, weight: torch.Tensor, eps: float, residua
     _rms_norm_kernel[(rows,)](
         src, res2, weight, out, new_res, eps, hidden,
         src.stride(0), src.stride(1), res2.stride(0), out.stride(0), new_res.stride(0),
-        SPLITS=splits, HAS_RESIDUAL=residual is not None, BLOCK=block,
+        SPLITS=splits, HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl(src), launch_pdl=pdl(src),
         num_warps=min(max(block // 512, 1), 16),
     )
     out = out.view(shape)
