@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import random
 import sys
 import tempfile
 import time
@@ -24,46 +23,11 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from tiny_model import ARCHS, build_tokenizer, tiny_config  # noqa: E402
+from tiny_model import ONE_B, build_tiny_model, hf_greedy, hf_model, random_prompts  # noqa: E402
 
 from engine import LLM, SamplingParams  # noqa: E402
 
 NUM_TOKENS = 32
-# ~1.0B parameters (TinyLlama's shape) on the tiny tokenizer's vocabulary.
-ONE_B = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
-         "num_key_value_heads": 4, "head_dim": 64, "max_position_embeddings": 2048}
-
-
-def write_one_b(path: Path, initializer_range: float, seed: int = 0) -> None:
-    """Write the 1B model directory (config, bf16 safetensors, tokenizer) at path."""
-    tok = build_tokenizer(path)
-    config = tiny_config("llama", len(tok), tok.bos_token_id, tok.eos_token_id,
-                         **ONE_B, initializer_range=initializer_range)
-    torch.manual_seed(seed)
-    with torch.device("cuda"):
-        model = getattr(transformers, ARCHS["llama"])(config).to(torch.bfloat16)
-    model.generation_config = transformers.GenerationConfig(bos_token_id=tok.bos_token_id,
-                                                            eos_token_id=tok.eos_token_id)
-    model.save_pretrained(path, safe_serialization=True)
-
-
-def random_prompts(path: Path, n: int) -> list[list[int]]:
-    rng = random.Random(0)
-    bos = transformers.AutoTokenizer.from_pretrained(path).bos_token_id
-    return [[bos] + [rng.randrange(5, 384) for _ in range(rng.randint(8, 300))] for _ in range(n)]
-
-
-def hf_model(path: Path, dtype: torch.dtype, attn_implementation: str = "sdpa"):
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn_implementation).cuda().eval()
-    model.generation_config.eos_token_id = None  # as ignore_eos: EOS may be generated and does not stop
-    return model
-
-
-@torch.inference_mode()
-def hf_greedy(model, prompts: list[list[int]]) -> list[list[int]]:
-    return [model.generate(torch.tensor([ids], device="cuda"), do_sample=False, max_new_tokens=NUM_TOKENS,
-                           pad_token_id=0)[0, len(ids):].tolist() for ids in prompts]
 
 
 def engine_greedy(path: Path, prompts: list[list[int]]) -> list[list[int]]:
@@ -88,8 +52,8 @@ def same(a: list[list[int]], b: list[list[int]]) -> int:
 def study(initializer_range: float, num_prompts: int) -> None:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp)
-        write_one_b(path, initializer_range)
+        path = build_tiny_model(tmp, dtype=torch.bfloat16, device="cuda",
+                                **(ONE_B | {"initializer_range": initializer_range}))
         release()
         prompts = random_prompts(path, num_prompts)
         ours = engine_greedy(path, prompts)
@@ -98,7 +62,7 @@ def study(initializer_range: float, num_prompts: int) -> None:
                                   ("hf_bf16_eager", torch.bfloat16, "eager"),
                                   ("hf_fp32", torch.float32, "sdpa")):
             model = hf_model(path, dtype, attn)
-            runs[name] = hf_greedy(model, prompts)
+            runs[name] = hf_greedy(model, prompts, NUM_TOKENS)
             del model
             release()
     n = num_prompts

@@ -6,23 +6,18 @@
 from __future__ import annotations
 
 import gc
-import random
 
 import numpy as np
 import pytest
 import torch
-import transformers
 from test_engine_correctness import PROMPTS, assert_matches_hf
-from tiny_model import ARCHS, build_tokenizer, tiny_config
+from tiny_model import ONE_B, build_tiny_model, hf_greedy, hf_model, random_prompts
 
 from engine import LLM, SamplingParams
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 NUM_PROMPTS, NUM_TOKENS = 64, 32
-# ~1.0B parameters (TinyLlama's shape) on the tiny tokenizer's vocabulary.
-ONE_B = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
-         "num_key_value_heads": 4, "head_dim": 64, "max_position_embeddings": 2048, "initializer_range": 0.02}
 
 
 @pytest.fixture(autouse=True)
@@ -35,28 +30,12 @@ def release_gpu():
 
 @pytest.fixture(scope="module")
 def one_b_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("one_b")
-    tok = build_tokenizer(path)
-    config = tiny_config("llama", len(tok), tok.bos_token_id, tok.eos_token_id, **ONE_B)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = getattr(transformers, ARCHS["llama"])(config).to(torch.bfloat16)
-    model.generation_config = transformers.GenerationConfig(bos_token_id=tok.bos_token_id,
-                                                            eos_token_id=tok.eos_token_id)
-    model.save_pretrained(path, safe_serialization=True)
-    return path
+    return build_tiny_model(tmp_path_factory.mktemp("one_b"), dtype=torch.bfloat16, device="cuda", **ONE_B)
 
 
 @pytest.fixture(scope="module")
 def prompts(one_b_dir):
-    rng = random.Random(0)
-    bos = transformers.AutoTokenizer.from_pretrained(one_b_dir).bos_token_id
-    return [[bos] + [rng.randrange(5, 384) for _ in range(rng.randint(8, 300))] for _ in range(NUM_PROMPTS)]
-
-
-def hf_model(path, dtype, attn_implementation: str = "sdpa"):
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn_implementation).cuda().eval()
+    return random_prompts(one_b_dir, NUM_PROMPTS)
 
 
 @torch.inference_mode()
@@ -92,12 +71,8 @@ def test_one_b_bf16_matches_hf(one_b_dir, prompts):
     # sdpa) keeps HF bf16's, says what any bf16 implementation that is not bit-identical can reach.
     exact = near_tie = same_as_fp32 = hf16_as_fp32 = eager_as_hf16 = 0
     hf16_eager = hf_model(one_b_dir, torch.bfloat16, "eager")
-    for model in (hf16, hf32, hf16_eager):
-        model.generation_config.eos_token_id = None  # as ignore_eos: EOS may be generated, and does not stop
-    for ids, mine in zip(prompts, ours):
-        x = torch.tensor([ids], device="cuda")
-        theirs, fp32, eager = (m.generate(x, do_sample=False, max_new_tokens=NUM_TOKENS, pad_token_id=0)
-                               [0, len(ids):].tolist() for m in (hf16, hf32, hf16_eager))
+    runs = [hf_greedy(m, prompts, NUM_TOKENS) for m in (hf16, hf32, hf16_eager)]
+    for ids, mine, theirs, fp32, eager in zip(prompts, ours, *runs):
         same_as_fp32 += mine == fp32
         hf16_as_fp32 += theirs == fp32
         eager_as_hf16 += eager == theirs

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -68,15 +69,47 @@ def tiny_config(arch: str, vocab_size: int, bos: int, eos: int, **overrides) -> 
     return transformers.AutoConfig.for_model(arch, **(kw | overrides))
 
 
-def build_tiny_model(path: str | os.PathLike, arch: str = "llama", seed: int = 0, **overrides) -> Path:
-    """Write a tiny random `arch` model directory at `path`; `overrides` go to the HF config."""
+def build_tiny_model(path: str | os.PathLike, arch: str = "llama", seed: int = 0,
+                     dtype: torch.dtype = torch.float32, device: str = "cpu", **overrides) -> Path:
+    """Write a random `arch` model directory (tiny unless `overrides`, which go to the HF config) at `path`,
+    its weights initialized on `device` and saved in `dtype`."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(path)
     config = tiny_config(arch, len(tok), tok.bos_token_id, tok.eos_token_id, **overrides)
     torch.manual_seed(seed)
-    model = getattr(transformers, ARCHS[arch])(config).to(torch.float32)
+    with torch.device(device):
+        model = getattr(transformers, ARCHS[arch])(config).to(dtype)
     model.generation_config = transformers.GenerationConfig(bos_token_id=tok.bos_token_id,
                                                             eos_token_id=tok.eos_token_id)
     model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+# ~1.0B parameters (TinyLlama's shape) on the tiny tokenizer's vocabulary, with HF's default init: the GPU
+# tests' bf16 model (build_tiny_model(path, dtype=torch.bfloat16, device="cuda", **ONE_B)).
+ONE_B = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
+         "num_key_value_heads": 4, "head_dim": 64, "max_position_embeddings": 2048, "initializer_range": 0.02}
+
+
+def random_prompts(path: Path, n: int) -> list[list[int]]:
+    """n prompts of 9 to 301 token ids (BOS, then uniform over the tiny vocabulary's ordinary tokens)."""
+    rng = random.Random(0)
+    bos = transformers.AutoTokenizer.from_pretrained(path).bos_token_id
+    return [[bos] + [rng.randrange(5, VOCAB_SIZE) for _ in range(rng.randint(8, 300))] for _ in range(n)]
+
+
+def hf_model(path: Path, dtype: torch.dtype, attn_implementation: str = "sdpa"):
+    """HF transformers' model from path on the GPU, generating past EOS (as ignore_eos)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=attn_implementation).cuda().eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+@torch.inference_mode()
+def hf_greedy(model, prompts: list[list[int]], num_tokens: int) -> list[list[int]]:
+    """Each prompt's first num_tokens greedy tokens from HF generate, one prompt at a time (no padding)."""
+    return [model.generate(torch.tensor([ids], device=model.device), do_sample=False,
+                           max_new_tokens=num_tokens, pad_token_id=0)[0, len(ids):].tolist()
+            for ids in prompts]
