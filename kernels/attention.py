@@ -228,10 +228,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         part_l = torch.empty_like(part_m)
         part_acc = torch.empty(*part_m.shape, head_dim, dtype=torch.float32, device=q.device)
         _launch(*args, (part_acc, part_m, part_l), DECODE_TILE, decode=True, num_splits=num_splits)
+        chained = pdl(q)
         _merge_splits_kernel[(num_seqs, num_heads)](out, part_acc, part_m, part_l, query_start_loc,
                                                     out.stride(0), out.stride(1),
-                                                    HEAD_DIM=head_dim, NUM_SPLITS=num_splits, PDL=pdl(q),
-                                                    num_warps=4, launch_pdl=pdl(q))
+                                                    HEAD_DIM=head_dim, NUM_SPLITS=num_splits, PDL=chained,
+                                                    num_warps=4, launch_pdl=chained)
     if max_query_len > 1:
         _launch(*args, None, PREFILL_TILE, decode=False, num_splits=1)
     return out
@@ -264,6 +265,7 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: 
     block_q = 1 if decode else block_m // group
     grid = (num_seqs if decode else num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
     part_acc, part_m, part_l = parts if parts is not None else (out, out, out)  # unused when num_splits == 1
+    chained = pdl(q)
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, part_acc, part_m, part_l,
         block_tables, seq_lens, query_start_loc, scale * 1.4426950408889634, num_seqs,  # log2(e): use exp2
@@ -273,5 +275,5 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: 
         GROUP=group, HEAD_DIM=q.shape[2], BLOCK_SIZE=k_cache.shape[1],
         BLOCK_Q=block_q, BLOCK_M=block_m, TILE_N=tile.tile_n,
         DECODE=decode, NUM_SPLITS=num_splits, PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
-        PDL=pdl(q), num_warps=tile.num_warps, num_stages=tile.num_stages, launch_pdl=pdl(q),
+        PDL=chained, num_warps=tile.num_warps, num_stages=tile.num_stages, launch_pdl=chained,
     )

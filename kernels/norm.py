@@ -62,10 +62,11 @@ def rms_norm(x: torch.Tensor | SplitK, weight: torch.Tensor, eps: float, residua
         if t.stride(-1) != 1:
             raise ValueError("rms_norm: x, residual and weight need a contiguous last (hidden) dimension")
     block = triton.next_power_of_2(hidden)
+    chained = pdl(src)
     _rms_norm_kernel[(rows,)](
         src, res2, weight, out, new_res, eps, hidden,
         src.stride(0), src.stride(1), res2.stride(0), out.stride(0), new_res.stride(0),
-        SPLITS=splits, HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl(src), launch_pdl=pdl(src),
+        SPLITS=splits, HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=chained, launch_pdl=chained,
         num_warps=min(max(block // 512, 1), 16),
     )
     out = out.view(shape)

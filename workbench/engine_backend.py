@@ -100,8 +100,9 @@ def _device_names(device: Any) -> dict[str, str]:
     """Which card and torch ran the replay (study reports name them)."""
     import torch
 
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return {"card": card, "torch": torch.__version__}
+    from kernels.dispatch import device_name
+
+    return {"card": device_name(device), "torch": torch.__version__}
 
 
 def _device_allocations(engine: Any) -> dict[str, int]:
