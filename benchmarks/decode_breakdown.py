@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 import triton
 from engine_throughput import HBM_BYTES_PER_S, Shape, decode_latency, make_workload
+from servebench.engine.dummy import write_dummy_model_dir
+from servebench.kernels.linear import _skinny_matmul_kernel, tuned_configs
 
-from engine import LLM
-from engine.dummy import write_dummy_model_dir
-from kernels.linear import _skinny_matmul_kernel, tuned_configs
+from servebench import LLM
 
 
 def graph_time(fn, reps: int = 20, iters: int = 5) -> float:

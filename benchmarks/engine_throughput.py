@@ -33,9 +33,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 import transformers
+from servebench.engine.dummy import write_dummy_model_dir
 
-from engine import LLM, SamplingParams
-from engine.dummy import write_dummy_model_dir
+from servebench import LLM, SamplingParams
 
 HBM_BYTES_PER_S = 3.0e12
 PEAK_FLOPS = 7.69e14  # H100 SXM dense bf16 at the boost clock the profiles were taken at

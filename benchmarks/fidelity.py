@@ -17,7 +17,6 @@ import argparse
 import copy
 import json
 import math
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -29,10 +28,9 @@ import pandas as pd
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 if TYPE_CHECKING:
-    from workbench.runs import Run
+    from servebench.workbench.runs import Run
 CONF = REPO / "conf"
 RUNS = REPO / "reports" / "fidelity"
 SWEEP = "sweep"  # case-name prefix of the policy sweep
@@ -135,8 +133,8 @@ def engine_key(cfg: dict[str, Any]) -> str:
 # ---- gpu: the engine runs ----
 
 def run_gpu(runs: Path, model: str, device: str, tiny: bool, budget_s: float, only: list[str] | None) -> None:
-    from workbench.engine_backend import build_engine
-    from workbench.experiment import run_experiment
+    from servebench.workbench.engine_backend import build_engine
+    from servebench.workbench.experiment import run_experiment
 
     t0 = time.perf_counter()
     cases = [c for c in CASES if (not tiny or c.name in TINY_CASES) and (not only or c.name in only)]
@@ -192,8 +190,8 @@ def sim_config(engine_summary: dict[str, Any], profile_root: Path | None) -> dic
 
 
 def compare(runs: Path, out: Path, profile_root: Path | None = None) -> dict[str, Any]:
-    from workbench.experiment import run_experiment
-    from workbench.runs import load_run
+    from servebench.workbench.experiment import run_experiment
+    from servebench.workbench.runs import load_run
 
     cases = {}
     for folder in sorted(p.parent for p in runs.glob("*/engine/summary.json")):
@@ -396,9 +394,8 @@ def _plot(case_dir: Path, out: Path, name: str) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from workbench.metrics import FINISHED, latencies
-    from workbench.runs import load_run
+    from servebench.workbench.metrics import FINISHED, latencies
+    from servebench.workbench.runs import load_run
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
     for backend, style in (("engine", "-"), ("sim", "--")):

@@ -22,7 +22,7 @@ save() { tar czf "$OUT/issue5.tar.gz" $(ls -d data/profiles/h100_80g reports/fid
 
 profile() {  # model, time limit (s)
   log "profile $1: start"
-  timeout "$2" python3 -m kernels.profile --model "$1" --out data/profiles/h100_80g > "$OUT/profile_$1.log" 2>&1
+  timeout "$2" python3 -m servebench.engine.profile --model "$1" --out data/profiles/h100_80g > "$OUT/profile_$1.log" 2>&1
   log "profile $1: exit $? ($(tail -1 "$OUT/profile_$1.log"))"
   save
 }

@@ -25,12 +25,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
+from servebench.kernels import attention, ops, reference
+from servebench.kernels.attention import TileConfig
+from servebench.kernels.rotary import build_cos_sin_cache
 from triton.testing import do_bench
-
-import kernels
-from kernels import attention, reference
-from kernels.attention import TileConfig
-from kernels.rotary import build_cos_sin_cache
 
 PEAK_BW = 3.0e12  # bytes/s, HBM3
 PEAK_FLOPS = 769e12  # dense bf16 tensor-core FLOP/s
@@ -115,7 +113,7 @@ def time_attention(section: str, cache: PagedCache, seqs: list[tuple[int, int]],
                    config: str = "", baseline: bool = True) -> float:
     batch = cache.batch(seqs)
     nbytes, flops = cache.bytes_and_flops(seqs)
-    ms = bench(lambda: kernels.paged_attention(**batch))
+    ms = bench(lambda: ops.paged_attention(**batch))
     splits = attention.default_num_splits(len(seqs), cache.kv_heads, batch["max_seq_len"])
     config = config or f"splits={splits}"
     record(section, "paged_attention", cache.model, "triton", shape, ms, nbytes, flops, config)
@@ -141,7 +139,7 @@ def check(cache: PagedCache) -> bool:
     for name, seqs in (("attention, mixed batch", mixed), ("attention, split-K decode", split_k)):
         batch = cache.batch(seqs)
         expected = reference.paged_attention(*(batch[k] for k in keys))
-        report(name, kernels.paged_attention(**batch), expected, 2e-2)
+        report(name, ops.paged_attention(**batch), expected, 2e-2)
     for op, fn in _elementwise_cases(cache, 4096):
         for impl in ("triton", "compile"):
             report(f"{op} ({impl})", fn(impl), fn("torch"), 5e-2)
@@ -201,7 +199,7 @@ def store_kv(cache: PagedCache) -> None:
         slots = torch.randperm(cache.k.shape[0] * BLOCK_SIZE, device=DEVICE)[:n]
         nbytes = 4 * key.numel() * key.element_size()  # read key and value, write them
         for impl in ("triton", "torch"):
-            ms = bench(partial(kernels.store_kv, key, value, cache.k, cache.v, slots, impl=impl))
+            ms = bench(partial(ops.store_kv, key, value, cache.k, cache.v, slots, impl=impl))
             record("store_kv", "store_kv", cache.model, impl, f"tokens={n}", ms, nbytes)
 
 
@@ -229,11 +227,11 @@ def _elementwise_cases(cache: PagedCache, n: int) -> list[tuple[str, Callable[[s
     def rotary(impl: str) -> torch.Tensor:  # on a fresh copy, so that every impl rotates the same input
         out = qkv.clone()
         q, k = out[:, :q_dim], out[:, q_dim:q_dim + kv_dim]
-        kernels.apply_rotary(pos, q, k, cos_sin, cache.head_dim, impl=impl)
+        ops.apply_rotary(pos, q, k, cos_sin, cache.head_dim, impl=impl)
         return out
 
-    return [("rms_norm", lambda impl: kernels.rms_norm(x, w, 1e-6, res, impl=impl)[0]),
-            ("silu_and_mul", lambda impl: kernels.silu_and_mul(gate_up, impl=impl)),
+    return [("rms_norm", lambda impl: ops.rms_norm(x, w, 1e-6, res, impl=impl)[0]),
+            ("silu_and_mul", lambda impl: ops.silu_and_mul(gate_up, impl=impl)),
             ("apply_rotary", rotary)]
 
 

@@ -25,7 +25,7 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tiny_model import ONE_B, build_tiny_model, hf_greedy, hf_model, random_prompts  # noqa: E402
 
-from engine import LLM, SamplingParams  # noqa: E402
+from servebench import LLM, SamplingParams  # noqa: E402
 
 NUM_TOKENS = 32
 

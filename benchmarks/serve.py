@@ -1,6 +1,6 @@
 """Serving benchmark against a running OpenAI-compatible server (ours or vLLM), as `vllm bench serve`.
 
-    python -m engine.server --model DIR --dtype float16 --max-model-len 4096 --port 8000 &
+    python -m servebench.engine.server --model DIR --dtype float16 --max-model-len 4096 --port 8000 &
     python benchmarks/serve.py --url http://127.0.0.1:8000 --workload sharegpt --num-requests 500 \
         --request-rate 4
 
@@ -19,17 +19,16 @@ from pathlib import Path
 
 import httpx
 import pandas as pd
-
-from workbench.metrics import STEP_COLUMNS, summarize
-from workbench.runs import write_run
-from workbench.serve_client import (
+from servebench.workbench.metrics import STEP_COLUMNS, summarize
+from servebench.workbench.runs import write_run
+from servebench.workbench.serve_client import (
     APIS,
     counter_deltas,
     load_tokenizer,
     run_serving_benchmark,
     server_counters,
 )
-from workbench.workloads import DEFAULTS, load_workload
+from servebench.workbench.workloads import DEFAULTS, load_workload
 
 
 def parse_args() -> argparse.Namespace:

@@ -8,11 +8,11 @@ export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python3 - <<'PY'
 import sys; sys.path.insert(0, "benchmarks")
 from pathlib import Path
-from engine.dummy import write_dummy_model_dir
+from servebench.engine.dummy import write_dummy_model_dir
 from engine_throughput import LLAMA2_7B
 write_dummy_model_dir(LLAMA2_7B, Path("/tmp/llama2-7b-dummy"))
 PY
-python3 -m engine.server --model /tmp/llama2-7b-dummy --load-format dummy --dtype bfloat16 --max-model-len 4096 \
+python3 -m servebench.engine.server --model /tmp/llama2-7b-dummy --load-format dummy --dtype bfloat16 --max-model-len 4096 \
     --port 8000 > "$OUT/server.log" 2>&1 &
 server=$!
 for _ in $(seq 240); do curl -sf http://127.0.0.1:8000/health >/dev/null && break; sleep 1; done

@@ -30,8 +30,8 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-sys.path.insert(0, str(REPO))
 
+from servebench.workbench.workloads import load_workload  # noqa: E402
 from sim_speed import CASES as SPEED_CASES  # noqa: E402
 from vidur_baseline import (  # noqa: E402
     DEFAULT_VENV,
@@ -42,8 +42,6 @@ from vidur_baseline import (  # noqa: E402
     column,
     run_vidur,
 )
-
-from workbench.workloads import load_workload  # noqa: E402
 
 FIDELITY = REPO / "reports" / "fidelity"
 DEFAULT_CASES = ("sharegpt_saturated", "azure_code")

@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from engine.core.config import CacheConfig, SchedulerConfig, default_max_num_batched_tokens
+from servebench.engine.core.config import CacheConfig, SchedulerConfig, default_max_num_batched_tokens
 
 DTYPES = {"float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
           "float32": torch.float32, "float": torch.float32}

@@ -10,7 +10,10 @@ import json
 from pathlib import Path
 
 import transformers
+import yaml
 from tokenizers import Tokenizer, models, pre_tokenizers
+
+MODEL_CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 
 
 def write_dummy_model_dir(config: dict, path: Path) -> Path:
@@ -43,3 +46,17 @@ def hf_config(spec: dict) -> dict:
     cfg["model_type"] = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2",
                          "MistralForCausalLM": "mistral"}.get(cfg["architectures"][0], "llama")
     return cfg
+
+
+def resolve_model(model: str, tmp: Path) -> tuple[str, Path]:
+    """(name, HF folder): an existing folder, or a conf/model/<name>.yaml shape written as a dummy folder
+    under `tmp` (its weights are drawn at random with `load_format="dummy"`)."""
+    path = Path(model)
+    if (path / "config.json").is_file():
+        return path.name, path
+    conf = MODEL_CONF / f"{model}.yaml"
+    if not conf.is_file():
+        known = ", ".join(sorted(p.stem for p in MODEL_CONF.glob("*.yaml")))
+        raise ValueError(f"model {model!r}: no config.json there, nor one of the model shapes: {known}")
+    spec = yaml.safe_load(conf.read_text())
+    return spec["name"], write_dummy_model_dir(hf_config(spec), tmp / spec["name"])

@@ -5,12 +5,11 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+from servebench.engine.config import EngineArgs
+from servebench.engine.core.sampling_params import SamplingParams
+from servebench.engine.llm_engine import LLMEngine
+from servebench.engine.outputs import RequestOutput
 from tqdm import tqdm
-
-from engine.config import EngineArgs
-from engine.core.sampling_params import SamplingParams
-from engine.llm_engine import LLMEngine
-from engine.outputs import RequestOutput
 
 Prompt = str | dict[str, Any]  # text, or {"prompt_token_ids": [...]} (optionally with "prompt")
 

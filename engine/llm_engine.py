@@ -8,18 +8,17 @@ import gc
 import time
 from dataclasses import dataclass
 
+from servebench.engine.config import EngineArgs, ModelConfig
+from servebench.engine.core.config import CacheConfig, SchedulerConfig
+from servebench.engine.core.recorder import TraceRecorder
+from servebench.engine.core.request import Request, RequestStatus
+from servebench.engine.core.sampling_params import SamplingParams
+from servebench.engine.core.scheduler import Scheduler
+from servebench.engine.core.scheduler_output import SchedulerOutput
+from servebench.engine.detokenizer import Detokenizer
+from servebench.engine.model_runner import ModelRunner, SampledTokens
+from servebench.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from transformers import AutoTokenizer
-
-from engine.config import EngineArgs, ModelConfig
-from engine.core.config import CacheConfig, SchedulerConfig
-from engine.core.recorder import TraceRecorder
-from engine.core.request import Request, RequestStatus
-from engine.core.sampling_params import SamplingParams
-from engine.core.scheduler import Scheduler
-from engine.core.scheduler_output import SchedulerOutput
-from engine.detokenizer import Detokenizer
-from engine.model_runner import ModelRunner, SampledTokens
-from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
 
 @dataclass(slots=True)

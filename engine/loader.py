@@ -9,9 +9,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-
-from engine.config import ModelConfig
-from engine.models import LlamaForCausalLM
+from servebench.engine.config import ModelConfig
+from servebench.engine.models import LlamaForCausalLM
 
 # HF tensors with no parameter here: rotary tables that some checkpoints still carry.
 SKIPPED = re.compile(r"rotary_emb\.inv_freq$")

@@ -7,14 +7,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-from engine.config import EngineArgs, ModelConfig
-from engine.core.config import SchedulerConfig
-from engine.core.request import PENDING, Request
-from engine.core.scheduler_output import SchedulerOutput
-from engine.loader import load_model
-from engine.models import AttentionMetadata
-from engine.sampler import Sampler
+from servebench.engine.config import EngineArgs, ModelConfig
+from servebench.engine.core.config import SchedulerConfig
+from servebench.engine.core.request import PENDING, Request
+from servebench.engine.core.scheduler_output import SchedulerOutput
+from servebench.engine.loader import load_model
+from servebench.engine.models import AttentionMetadata
+from servebench.engine.sampler import Sampler
 
 # Without a GPU to measure, the KV cache gets this much host memory unless told otherwise.
 CPU_KV_CACHE_BYTES = 1 << 30

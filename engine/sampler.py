@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import torch
-
-from engine.core.request import Request
+from servebench.engine.core.request import Request
 
 
 class Sampler:

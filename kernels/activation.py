@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from kernels import reference
-from kernels.dispatch import compiled, pick
+from servebench.kernels import reference
+from servebench.kernels.dispatch import compiled, pick
 
 
 @triton.jit

@@ -23,9 +23,8 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 import triton.language as tl
-
-from kernels import reference
-from kernels.dispatch import pdl, pdl_enter, pick
+from servebench.kernels import reference
+from servebench.kernels.dispatch import pdl, pdl_enter, pick
 
 
 @dataclass(slots=True, frozen=True)

@@ -6,10 +6,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from kernels import reference
-from kernels.dispatch import pick
-from kernels.rotary import _rotary_args, _rotary_token
+from servebench.kernels import reference
+from servebench.kernels.dispatch import pick
+from servebench.kernels.rotary import _rotary_args, _rotary_token
 
 
 @triton.jit

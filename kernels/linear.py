@@ -39,11 +39,10 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-
-from kernels.activation import silu_and_mul
-from kernels.dispatch import INTERPRET, device_name, pdl, pick
-from kernels.kv_write import rotary_store_kv
-from kernels.rotary import rotate_halves
+from servebench.kernels.activation import silu_and_mul
+from servebench.kernels.dispatch import INTERPRET, device_name, pdl, pick
+from servebench.kernels.kv_write import rotary_store_kv
+from servebench.kernels.rotary import rotate_halves
 
 SKINNY_MAX_M = 16  # above this, the step is no longer a pure weight stream: cuBLAS
 SPLITS = (1, 2)  # split-K counts the autotuner may pick

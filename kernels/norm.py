@@ -6,10 +6,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from kernels import reference
-from kernels.dispatch import compiled, pdl, pdl_enter, pick
-from kernels.linear import SplitK
+from servebench.kernels import reference
+from servebench.kernels.dispatch import compiled, pdl, pdl_enter, pick
+from servebench.kernels.linear import SplitK
 
 
 @triton.jit

@@ -8,9 +8,8 @@ import math
 import torch
 import triton
 import triton.language as tl
-
-from kernels import reference
-from kernels.dispatch import compiled, pick
+from servebench.kernels import reference
+from servebench.kernels.dispatch import compiled, pick
 
 
 def build_cos_sin_cache(head_dim: int, max_position: int, base: float, rope_scaling: dict | None = None,

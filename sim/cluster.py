@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import simpy
-
-from engine.core.request import Request
-from engine.core.scheduler import Scheduler
-from sim.simulator import Engine, Simulation, StepTimeModel
-from sim.specs import _build, check_int
+from servebench.engine.core.request import Request
+from servebench.engine.core.scheduler import Scheduler
+from servebench.sim.simulator import Engine, Simulation, StepTimeModel
+from servebench.sim.specs import _build, check_int
 
 ROUTERS = ("round_robin", "least_outstanding", "prefix_aware")
 

@@ -19,8 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from engine.core.scheduler_output import SchedulerOutput
-from sim.specs import HardwareSpec, ModelSpec, ParallelSpec, _build, check_int
+from servebench.engine.core.scheduler_output import SchedulerOutput
+from servebench.sim.specs import HardwareSpec, ModelSpec, ParallelSpec, _build, check_int
 
 DISTRIBUTIONS = ("uniform", "zipf")
 

@@ -1,4 +1,4 @@
-"""Step time from the engine's own whole-step profiles (kernels.profile, in data/profiles/<hw>/<model>).
+"""Step time from the engine's own whole-step profiles (engine.profile, in data/profiles/<hw>/<model>).
 
 A step of prefill chunks (n_i new tokens after c_i cached ones) and b decodes of total context C costs
 
@@ -31,10 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-from engine.core.scheduler_output import SchedulerOutput
-from sim.specs import HardwareSpec, ModelSpec, ParallelSpec
-from sim.step_time import RooflineStepTime, _Curve
+from servebench.engine.core.scheduler_output import SchedulerOutput
+from servebench.sim.specs import HardwareSpec, ModelSpec, ParallelSpec
+from servebench.sim.step_time import RooflineStepTime, _Curve
 
 DEFAULT_PROFILE_ROOT = Path(__file__).resolve().parents[1] / "data" / "profiles"
 # kernels.attention's flash-decoding rule (the simulator imports no Triton): split a context until about
@@ -270,7 +269,7 @@ class ProfileStepTime(RooflineStepTime):
 
 def _read_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
     if not path.is_file():
-        raise ValueError(f"{path} not found: rerun python -m kernels.profile for this model")
+        raise ValueError(f"{path} not found: rerun python -m servebench.engine.profile for this model")
     df = pd.read_csv(path)
     missing = [c for c in columns if c not in df.columns]
     if missing:

@@ -27,9 +27,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from engine.core.scheduler_output import SchedulerOutput
-from sim.specs import HardwareSpec, ModelSpec, ParallelSpec, _build, block_bytes
-from sim.step_time import RooflineStepTime
+from servebench.engine.core.scheduler_output import SchedulerOutput
+from servebench.sim.specs import HardwareSpec, ModelSpec, ParallelSpec, _build, block_bytes
+from servebench.sim.step_time import RooflineStepTime
 
 METHODS = ("none", "awq", "gptq", "fp8")
 KV_CACHE_DTYPES = {"auto": None, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}  # vLLM's names -> bytes per element

@@ -8,10 +8,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import simpy
-
-from engine.core.request import Request
-from engine.core.scheduler import Scheduler
-from engine.core.scheduler_output import SchedulerOutput
+from servebench.engine.core.request import Request
+from servebench.engine.core.scheduler import Scheduler
+from servebench.engine.core.scheduler_output import SchedulerOutput
 
 
 class StepTimeModel(Protocol):

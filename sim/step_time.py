@@ -22,9 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-from engine.core.scheduler_output import SchedulerOutput
-from sim.specs import HardwareSpec, ModelSpec, ParallelSpec, block_bytes
+from servebench.engine.core.scheduler_output import SchedulerOutput
+from servebench.sim.specs import HardwareSpec, ModelSpec, ParallelSpec, block_bytes
 
 DEFAULT_PROFILE_ROOT = Path(__file__).resolve().parents[1] / "data" / "vidur_profiles"
 NCCL_LAUNCH_S = 20e-6  # Vidur's nccl_cpu_launch_overhead_ms, added to each profiled all-reduce
@@ -424,8 +423,8 @@ def make_step_time_model(
     if kind == "vidur":
         return VidurProfileStepTime(model, hw, parallel, block_size, profile_root)
     if kind == "profile":
-        from sim.profile_step_time import DEFAULT_PROFILE_ROOT as ENGINE_PROFILES
-        from sim.profile_step_time import ProfileStepTime
+        from servebench.sim.profile_step_time import DEFAULT_PROFILE_ROOT as ENGINE_PROFILES
+        from servebench.sim.profile_step_time import ProfileStepTime
 
         return ProfileStepTime(model, hw, parallel, block_size, engine_profile_root or ENGINE_PROFILES)
     raise ValueError(f"unknown step-time model {kind!r}: choose 'roofline', 'vidur' or 'profile'")

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from engine.core.scheduler_output import SchedulerOutput
-from sim.simulator import StepTimeModel
+from servebench.engine.core.scheduler_output import SchedulerOutput
+from servebench.sim.simulator import StepTimeModel
 
 Term = Callable[[SchedulerOutput], float]
 

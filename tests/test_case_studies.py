@@ -14,11 +14,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from nbclient import NotebookClient
 from omegaconf import OmegaConf
-
-from workbench.cli import CONF_DIR
-from workbench.experiment import run_experiment
-from workbench.report import main as report_main
-from workbench.study import _in_range, _trend_verdict
+from servebench.workbench.cli import CONF_DIR
+from servebench.workbench.experiment import run_experiment
+from servebench.workbench.report import main as report_main
+from servebench.workbench.study import _in_range, _trend_verdict
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf/experiment").glob("*.yaml"))

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from engine.core import CacheConfig, Request, SamplingParams, Scheduler, SchedulerConfig
-from engine.core.request import PENDING
+from servebench.engine.core import CacheConfig, Request, SamplingParams, Scheduler, SchedulerConfig
+from servebench.engine.core.request import PENDING
 
 MAX_MODEL_LEN = 256
 

@@ -10,16 +10,15 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from servebench.engine.core.request import Request
+from servebench.engine.core.sampling_params import SamplingParams
+from servebench.sim.lora import LoRATerm, lora_spec
+from servebench.sim.quantization import QuantizationTerm, quantization_spec
+from servebench.sim.specs import ParallelSpec, num_gpu_blocks
+from servebench.sim.step_time import make_step_time_model
+from servebench.workbench.experiment import simulate
+from servebench.workbench.metrics import summarize
 from test_step_time import conf, hw, model, step
-
-from engine.core.request import Request
-from engine.core.sampling_params import SamplingParams
-from sim.lora import LoRATerm, lora_spec
-from sim.quantization import QuantizationTerm, quantization_spec
-from sim.specs import ParallelSpec, num_gpu_blocks
-from sim.step_time import make_step_time_model
-from workbench.experiment import simulate
-from workbench.metrics import summarize
 
 REPO = Path(__file__).resolve().parents[1]
 

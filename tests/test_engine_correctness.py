@@ -10,11 +10,11 @@ import dataclasses
 
 import pytest
 import torch
+from servebench.engine.llm_engine import LLMEngine
 from tiny_model import build_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine import LLM, SamplingParams
-from engine.llm_engine import LLMEngine
+from servebench import LLM, SamplingParams
 
 PROMPTS = [
     "Hello, world!",

@@ -13,7 +13,7 @@ import torch
 from test_engine_correctness import PROMPTS, assert_matches_hf
 from tiny_model import ONE_B, build_tiny_model, hf_greedy, hf_model, random_prompts
 
-from engine import LLM, SamplingParams
+from servebench import LLM, SamplingParams
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

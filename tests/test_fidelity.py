@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from engine.core.scheduler_output import SchedulerOutput
-from kernels.profile import GRIDS, profile
-from sim.specs import ParallelSpec, hardware_spec, model_spec
-from sim.step_time import make_step_time_model
+from servebench.engine.core.scheduler_output import SchedulerOutput
+from servebench.engine.profile import GRIDS, profile
+from servebench.sim.specs import ParallelSpec, hardware_spec, model_spec
+from servebench.sim.step_time import make_step_time_model
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))

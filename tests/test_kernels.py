@@ -23,16 +23,14 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-
-import kernels
-from engine.config import ModelConfig
-from engine.models.llama import AttentionMetadata, LlamaModel
-from kernels import attention
-from kernels import reference as ref
-from kernels.attention import TileConfig, default_num_splits
-from kernels.dispatch import INTERPRET
-from kernels.linear import SPLITS, TUNERS, SplitK
-from kernels.rotary import build_cos_sin_cache
+from servebench.engine.config import ModelConfig
+from servebench.engine.models.llama import AttentionMetadata, LlamaModel
+from servebench.kernels import attention, ops
+from servebench.kernels import reference as ref
+from servebench.kernels.attention import TileConfig, default_num_splits
+from servebench.kernels.dispatch import INTERPRET
+from servebench.kernels.linear import SPLITS, TUNERS, SplitK
+from servebench.kernels.rotary import build_cos_sin_cache
 
 interp = pytest.mark.skipif(not INTERPRET, reason="runs in test_interpreter_suite (TRITON_INTERPRET=1)")
 
@@ -114,7 +112,7 @@ def reference_attention(batch: dict) -> torch.Tensor:
 
 
 def check_attention(batch: dict, atol: float, **kwargs) -> None:
-    out = kernels.paged_attention(**batch, **kwargs)
+    out = ops.paged_attention(**batch, **kwargs)
     assert out.dtype == batch["q"].dtype
     torch.testing.assert_close(out.float(), reference_attention(batch).float(), atol=atol, rtol=0)
 
@@ -188,17 +186,17 @@ def test_reference_attention_matches_sdpa() -> None:
 
 def test_auto_runs_reference_on_cpu_and_rejects_bad_impl() -> None:
     x, w = torch.randn(3, 8), torch.ones(8)
-    assert torch.equal(kernels.rms_norm(x, w, 1e-6), ref.rms_norm(x, w, 1e-6))
+    assert torch.equal(ops.rms_norm(x, w, 1e-6), ref.rms_norm(x, w, 1e-6))
     with pytest.raises(ValueError, match="impl must be one of"):
-        kernels.silu_and_mul(x, impl="cuda")
+        ops.silu_and_mul(x, impl="cuda")
     with pytest.raises(ValueError, match="impl must be one of"):
-        kernels.store_kv(x, x, x, x, torch.zeros(3, dtype=torch.int32), impl="compile")
+        ops.store_kv(x, x, x, x, torch.zeros(3, dtype=torch.int32), impl="compile")
 
 
 @pytest.mark.skipif(INTERPRET, reason="the interpreter makes impl='triton' valid on CPU")
 def test_triton_on_cpu_without_interpreter_names_the_fix() -> None:
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-        kernels.silu_and_mul(torch.randn(2, 8), impl="triton")
+        ops.silu_and_mul(torch.randn(2, 8), impl="triton")
 
 
 def test_default_num_splits() -> None:
@@ -276,7 +274,7 @@ def test_triton_store_kv(dtype: torch.dtype) -> None:
     slots = torch.randperm(num_blocks * block_size)[:10]
     slots[[2, 7]] = -1  # padding tokens
     caches = [(k_cache.clone(), v_cache.clone()) for _ in range(2)]
-    kernels.store_kv(key, value, *caches[0], slots, impl="triton")
+    ops.store_kv(key, value, *caches[0], slots, impl="triton")
     ref.store_kv(key, value, *caches[1], slots)
     assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
 
@@ -287,9 +285,9 @@ def test_triton_rms_norm(dtype: torch.dtype) -> None:
     x, residual = torch.randn(2, 5, 3, 200).to(dtype)
     weight = torch.randn(200).to(dtype)
     tol = dict(atol=1e-5, rtol=2e-3)  # fp32 sums in another order: one fp16 ulp
-    out = kernels.rms_norm(x, weight, 1e-6, impl="triton")
+    out = ops.rms_norm(x, weight, 1e-6, impl="triton")
     torch.testing.assert_close(out, ref.rms_norm(x, weight, 1e-6), **tol)
-    out, new_residual = kernels.rms_norm(x, weight, 1e-6, residual, impl="triton")
+    out, new_residual = ops.rms_norm(x, weight, 1e-6, residual, impl="triton")
     expected, expected_residual = ref.rms_norm(x, weight, 1e-6, residual)
     torch.testing.assert_close(out, expected, **tol)
     assert torch.equal(new_residual, expected_residual)
@@ -307,7 +305,7 @@ def test_triton_rotary(is_neox: bool, rot_factor: float, dtype: torch.dtype) -> 
     expected_qkv = qkv.clone()
     q_end, k_end = heads * head_dim, (heads + kv_heads) * head_dim
     q, k = qkv[:, :q_end].view(num_tokens, heads, head_dim), qkv[:, q_end:k_end]  # both layouts
-    kernels.apply_rotary(positions, q, k, cache, head_dim, is_neox, impl="triton")
+    ops.apply_rotary(positions, q, k, cache, head_dim, is_neox, impl="triton")
     expected_q, expected_k = expected_qkv[:, :q_end], expected_qkv[:, q_end:k_end]
     ref.apply_rotary(positions, expected_q, expected_k, cache, head_dim, is_neox)
     torch.testing.assert_close(qkv, expected_qkv)
@@ -327,7 +325,7 @@ def test_triton_rotary_store_kv(is_neox: bool, rot_factor: float, dtype: torch.d
     qkv = torch.randn(num_tokens, heads + 2 * kv_heads, head_dim).to(dtype)
     caches = torch.randn(2, num_blocks, block_size, kv_heads, head_dim).to(dtype)
     expected_qkv, expected_caches = qkv.clone(), caches.clone()
-    got_q, got_k = kernels.rotary_store_kv(positions, *qkv.split([heads, kv_heads, kv_heads], dim=1), cache,
+    got_q, got_k = ops.rotary_store_kv(positions, *qkv.split([heads, kv_heads, kv_heads], dim=1), cache,
                                            *caches, slots, is_neox, impl="triton")
     ref.rotary_store_kv(positions, *expected_qkv.split([heads, kv_heads, kv_heads], dim=1), cache,
                         *expected_caches, slots, is_neox)
@@ -344,7 +342,7 @@ def test_triton_rotary_store_kv(is_neox: bool, rot_factor: float, dtype: torch.d
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_silu_and_mul(dtype: torch.dtype) -> None:
     x = torch.randn(3, 4, 2 * 1100).to(dtype)  # more than one column block
-    torch.testing.assert_close(kernels.silu_and_mul(x, impl="triton"), ref.silu_and_mul(x))
+    torch.testing.assert_close(ops.silu_and_mul(x, impl="triton"), ref.silu_and_mul(x))
 
 
 @interp
@@ -356,7 +354,7 @@ def test_triton_skinny_linear(rows: int, bias: bool, dtype: torch.dtype) -> None
     x, w = torch.randn(rows, 300).to(dtype), (torch.randn(40, 300) / 300**0.5).to(dtype)
     b = torch.randn(40).to(dtype) if bias else None
     expected = F.linear(x.float(), w.float(), None if b is None else b.float())
-    torch.testing.assert_close(kernels.linear(x, w, b, impl="triton").float(), expected, atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(ops.linear(x, w, b, impl="triton").float(), expected, atol=2e-2, rtol=1e-2)
 
 
 @interp
@@ -366,9 +364,9 @@ def test_triton_skinny_linear_swiglu(rows: int, dtype: torch.dtype) -> None:
     # I = 40 gate rows over 32-wide output slabs (the second masked), K = 300 (a masked tile): the fused
     # SwiGLU rounds as the unfused ops do, so it equals them up to the projection's summation order.
     x, w = torch.randn(rows, 300).to(dtype), (torch.randn(80, 300) / 300**0.5).to(dtype)
-    fused = kernels.linear(x, w, impl="triton", swiglu=True)
+    fused = ops.linear(x, w, impl="triton", swiglu=True)
     assert fused.shape == (rows, 40) and fused.dtype == dtype
-    unfused = kernels.silu_and_mul(kernels.linear(x, w, impl="triton"), impl="triton")
+    unfused = ops.silu_and_mul(ops.linear(x, w, impl="triton"), impl="triton")
     torch.testing.assert_close(fused, unfused, atol=2e-2, rtol=1e-2)
     expected = ref.silu_and_mul(F.linear(x.float(), w.float()))
     torch.testing.assert_close(fused.float(), expected, atol=3e-2, rtol=2e-2)
@@ -401,11 +399,11 @@ def test_triton_linear_rotary_store_kv(rows: int, bias: bool, dtype: torch.dtype
     # bit of the projection's sums (numpy's matmul under the interpreter sums column sets differently).
     x, w, b, cos_sin, positions, slots, caches = qkv_rotary_case(rows, dtype, "cpu", (4, 2, 64), 96, bias)
     fused_caches, unfused_caches = caches.clone(), caches.clone()
-    rope = kernels.RotaryStoreKV(positions, cos_sin, *fused_caches, slots, 4, 2, 64)
-    fused = kernels.linear_rotary_store_kv(x, w, b, rope, impl="triton")
-    unfused = kernels.linear(x, w, b, impl="triton")
+    rope = ops.RotaryStoreKV(positions, cos_sin, *fused_caches, slots, 4, 2, 64)
+    fused = ops.linear_rotary_store_kv(x, w, b, rope, impl="triton")
+    unfused = ops.linear(x, w, b, impl="triton")
     q, k, v = unfused.view(rows, 8, 64).split([4, 2, 2], dim=1)
-    kernels.rotary_store_kv(positions, q, k, v, cos_sin, *unfused_caches, slots, impl="triton")
+    ops.rotary_store_kv(positions, q, k, v, cos_sin, *unfused_caches, slots, impl="triton")
     assert fused.shape == (rows, 8 * 64)
     torch.testing.assert_close(fused, unfused, atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(fused_caches, unfused_caches, atol=1e-2, rtol=1e-2)
@@ -417,7 +415,7 @@ def test_linear_rotary_store_kv_falls_back_on_cpu() -> None:
     x, w, b, cos_sin, positions, slots, caches = qkv_rotary_case(3, torch.float32, "cpu", (4, 2, 64), 96,
                                                                  bias=True)
     expected_caches = caches.clone()
-    qkv = kernels.linear_rotary_store_kv(x, w, b, kernels.RotaryStoreKV(positions, cos_sin, *caches, slots,
+    qkv = ops.linear_rotary_store_kv(x, w, b, ops.RotaryStoreKV(positions, cos_sin, *caches, slots,
                                                                         4, 2, 64))
     expected = F.linear(x, w, b)
     q, k, v = expected.view(3, 8, 64).split([4, 2, 2], dim=1)
@@ -429,22 +427,22 @@ def test_linear_swiglu_falls_back_to_unfused_ops() -> None:
     # The CPU engine's path, prefill-sized batches and fp32: F.linear then silu_and_mul.
     for x in (torch.randn(3, 8).bfloat16(), torch.randn(40, 8).bfloat16(), torch.randn(2, 8)):
         w = torch.randn(6, 8).to(x.dtype)
-        assert torch.equal(kernels.linear(x, w, swiglu=True), ref.silu_and_mul(F.linear(x, w)))
+        assert torch.equal(ops.linear(x, w, swiglu=True), ref.silu_and_mul(F.linear(x, w)))
 
 
 def test_linear_keeps_cublas_for_many_rows_and_fp32() -> None:
     x, w = torch.randn(17, 8), torch.randn(4, 8)
-    assert torch.equal(kernels.linear(x, w), F.linear(x, w))
+    assert torch.equal(ops.linear(x, w), F.linear(x, w))
 
 
 def test_fused_linear_and_norm_references_on_cpu() -> None:
     # The torch paths (the CPU engine's) of the fused ops: unfused semantics, plain tensors out.
     x, w = torch.randn(3, 8).bfloat16(), torch.randn(4, 8).bfloat16()
-    assert torch.equal(kernels.linear(x, w, split_k=True), F.linear(x, w))
+    assert torch.equal(ops.linear(x, w, split_k=True), F.linear(x, w))
     partials, residual, weight = torch.randn(4, 3, 8), torch.randn(3, 8).bfloat16(), torch.randn(8).bfloat16()
     split = SplitK(partials, torch.bfloat16, torch.Size((3, 8)))
     expected = ref.rms_norm(partials.sum(0).bfloat16(), weight, 1e-6, residual)
-    for got, want in zip(kernels.rms_norm(split, weight, 1e-6, residual), expected):
+    for got, want in zip(ops.rms_norm(split, weight, 1e-6, residual), expected):
         assert torch.equal(got, want)
 
 
@@ -460,7 +458,7 @@ def test_triton_split_k_linear_into_rms_norm(dtype: torch.dtype, rows: int, spli
     x = torch.randn(rows, k).to(dtype)
     w = (torch.randn(n, k) / k**0.5).to(dtype)
     norm_w, residual = torch.randn(n).to(dtype), torch.randn(rows, n).to(dtype)
-    out = kernels.linear(x, w, impl="triton", split_k=True)
+    out = ops.linear(x, w, impl="triton", split_k=True)
     assert isinstance(out, SplitK) and out.partials.shape == (splits, rows, n)
     assert out.dtype == dtype and out.shape == (rows, n)
     # Each split holds the product over its own whole K tiles.
@@ -471,9 +469,9 @@ def test_triton_split_k_linear_into_rms_norm(dtype: torch.dtype, rows: int, spli
         expected = inp[:, lo:hi] @ w[:, lo:hi].float().T
         torch.testing.assert_close(out.partials[s], expected, atol=1e-4, rtol=1e-4)
     # The norm's reduction equals the unsplit kernel's output, exactly with one split.
-    plain = kernels.linear(x, w, impl="triton")
-    got = kernels.rms_norm(out, norm_w, 1e-6, residual, impl="triton")
-    expected = kernels.rms_norm(plain, norm_w, 1e-6, residual, impl="triton")
+    plain = ops.linear(x, w, impl="triton")
+    got = ops.rms_norm(out, norm_w, 1e-6, residual, impl="triton")
+    expected = ops.rms_norm(plain, norm_w, 1e-6, residual, impl="triton")
     if splits == 1:
         assert torch.equal(out.reduce(), plain)
         assert all(torch.equal(a, b) for a, b in zip(got, expected))
@@ -481,9 +479,9 @@ def test_triton_split_k_linear_into_rms_norm(dtype: torch.dtype, rows: int, spli
         torch.testing.assert_close(out.reduce(), plain)
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
-    for a, b in zip(got, kernels.rms_norm(out, norm_w, 1e-6, residual, impl="torch")):
+    for a, b in zip(got, ops.rms_norm(out, norm_w, 1e-6, residual, impl="torch")):
         torch.testing.assert_close(a, b)
-    assert kernels.rms_norm(out, norm_w, 1e-6, impl="triton").shape == (rows, n)
+    assert ops.rms_norm(out, norm_w, 1e-6, impl="triton").shape == (rows, n)
 
 
 @interp
@@ -492,7 +490,7 @@ def test_triton_split_k_falls_back_to_a_tensor() -> None:
     w, b = torch.randn(8, 16).half(), torch.randn(8).half()
     cases = [(torch.randn(17, 16).half(), None), (torch.randn(2, 16), None), (torch.randn(2, 16).half(), b)]
     for x, bias in cases:
-        out = kernels.linear(x, w.to(x.dtype), bias, impl="triton", split_k=True)
+        out = ops.linear(x, w.to(x.dtype), bias, impl="triton", split_k=True)
         expected = F.linear(x.float(), w.float(), None if bias is None else bias.float())
         assert isinstance(out, torch.Tensor) and out.dtype == x.dtype
         torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=1e-2)
@@ -532,10 +530,10 @@ def test_gpu_long_decode_uses_split_k(model: str, dtype: torch.dtype) -> None:
 def test_gpu_decode_replays_in_cuda_graph() -> None:
     # Captured once, replayed with other context lengths (the block tables cover the longest): no host sync.
     batch = make_batch([(1, 1000)] * 4, *MODELS["qwen3_0.6b"], 16, torch.bfloat16, device="cuda")
-    kernels.paged_attention(**batch)  # compile outside the capture
+    ops.paged_attention(**batch)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = kernels.paged_attention(**batch)
+        out = ops.paged_attention(**batch)
     batch["seq_lens"].copy_(torch.tensor([1, 500, 999, 64]))
     graph.replay()
     torch.testing.assert_close(out.float(), reference_attention(batch).float(), atol=2e-2, rtol=0)
@@ -548,18 +546,18 @@ def test_gpu_elementwise(impl: str, dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     x, residual = torch.randn(2, 300, 4096, device="cuda", dtype=dtype)
     weight = torch.randn(4096, device="cuda", dtype=dtype)
-    out, new_residual = kernels.rms_norm(x, weight, 1e-6, residual, impl=impl)
+    out, new_residual = ops.rms_norm(x, weight, 1e-6, residual, impl=impl)
     expected, expected_residual = ref.rms_norm(x, weight, 1e-6, residual)
     torch.testing.assert_close(out, expected, atol=5e-2, rtol=1e-2)
     torch.testing.assert_close(new_residual, expected_residual)
     gate_up = torch.randn(300, 2 * 11008, device="cuda", dtype=dtype)
-    torch.testing.assert_close(kernels.silu_and_mul(gate_up, impl=impl), ref.silu_and_mul(gate_up),
+    torch.testing.assert_close(ops.silu_and_mul(gate_up, impl=impl), ref.silu_and_mul(gate_up),
                                atol=2e-2, rtol=1e-2)
     cache = build_cos_sin_cache(128, 8192, 500000.0, LLAMA3_SCALING, dtype).cuda()
     positions = torch.randint(0, 8192, (300,), device="cuda")
     qkv = torch.randn(300, (32 + 2 * 8) * 128, device="cuda", dtype=dtype)
     expected_qkv = qkv.clone()
-    kernels.apply_rotary(positions, qkv[:, :4096], qkv[:, 4096:5120], cache, 128, impl=impl)
+    ops.apply_rotary(positions, qkv[:, :4096], qkv[:, 4096:5120], cache, 128, impl=impl)
     ref.apply_rotary(positions, expected_qkv[:, :4096], expected_qkv[:, 4096:5120], cache, 128)
     torch.testing.assert_close(qkv, expected_qkv, atol=2e-2, rtol=1e-2)
 
@@ -572,7 +570,7 @@ def test_gpu_skinny_linear(rows: int, dtype: torch.dtype) -> None:
     for n, k in [(12288, 4096), (4096, 11008), (151936, 1024)]:
         x, w = torch.randn(rows, k, device="cuda", dtype=dtype), torch.randn(n, k, device="cuda", dtype=dtype)
         expected = x.float() @ w.float().T
-        torch.testing.assert_close(kernels.linear(x, w).float(), expected, atol=0.5, rtol=2e-2)
+        torch.testing.assert_close(ops.linear(x, w).float(), expected, atol=0.5, rtol=2e-2)
 
 
 @gpu
@@ -584,8 +582,8 @@ def test_gpu_skinny_linear_swiglu(rows: int, dtype: torch.dtype) -> None:
     for n, k in [(22016, 4096), (6144, 1024)]:
         x = torch.randn(rows, k, device="cuda", dtype=dtype)
         w = torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5
-        unfused = kernels.silu_and_mul(kernels.linear(x, w))
-        torch.testing.assert_close(kernels.linear(x, w, swiglu=True), unfused, atol=2e-2, rtol=2e-2)
+        unfused = ops.silu_and_mul(ops.linear(x, w))
+        torch.testing.assert_close(ops.linear(x, w, swiglu=True), unfused, atol=2e-2, rtol=2e-2)
 
 
 @gpu
@@ -598,12 +596,12 @@ def test_gpu_linear_rotary_store_kv(rows: int, heads: tuple[int, int, int]) -> N
     x, w, b, cos_sin, positions, slots, caches = qkv_rotary_case(rows, torch.bfloat16, "cuda", heads, 4096,
                                                                  bias=False)
     fused_caches, unfused_caches = caches.clone(), caches.clone()
-    rope = kernels.RotaryStoreKV(positions, cos_sin, *fused_caches, slots, *heads)
-    fused = kernels.linear_rotary_store_kv(x, w, b, rope)
-    unfused = kernels.linear(x, w, b)
+    rope = ops.RotaryStoreKV(positions, cos_sin, *fused_caches, slots, *heads)
+    fused = ops.linear_rotary_store_kv(x, w, b, rope)
+    unfused = ops.linear(x, w, b)
     nq, nkv, hd = heads
     q, k, v = unfused.view(rows, -1, hd).split([nq, nkv, nkv], dim=1)
-    kernels.rotary_store_kv(positions, q, k, v, cos_sin, *unfused_caches, slots)
+    ops.rotary_store_kv(positions, q, k, v, cos_sin, *unfused_caches, slots)
     torch.testing.assert_close(fused, unfused, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(fused_caches, unfused_caches, atol=2e-2, rtol=2e-2)
 
@@ -615,7 +613,7 @@ def test_gpu_store_kv() -> None:
     slots = torch.randperm(64 * 16, device="cuda")[:500]
     slots[::7] = -1
     caches = [(k_cache.clone(), v_cache.clone()) for _ in range(2)]
-    kernels.store_kv(key, value, *caches[0], slots)
+    ops.store_kv(key, value, *caches[0], slots)
     ref.store_kv(key, value, *caches[1], slots)
     assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
 
@@ -632,7 +630,7 @@ def test_gpu_rotary_store_kv(dtype: torch.dtype) -> None:
     qkv = torch.randn(500, 48, 128, device="cuda", dtype=dtype)
     caches = torch.randn(2, 64, 16, 8, 128, device="cuda", dtype=dtype)
     expected_qkv, expected_caches = qkv.clone(), caches.clone()
-    kernels.rotary_store_kv(positions, *qkv.split([32, 8, 8], dim=1), cache, *caches, slots)
+    ops.rotary_store_kv(positions, *qkv.split([32, 8, 8], dim=1), cache, *caches, slots)
     ref.rotary_store_kv(positions, *expected_qkv.split([32, 8, 8], dim=1), cache, *expected_caches, slots)
     torch.testing.assert_close(qkv, expected_qkv, atol=2e-2, rtol=1e-2)
     torch.testing.assert_close(caches, expected_caches, atol=2e-2, rtol=1e-2)
@@ -650,17 +648,17 @@ def test_gpu_split_k_linear_into_rms_norm(rows: int, dtype: torch.dtype) -> None
     for k in (4096, 11008):
         x = torch.randn(rows, k, device="cuda", dtype=dtype)
         w = torch.randn(4096, k, device="cuda", dtype=dtype) / k**0.5
-        plain = kernels.linear(x, w)
+        plain = ops.linear(x, w)
         expected = ref.rms_norm(plain, norm_w, 1e-6, residual)
-        tuned = kernels.linear(x, w, split_k=True)
+        tuned = ops.linear(x, w, split_k=True)
         assert isinstance(tuned, SplitK) and tuned.partials.shape[0] in SPLITS
         for splits in SPLITS:
             with pytest.MonkeyPatch.context() as mp:
                 force_split_k(mp, splits)
-                out = kernels.linear(x, w, split_k=True)
+                out = ops.linear(x, w, split_k=True)
             assert out.partials.shape == (splits, rows, 4096)
             torch.testing.assert_close(out.reduce(), plain, atol=2e-2, rtol=2e-2)
-            for got, want in zip(kernels.rms_norm(out, norm_w, 1e-6, residual), expected):
+            for got, want in zip(ops.rms_norm(out, norm_w, 1e-6, residual), expected):
                 torch.testing.assert_close(got, want, atol=5e-2, rtol=2e-2)
 
 

@@ -13,12 +13,12 @@ import pandas as pd
 import pytest
 import yaml
 from nbclient import NotebookClient
+from servebench.workbench.metrics import summarize
+from servebench.workbench.report import main as report_main
+from servebench.workbench.report import write_report, write_sweep_report
+from servebench.workbench.runs import load_run, load_sweep, write_run
 
-import workbench
-from workbench.metrics import summarize
-from workbench.report import main as report_main
-from workbench.report import write_report, write_sweep_report
-from workbench.runs import load_run, load_sweep, write_run
+import servebench
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,7 +115,7 @@ def test_write_run_and_load_run_round_trip(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
         "itl.npy", "requests.parquet", "steps.parquet", "summary.json"]  # no temporary files left
     assert "NaN" not in (tmp_path / "run/summary.json").read_text()  # strict JSON: NaN stored as null
-    run = workbench.load_run(tmp_path / "run")
+    run = servebench.load_run(tmp_path / "run")
     requests, steps = hand_tables()
     pd.testing.assert_frame_equal(run.requests, requests, check_dtype=False)
     pd.testing.assert_frame_equal(run.steps, steps, check_dtype=False)

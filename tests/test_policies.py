@@ -4,10 +4,9 @@ LoRA and multimodal interfaces the simulator builds on."""
 from __future__ import annotations
 
 import pytest
-
-from engine.core import CacheConfig, Request, SamplingParams, Scheduler, SchedulerConfig
-from engine.core.block_pool import BlockPool
-from engine.core.kv_cache_manager import KVCacheManager
+from servebench.engine.core import CacheConfig, Request, SamplingParams, Scheduler, SchedulerConfig
+from servebench.engine.core.block_pool import BlockPool
+from servebench.engine.core.kv_cache_manager import KVCacheManager
 
 
 def make(n_tokens: int, rid: str, max_tokens: int = 4, base: int = 0, t: float = 0.0, **kw) -> Request:
@@ -58,7 +57,7 @@ def test_cost_preemption_takes_the_cheaper_way_back(costs, swaps):
 
 def test_cost_preemption_decides_per_victim():
     """A victim swaps only when recomputing its computed tokens costs more than its blocks' round trip."""
-    from engine.core.policies import CostPreemption
+    from servebench.engine.core.policies import CostPreemption
 
     policy = CostPreemption(swap_s_per_block=1.0, recompute_s_per_token=1.0)
     short, long = make(8, "short"), make(40, "long")

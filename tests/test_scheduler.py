@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import pytest
-
-from engine.core import CacheConfig, Request, RequestStatus, SamplingParams, Scheduler, SchedulerConfig
+from servebench.engine.core import (
+    CacheConfig,
+    Request,
+    RequestStatus,
+    SamplingParams,
+    Scheduler,
+    SchedulerConfig,
+)
 
 
 def make(n_tokens: int, rid: str, max_tokens: int = 4, priority: int = 0, t: float = 0.0, base: int = 0):

@@ -13,13 +13,13 @@ import numpy as np
 import openai
 import pytest
 import uvicorn
+from servebench.engine.config import EngineArgs
+from servebench.engine.server.api import build_app
+from servebench.workbench.metrics import REQUEST_COLUMNS, summarize
+from servebench.workbench.serve_client import run_serving_benchmark
+from servebench.workbench.workloads import load_workload
 
-from engine import LLM, LLMEngine, SamplingParams
-from engine.config import EngineArgs
-from engine.server.api import build_app
-from workbench.metrics import REQUEST_COLUMNS, summarize
-from workbench.serve_client import run_serving_benchmark
-from workbench.workloads import load_workload
+from servebench import LLM, LLMEngine, SamplingParams
 
 MODEL = "tiny"
 ENGINE_KW = {"max_model_len": 256, "num_gpu_blocks_override": 512, "max_num_seqs": 256, "device": "cpu"}
@@ -326,9 +326,8 @@ def test_serving_benchmark_client(served, llm, api) -> None:
 def test_workbench_server_backend_writes_a_run_folder(served, tmp_path) -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
-
-    from workbench.cli import CONF_DIR
-    from workbench.experiment import run_experiment
+    from servebench.workbench.cli import CONF_DIR
+    from servebench.workbench.experiment import run_experiment
 
     server, engine = served
     overrides = ["backend=server", f"backend.url={server.url}", "workload=synthetic", "report=false",

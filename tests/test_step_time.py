@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
-
-from engine.core.scheduler_output import SchedulerOutput
-from sim.specs import (
+from servebench.engine.core.scheduler_output import SchedulerOutput
+from servebench.sim.specs import (
     GiB,
     ParallelSpec,
     block_bytes,
@@ -18,7 +17,7 @@ from sim.specs import (
     num_gpu_blocks,
     parallel_spec,
 )
-from sim.step_time import RooflineStepTime, VidurProfileStepTime, make_step_time_model
+from servebench.sim.step_time import RooflineStepTime, VidurProfileStepTime, make_step_time_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -11,13 +11,12 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from servebench.workbench import engine_backend
+from servebench.workbench.cli import CONF_DIR
+from servebench.workbench.experiment import run_experiment
+from servebench.workbench.runs import load_sweep
+from servebench.workbench.study import evaluate, write_study_report
 from test_case_studies import workbench
-
-from workbench import engine_backend
-from workbench.cli import CONF_DIR
-from workbench.experiment import run_experiment
-from workbench.runs import load_sweep
-from workbench.study import evaluate, write_study_report
 
 TINY_ENGINE = ["model=tiny_llama", "++backend.dtype=float32", "++backend.warmup=false", "workload=synthetic",
                "workload.num_requests=6", "workload.input_len=32", "workload.output_len=8",

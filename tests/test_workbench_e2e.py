@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
-from engine.core.recorder import REQUEST_COLUMNS
+from servebench.engine.core.recorder import REQUEST_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
 MOONCAKE = REPO / "data/traces/mooncake_conversation_trace.jsonl"

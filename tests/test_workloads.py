@@ -9,9 +9,8 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-
-from engine.core.request import Request
-from workbench.workloads import (
+from servebench.engine.core.request import Request
+from servebench.workbench.workloads import (
     REPO_ROOT,
     approx_tokenize,
     iter_requests,

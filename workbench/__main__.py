@@ -1,3 +1,3 @@
-from workbench.cli import main
+from servebench.workbench.cli import main
 
 main()

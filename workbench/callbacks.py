@@ -12,14 +12,14 @@ from omegaconf import DictConfig, OmegaConf
 
 class SweepReport(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from workbench.report import write_sweep_report
+        from servebench.workbench.report import write_sweep_report
 
         sweep_dir = Path(config.hydra.sweep.dir)
         if not any(sweep_dir.glob("*/summary.json")):
             return
         print(f"sweep report: {write_sweep_report(sweep_dir)}")
         if config.get("study"):
-            from workbench.study import write_study_report
+            from servebench.workbench.study import write_study_report
 
             study = OmegaConf.to_container(config.study, resolve=True)
             print(f"study report: {write_study_report(sweep_dir, study)}")

@@ -9,8 +9,7 @@ from typing import Any
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-
-from workbench.experiment import ConfigError, run_experiment
+from servebench.workbench.experiment import ConfigError, run_experiment
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -33,7 +32,7 @@ def objective(summary: dict[str, Any], search: DictConfig | None) -> float:
     meets the SLO for `search.min_attainment` of requests, else 0; without `search`, output throughput."""
     if search is None:
         return summary["output_throughput"]
-    from workbench.study import feasible
+    from servebench.workbench.study import feasible
 
     ok = feasible(summary["slo_attainment"], summary["num_gpus"], search.min_attainment, search.max_gpus)
     return float(summary[search.metric]) if ok else 0.0

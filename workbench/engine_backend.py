@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-
-from engine.core.request import Request
-from engine.core.sampling_params import SamplingParams
-from workbench.experiment import cache_config, scheduler_config
-from workbench.workloads import MIN_TOKEN_ID, iter_requests, load_workload
+from servebench.engine.core.request import Request
+from servebench.engine.core.sampling_params import SamplingParams
+from servebench.workbench.experiment import cache_config, scheduler_config
+from servebench.workbench.workloads import MIN_TOKEN_ID, iter_requests, load_workload
 
 TIME_COLUMNS = ("arrival_s", "first_scheduled_s", "first_token_s", "finish_s")
 
@@ -99,8 +98,7 @@ def _replay(cfg: dict[str, Any], engine: Any) -> tuple[pd.DataFrame, pd.DataFram
 def _device_names(device: Any) -> dict[str, str]:
     """Which card and torch ran the replay (study reports name them)."""
     import torch
-
-    from kernels.dispatch import device_name
+    from servebench.kernels.dispatch import device_name
 
     return {"card": device_name(device), "torch": torch.__version__}
 
@@ -156,9 +154,9 @@ def _submit(engine: Any, req: Request, t0: float) -> None:
 def build_engine(cfg: dict[str, Any]) -> Any:
     """The engine the config describes (dummy weights unless backend.model_path), warmed up unless
     backend.warmup is false."""
-    from engine import LLMEngine
-    from engine.config import EngineArgs
-    from engine.dummy import hf_config, write_dummy_model_dir
+    from servebench.engine.config import EngineArgs
+    from servebench.engine.dummy import hf_config, write_dummy_model_dir
+    from servebench.engine.llm_engine import LLMEngine
 
     b = cfg["backend"]
     with tempfile.TemporaryDirectory() as tmp:

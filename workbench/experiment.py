@@ -8,17 +8,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-
-from engine.core import CacheConfig, Scheduler, SchedulerConfig, TraceRecorder
-from engine.core.config import default_max_num_batched_tokens
+from servebench.engine.core import CacheConfig, Scheduler, SchedulerConfig, TraceRecorder
+from servebench.engine.core.config import default_max_num_batched_tokens
 
 if TYPE_CHECKING:
-    from sim.lora import LoRA
-    from sim.multimodal import VisionEncoder
-    from sim.quantization import QuantizationTerm
-    from sim.simulator import StepTimeModel
-    from sim.specs import HardwareSpec, ModelSpec, ParallelSpec
-    from sim.terms import Term
+    from servebench.sim.lora import LoRA
+    from servebench.sim.multimodal import VisionEncoder
+    from servebench.sim.quantization import QuantizationTerm
+    from servebench.sim.simulator import StepTimeModel
+    from servebench.sim.specs import HardwareSpec, ModelSpec, ParallelSpec
+    from servebench.sim.terms import Term
 
 BACKENDS = ("sim", "engine", "server")
 
@@ -82,8 +81,8 @@ def _check_sim_only(cfg: dict[str, Any], backend: str) -> None:
 def run_experiment(cfg: dict[str, Any], run_dir: Path, engine: Any = None) -> dict[str, Any]:
     """Run the backend the config names and write requests/steps/summary (and the report) into run_dir.
     `engine` (backend=engine): an already loaded engine for the same model and knobs, reused."""
-    from workbench.metrics import summarize
-    from workbench.runs import write_run
+    from servebench.workbench.metrics import summarize
+    from servebench.workbench.runs import write_run
 
     backend = cfg["backend"]["name"]
     if backend not in BACKENDS:
@@ -94,11 +93,11 @@ def run_experiment(cfg: dict[str, Any], run_dir: Path, engine: Any = None) -> di
     if backend == "sim":
         requests, steps, itl_s, info = simulate(cfg)
     elif backend == "engine":
-        from workbench.engine_backend import replay_on_engine
+        from servebench.workbench.engine_backend import replay_on_engine
 
         requests, steps, itl_s, info = replay_on_engine(cfg, engine)
     else:
-        from workbench.serve_backend import replay_on_server
+        from servebench.workbench.serve_backend import replay_on_server
 
         requests, steps, itl_s, info = replay_on_server(cfg)
     summary = summarize(requests, steps, itl_s, cfg.get("slo"), info.pop("duration_s", None))
@@ -109,7 +108,9 @@ def run_experiment(cfg: dict[str, Any], run_dir: Path, engine: Any = None) -> di
     summary["config"] = cfg
     write_run(run_dir, requests, steps, summary, itl_s)
     if cfg.get("report", True):
-        from workbench.report import write_report  # matplotlib: imported only when a report is wanted
+        from servebench.workbench.report import (
+            write_report,  # matplotlib: imported only when a report is wanted
+        )
 
         write_report(run_dir)
     return summary
@@ -118,11 +119,11 @@ def run_experiment(cfg: dict[str, Any], run_dir: Path, engine: Any = None) -> di
 def simulate(cfg: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, Any, dict[str, Any]]:
     """The configured workload through the shared scheduler on the SimPy clock: `deployment.num_replicas`
     replicas, each with `pipeline_parallel_size` virtual engines (sim.cluster)."""
-    from sim.cluster import ClusterSimulation, deployment_spec, make_router
-    from sim.lora import lora_spec
-    from sim.multimodal import encoder_weight_bytes, multimodal_spec
-    from sim.quantization import QuantizationTerm, kv_dtype_bytes, quantization_spec
-    from sim.specs import (
+    from servebench.sim.cluster import ClusterSimulation, deployment_spec, make_router
+    from servebench.sim.lora import lora_spec
+    from servebench.sim.multimodal import encoder_weight_bytes, multimodal_spec
+    from servebench.sim.quantization import QuantizationTerm, kv_dtype_bytes, quantization_spec
+    from servebench.sim.specs import (
         block_bytes,
         default_activation_reserve,
         hardware_spec,
@@ -132,8 +133,8 @@ def simulate(cfg: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, Any, dict
         parallel_spec,
         weight_bytes_per_gpu,
     )
-    from sim.terms import with_terms
-    from workbench.workloads import assign_adapters, assign_images, iter_requests, load_workload
+    from servebench.sim.terms import with_terms
+    from servebench.workbench.workloads import assign_adapters, assign_images, iter_requests, load_workload
 
     model = model_spec(cfg["model"])
     hw = hardware_spec(cfg["hardware"])
@@ -215,8 +216,8 @@ def simulate(cfg: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, Any, dict
 def _feature_terms(quant_term: QuantizationTerm | None, lora: LoRA, encoder: VisionEncoder | None,
                    model: ModelSpec, hw: HardwareSpec, par: ParallelSpec) -> list[Term]:
     """Step-time terms of the features that are on (sim.terms): none by default."""
-    from sim.lora import LoRATerm
-    from sim.multimodal import EncoderTerm
+    from servebench.sim.lora import LoRATerm
+    from servebench.sim.multimodal import EncoderTerm
 
     terms: list[Term] = [quant_term] if quant_term is not None else []
     if lora.enabled:
@@ -228,8 +229,8 @@ def _feature_terms(quant_term: QuantizationTerm | None, lora: LoRA, encoder: Vis
 
 def _feature_counts(terms: list[Term]) -> dict[str, Any]:
     """LoRA loads and images encoded, summed over replicas (for summary.json)."""
-    from sim.lora import LoRATerm
-    from sim.multimodal import EncoderTerm
+    from servebench.sim.lora import LoRATerm
+    from servebench.sim.multimodal import EncoderTerm
 
     out: dict[str, Any] = {}
     loras = [t for t in terms if isinstance(t, LoRATerm)]
@@ -279,7 +280,7 @@ def _tables(replicas: list[list[Scheduler]]) -> tuple[pd.DataFrame, pd.DataFrame
 def _fill_step_costs(sched_cfg: SchedulerConfig, step_time: Any, swap_s_per_block: float) -> None:
     """preemption_mode=cost and TTFT shedding: the costs left null, from the hardware's PCIe bandwidth and
     the step-time model (one prefill chunk of max_num_batched_tokens tokens, per token)."""
-    from engine.core.scheduler_output import SchedulerOutput
+    from servebench.engine.core.scheduler_output import SchedulerOutput
 
     if sched_cfg.swap_s_per_block is None:
         sched_cfg.swap_s_per_block = swap_s_per_block
@@ -292,7 +293,7 @@ def _fill_step_costs(sched_cfg: SchedulerConfig, step_time: Any, swap_s_per_bloc
 def _step_time_model(kind: str, model: ModelSpec, hw: HardwareSpec, par: ParallelSpec, block_size: int,
                      engine_profiles: str | None = None) -> tuple[StepTimeModel, str]:
     """auto: the engine's own profiles of this model and card, else Vidur's, else the roofline."""
-    from sim.step_time import make_step_time_model
+    from servebench.sim.step_time import make_step_time_model
 
     def build(name: str) -> StepTimeModel:
         return make_step_time_model(name, model, hw, par, block_size, engine_profile_root=engine_profiles)

@@ -8,8 +8,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-
-from engine.core.recorder import REQUEST_COLUMNS, STEP_COLUMNS
+from servebench.engine.core.recorder import REQUEST_COLUMNS, STEP_COLUMNS
 
 SLO_KEYS = ("ttft_ms", "tpot_ms", "e2el_ms")
 FINISHED = ("stop", "length")  # finish reasons of completed requests (not abort / rejected)

@@ -19,9 +19,8 @@ import numpy as np
 import pandas as pd
 import yaml
 from matplotlib.figure import Figure
-
-from workbench.metrics import latencies
-from workbench.runs import SUMMARY, atomic_path, load_run, load_sweep
+from servebench.workbench.metrics import latencies
+from servebench.workbench.runs import SUMMARY, atomic_path, load_run, load_sweep
 
 MAX_POINTS = 1000
 SWEEP_METRICS = ("request_throughput", "output_throughput", "goodput", "mean_ttft_ms", "p99_ttft_ms",
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             print(write_report(folder) if (folder / SUMMARY).is_file() else write_sweep_report(folder))
             if not (folder / SUMMARY).is_file() and load_sweep(folder).attrs["config"].get("study"):
-                from workbench.study import write_study_report  # study builds on this module
+                from servebench.workbench.study import write_study_report  # study builds on this module
 
                 print(write_study_report(folder))
         except (FileNotFoundError, ValueError) as e:

@@ -7,10 +7,14 @@ from typing import Any
 
 import httpx
 import pandas as pd
-
-from workbench.metrics import STEP_COLUMNS
-from workbench.serve_client import counter_deltas, load_tokenizer, run_serving_benchmark, server_counters
-from workbench.workloads import load_workload
+from servebench.workbench.metrics import STEP_COLUMNS
+from servebench.workbench.serve_client import (
+    counter_deltas,
+    load_tokenizer,
+    run_serving_benchmark,
+    server_counters,
+)
+from servebench.workbench.workloads import load_workload
 
 
 def replay_on_server(cfg: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, Any, dict[str, Any]]:

@@ -31,10 +31,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-
-from workbench.metrics import summarize
-from workbench.report import Section, config_section, fmt, png, runs_section, write_document
-from workbench.runs import load_run, load_sweep
+from servebench.workbench.metrics import summarize
+from servebench.workbench.report import Section, config_section, fmt, png, runs_section, write_document
+from servebench.workbench.runs import load_run, load_sweep
 
 KINDS = ("value", "capacity", "change", "trend", "search")
 HOLDS, FAILS = "holds", "does not hold"

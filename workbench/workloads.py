@@ -17,9 +17,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-
-from engine.core.request import Request
-from engine.core.sampling_params import SamplingParams
+from servebench.engine.core.request import Request
+from servebench.engine.core.sampling_params import SamplingParams
 
 Tokenizer = Callable[[str], list[int]]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.core.eviction import make_free_queue
+from servebench.engine.core.eviction import make_free_queue
 
 
 class BlockPool:

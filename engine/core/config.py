@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.core.eviction import EVICTION_POLICIES
-from engine.core.policies import PREEMPTION_MODES, QUEUE_POLICIES, VICTIM_POLICIES, check_choice
+from servebench.engine.core.eviction import EVICTION_POLICIES
+from servebench.engine.core.policies import PREEMPTION_MODES, QUEUE_POLICIES, VICTIM_POLICIES, check_choice
 
 
 def default_max_num_batched_tokens(max_model_len: int, enable_chunked_prefill: bool) -> int:

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from engine.core.block_pool import BlockPool
+    from servebench.engine.core.block_pool import BlockPool
 
 
 class LRUQueue(OrderedDict):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from engine.core.block_pool import BlockPool
-from engine.core.request import PENDING, Request
+from servebench.engine.core.block_pool import BlockPool
+from servebench.engine.core.request import PENDING, Request
 
 
 def block_hashes(req: Request, block_size: int, num_full_blocks: int) -> list[int]:

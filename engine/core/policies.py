@@ -7,7 +7,7 @@ import itertools
 from collections import deque
 from collections.abc import Callable, Iterator
 
-from engine.core.request import Request
+from servebench.engine.core.request import Request
 
 
 class FCFSQueue:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from array import array
 
-from engine.core.request import Request
+from servebench.engine.core.request import Request
 
 REQUEST_COLUMNS = (
     "request_id",

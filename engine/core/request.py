@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from engine.core.sampling_params import SamplingParams
+from servebench.engine.core.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.IntEnum):

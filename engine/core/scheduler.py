@@ -16,14 +16,14 @@ import dataclasses
 from collections import deque
 from itertools import islice, repeat
 
-from engine.core.config import CacheConfig, SchedulerConfig
-from engine.core.encoder_cache import EncoderCache
-from engine.core.kv_cache_manager import KVCacheManager
-from engine.core.lora import LoRASlots
-from engine.core.policies import make_preemption, make_queue, make_victim_policy
-from engine.core.recorder import TraceRecorder
-from engine.core.request import PENDING, Request, RequestStatus
-from engine.core.scheduler_output import SchedulerOutput
+from servebench.engine.core.config import CacheConfig, SchedulerConfig
+from servebench.engine.core.encoder_cache import EncoderCache
+from servebench.engine.core.kv_cache_manager import KVCacheManager
+from servebench.engine.core.lora import LoRASlots
+from servebench.engine.core.policies import make_preemption, make_queue, make_victim_policy
+from servebench.engine.core.recorder import TraceRecorder
+from servebench.engine.core.request import PENDING, Request, RequestStatus
+from servebench.engine.core.scheduler_output import SchedulerOutput
 
 RUNNING = RequestStatus.RUNNING
 

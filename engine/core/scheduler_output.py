@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.core.request import Request
+from servebench.engine.core.request import Request
 
 
 @dataclass(slots=True)

@@ -9,15 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from servebench.engine.config import ModelConfig
+from servebench.kernels import ops
 from torch import nn
-
-import kernels
-from engine.config import ModelConfig
 
 
 @dataclass(slots=True)
 class AttentionMetadata:
-    """Where this step's tokens sit in the paged KV cache (see kernels.paged_attention)."""
+    """Where this step's tokens sit in the paged KV cache (see ops.paged_attention)."""
 
     slot_mapping: torch.Tensor  # [tokens] cache slot of each new token
     block_tables: torch.Tensor  # [seqs, max blocks]
@@ -33,14 +32,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor | kernels.SplitK, residual: torch.Tensor | None = None):
-        return kernels.rms_norm(x, self.weight, self.eps, residual)
+    def forward(self, x: torch.Tensor | ops.SplitK, residual: torch.Tensor | None = None):
+        return ops.rms_norm(x, self.weight, self.eps, residual)
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose decode-sized calls stream the weights through kernels.linear.
+    """nn.Linear whose decode-sized calls stream the weights through ops.linear.
 
-    split_k: the output may be kernels.SplitK partial sums, for layers that only an RMSNorm reads (o_proj,
+    split_k: the output may be ops.SplitK partial sums, for layers that only an RMSNorm reads (o_proj,
     down_proj). swiglu: the weight is [gate; up] and the output is their SwiGLU (gate_up_proj)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
@@ -48,8 +47,8 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias)
         self.split_k, self.swiglu = split_k, swiglu
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | kernels.SplitK:
-        return kernels.linear(x, self.weight, self.bias, split_k=self.split_k, swiglu=self.swiglu)
+    def forward(self, x: torch.Tensor) -> torch.Tensor | ops.SplitK:
+        return ops.linear(x, self.weight, self.bias, split_k=self.split_k, swiglu=self.swiglu)
 
 
 class Attention(nn.Module):
@@ -68,20 +67,20 @@ class Attention(nn.Module):
         self.k_cache = self.v_cache = torch.empty(0)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, cos_sin: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor | kernels.SplitK:
+                meta: AttentionMetadata) -> torch.Tensor | ops.SplitK:
         n = x.shape[0]
         if self.qk_norm:  # Qwen3 normalizes each q and k head before the rotary embedding
             q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(n, self.num_heads, self.head_dim)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(n, self.num_kv_heads, self.head_dim)
-            q, k = kernels.rotary_store_kv(positions, q, k, v.reshape(n, self.num_kv_heads, self.head_dim),
+            q, k = ops.rotary_store_kv(positions, q, k, v.reshape(n, self.num_kv_heads, self.head_dim),
                                            cos_sin, self.k_cache, self.v_cache, meta.slot_mapping)
         else:
-            rope = kernels.RotaryStoreKV(positions, cos_sin, self.k_cache, self.v_cache, meta.slot_mapping,
+            rope = ops.RotaryStoreKV(positions, cos_sin, self.k_cache, self.v_cache, meta.slot_mapping,
                                          self.num_heads, self.num_kv_heads, self.head_dim)
-            qkv = kernels.linear_rotary_store_kv(x, self.qkv_proj.weight, self.qkv_proj.bias, rope)
+            qkv = ops.linear_rotary_store_kv(x, self.qkv_proj.weight, self.qkv_proj.bias, rope)
             q = qkv[:, :self.q_size].view(n, self.num_heads, self.head_dim)
-        o = kernels.paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
+        o = ops.paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
                                     meta.query_start_loc, self.scale, meta.max_query_len, meta.max_seq_len)
         return self.o_proj(o.reshape(n, self.q_size))
 
@@ -92,7 +91,7 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, swiglu=True)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, split_k=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | kernels.SplitK:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | ops.SplitK:
         return self.down_proj(self.gate_up_proj(x))
 
 
@@ -104,9 +103,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, h: torch.Tensor | kernels.SplitK,
+    def forward(self, positions: torch.Tensor, h: torch.Tensor | ops.SplitK,
                 residual: torch.Tensor | None, cos_sin: torch.Tensor,
-                meta: AttentionMetadata) -> tuple[torch.Tensor | kernels.SplitK, torch.Tensor]:
+                meta: AttentionMetadata) -> tuple[torch.Tensor | ops.SplitK, torch.Tensor]:
         # The residual add is fused into the next norm, as in vLLM; so is the reduction of the split-K
         # o_proj / down_proj output, which no other op reads.
         if residual is None:
@@ -141,7 +140,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        cos_sin = kernels.build_cos_sin_cache(cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_scaling,
+        cos_sin = ops.build_cos_sin_cache(cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_scaling,
                                               torch.get_default_dtype())
         self.register_buffer("cos_sin_cache", cos_sin, persistent=False)
         q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size

@@ -1,1 +1,1 @@
-"""OpenAI-compatible HTTP server over `LLMEngine`: `python -m engine.server --model DIR`, or `build_app`."""
+"""OpenAI-compatible HTTP server over `LLMEngine`: `servebench-serve --model DIR`, or `build_app`."""

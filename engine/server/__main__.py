@@ -1,13 +1,16 @@
-"""`python -m engine.server --model DIR [vLLM engine flags]`: serve the OpenAI API with uvicorn."""
+"""`servebench-serve --model DIR [vLLM engine flags]` (or `python -m servebench.engine.server`): serve
+the OpenAI API with uvicorn."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import tempfile
 import types
 import typing
+from pathlib import Path
 
-from engine.config import EngineArgs
+from servebench.engine.config import EngineArgs
 
 
 def _flag_type(hint: typing.Any) -> type:
@@ -18,7 +21,7 @@ def _flag_type(hint: typing.Any) -> type:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m engine.server", description=__doc__)
+    p = argparse.ArgumentParser(prog="servebench-serve", description=__doc__)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes")
@@ -41,15 +44,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     # Heavy imports after parsing, so that --help is instant.
     import uvicorn
-
-    from engine.llm_engine import LLMEngine
-    from engine.server.api import build_app
+    from servebench.engine.dummy import resolve_model
+    from servebench.engine.llm_engine import LLMEngine
+    from servebench.engine.server.api import build_app
 
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineArgs)}
     try:
-        engine = LLMEngine(EngineArgs(**fields))
+        with tempfile.TemporaryDirectory() as tmp:
+            # With --load-format dummy a conf/model shape name (tiny_llama, llama2_7b, ...) serves too.
+            if args.load_format == "dummy":
+                fields["model"] = str(resolve_model(args.model, Path(tmp))[1])
+            engine = LLMEngine(EngineArgs(**fields))
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
-        raise SystemExit(f"python -m engine.server: error: {e}") from None
+        raise SystemExit(f"servebench-serve: error: {e}") from None
     app = build_app(engine, args.served_model_name or args.model, args.model, args.api_key)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 

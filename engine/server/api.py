@@ -15,10 +15,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
-
-from engine.server.async_engine import AsyncEngine, Update
-from engine.server.metrics import ServerMetrics
-from engine.server.protocol import (
+from servebench.engine.server.async_engine import AsyncEngine, Update
+from servebench.engine.server.metrics import ServerMetrics
+from servebench.engine.server.protocol import (
     AssistantMessage,
     ChatChoice,
     ChatCompletionChunk,

@@ -13,8 +13,8 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from engine.core.sampling_params import SamplingParams
-from engine.server.metrics import ServerMetrics
+from servebench.engine.core.sampling_params import SamplingParams
+from servebench.engine.server.metrics import ServerMetrics
 
 
 @dataclass(slots=True)

@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
-
-from engine.core.sampling_params import SamplingParams
+from servebench.engine.core.sampling_params import SamplingParams
 
 
 class StreamOptions(BaseModel):

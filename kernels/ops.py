@@ -10,12 +10,12 @@ kernel; rotary_store_kv rotates q and k and writes k and v into the paged cache 
 linear_rotary_store_kv does that in the qkv projection's kernel itself for decode-sized batches.
 """
 
-from kernels.activation import silu_and_mul
-from kernels.attention import paged_attention
-from kernels.kv_write import rotary_store_kv, store_kv
-from kernels.linear import RotaryStoreKV, SplitK, linear, linear_rotary_store_kv
-from kernels.norm import rms_norm
-from kernels.rotary import apply_rotary, build_cos_sin_cache
+from servebench.kernels.activation import silu_and_mul
+from servebench.kernels.attention import paged_attention
+from servebench.kernels.kv_write import rotary_store_kv, store_kv
+from servebench.kernels.linear import RotaryStoreKV, SplitK, linear, linear_rotary_store_kv
+from servebench.kernels.norm import rms_norm
+from servebench.kernels.rotary import apply_rotary, build_cos_sin_cache
 
 __all__ = ["RotaryStoreKV", "SplitK", "apply_rotary", "build_cos_sin_cache", "linear",
            "linear_rotary_store_kv", "paged_attention", "rms_norm", "rotary_store_kv", "silu_and_mul",

@@ -1,7 +1,7 @@
 """Whole-step profiles of the engine's own work, the tables the simulator's `profile` step-time model reads.
 
-    python -m kernels.profile --model llama2_7b --out data/profiles/h100_80g        # conf/model shape
-    python -m kernels.profile --model /path/to/hf_dir --out DIR --grid tiny --device cpu
+    python -m servebench.engine.profile --model llama2_7b --out data/profiles/h200    # conf/model shape
+    python -m servebench.engine.profile --model /path/to/hf_dir --out DIR --grid tiny --device cpu
 
 Each point is one `ModelRunner.execute` (input preparation, forward, sampling, synchronisation: what the
 engine times as a step), CUDA graphs for decode as in serving, on a synthetic batch whose requests get real KV
@@ -37,14 +37,14 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
-
-from engine.core.kv_cache_manager import KVCacheManager
-from engine.core.request import Request
-from engine.core.sampling_params import SamplingParams
-from engine.core.scheduler_output import SchedulerOutput
+from servebench.engine.core.kv_cache_manager import KVCacheManager
+from servebench.engine.core.request import Request
+from servebench.engine.core.sampling_params import SamplingParams
+from servebench.engine.core.scheduler_output import SchedulerOutput
+from servebench.engine.dummy import resolve_model
 
 if TYPE_CHECKING:
-    from engine import LLMEngine
+    from servebench.engine.llm_engine import LLMEngine
 
 REPO = Path(__file__).resolve().parents[1]
 LINEAR_CHUNK = 128  # tokens per sequence in `linear` points: long enough to be matmul-bound, attention ~0
@@ -104,23 +104,6 @@ GRIDS = {
         reps=2,
     ),
 }
-
-
-def resolve_model(model: str, tmp: Path) -> tuple[str, Path]:
-    """(name, HF folder): a conf/model/<name>.yaml shape written as a dummy folder, or an existing folder."""
-    from engine.dummy import hf_config, write_dummy_model_dir
-
-    path = Path(model)
-    if (path / "config.json").is_file():
-        return path.name, path
-    conf = REPO / "conf" / "model" / f"{model}.yaml"
-    if not conf.is_file():
-        known = ", ".join(sorted(p.stem for p in conf.parent.glob("*.yaml")))
-        raise SystemExit(f"profile: error: --model {model}: no config.json there, nor one of: {known}")
-    import yaml
-
-    spec = yaml.safe_load(conf.read_text())
-    return spec["name"], write_dummy_model_dir(hf_config(spec), tmp / spec["name"])
 
 
 class Profiler:
@@ -313,8 +296,8 @@ def environment(device: torch.device) -> dict:
 
 def profile(model: str, out: Path, grid: Grid, device: str = "auto", dtype: str = "auto",
             max_model_len: int | None = None, max_num_seqs: int = 512, swap_space: float = 1.0) -> Path:
-    from engine import LLMEngine
-    from engine.config import EngineArgs
+    from servebench.engine.config import EngineArgs
+    from servebench.engine.llm_engine import LLMEngine
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -357,7 +340,8 @@ def _log(msg: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m kernels.profile", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m servebench.engine.profile",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="conf/model name (llama2_7b, qwen3_0_6b, ...) or HF folder")
     p.add_argument("--out", type=Path, default=REPO / "data" / "profiles" / "h100_80g")
     p.add_argument("--grid", choices=sorted(GRIDS), default="full")
@@ -367,7 +351,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-num-seqs", type=int, default=512)
     p.add_argument("--swap-space", type=float, default=1.0, help="GiB of pinned swap space to time swaps")
     a = p.parse_args(argv)
-    profile(a.model, a.out, GRIDS[a.grid], a.device, a.dtype, a.max_model_len, a.max_num_seqs, a.swap_space)
+    try:
+        profile(a.model, a.out, GRIDS[a.grid], a.device, a.dtype, a.max_model_len, a.max_num_seqs,
+                a.swap_space)
+    except ValueError as e:
+        raise SystemExit(f"profile: error: {e}") from None
 
 
 if __name__ == "__main__":
