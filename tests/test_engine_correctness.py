@@ -10,6 +10,7 @@ import dataclasses
 
 import pytest
 import torch
+import transformers
 from servebench.engine.llm_engine import LLMEngine
 from tiny_model import build_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -67,7 +68,13 @@ def llama3_rope_dir(tmp_path_factory):
     """Llama 3.1's rope scaling, with an original context short enough for the prompts to pass it."""
     rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
-    return build_tiny_model(tmp_path_factory.mktemp("tiny_llama3"), "llama", rope_parameters=rope)
+    # transformers 4.x knows rope_theta + rope_scaling only; 5.x writes rope_parameters.
+    if int(transformers.__version__.split(".")[0]) < 5:
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        kwargs = {"rope_theta": rope["rope_theta"], "rope_scaling": scaling}
+    else:
+        kwargs = {"rope_parameters": rope}
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_llama3"), "llama", **kwargs)
 
 
 @pytest.fixture(scope="module")
