@@ -6,8 +6,9 @@ For each decode batch size it prints:
   step     the engine's median pure-decode step (schedule, inputs, forward, sampling, sync), from its trace,
            with scheduling in step and with async scheduling (the host's work hidden behind the GPU's);
   graph    the captured decode graph alone (CUDA events around replay());
-  kernels  GPU time per kernel family inside one decode forward (torch.profiler), against the weight-read
-           bound (weight + KV bytes at 3.0 TB/s);
+  kernels  GPU time per kernel family inside one decode forward (torch.profiler);
+each against the weights + KV read bound at the card's copy bandwidth, measured at the start
+(benchmarks/card.py), which every bound line names;
 and with --sweep, first, for the model's linear layers at M = 1 and 16, the read bandwidth of cuBLAS and of
 every tile config of kernels.linear, timed inside a CUDA graph over weights larger than the L2; for o and
 down (the layers whose output the next RMSNorm reads) also every tile config at SPLIT_K 2 and 4 (tagged
@@ -26,7 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
-from engine_throughput import HBM_BYTES_PER_S, Shape, decode_latency, make_workload
+from card import card
+from engine_throughput import Shape, decode_floor_seconds, decode_latency, make_workload
 from servebench.engine.dummy import write_dummy_model_dir
 from servebench.kernels.linear import _skinny_matmul_kernel, tuned_configs
 
@@ -146,7 +148,8 @@ def main() -> None:
     args = ap.parse_args()
     w = make_workload(args.model)
     shape = Shape.of(w.config)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    c = card()  # before the model takes the card's memory
+    print(f"{c}, torch {torch.__version__}")
     if args.sweep:
         skinny_sweep(shape)
     with tempfile.TemporaryDirectory() as tmp:
@@ -161,10 +164,10 @@ def main() -> None:
                 llm.engine.args.async_scheduling = mode == "async"
                 steps[mode] = decode_latency(llm, w, batch)
             graph = replay_time(llm, batch)
-            bound = (shape.weight_bytes + batch * 160 * shape.kv_bytes_per_token) / HBM_BYTES_PER_S
-            print(f"batch {batch}: bound {bound * 1e3:.3f} ms; " + ", ".join(
+            bound = decode_floor_seconds(shape, batch, c)
+            print(f"batch {batch}: weights + KV read bound {bound * 1e3:.3f} ms; " + ", ".join(
                 f"{mode} step {t * 1e3:.3f} ms ({t / bound:.2f}x)" for mode, t in steps.items())
-                + f", graph replay {graph * 1e3:.3f} ms ({graph / bound:.2f}x)")
+                + f", graph replay {graph * 1e3:.3f} ms ({graph / bound:.2f}x) [{c}]")
             kernel_breakdown(llm, batch)
 
 

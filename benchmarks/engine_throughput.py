@@ -1,17 +1,22 @@
-"""Offline throughput of the engine on an H100, against HF transformers' continuous batching and the roofline.
+"""Offline throughput of the engine on the card in hand, against HF transformers' continuous batching and the
+roofline bound of that card.
 
     python benchmarks/engine_throughput.py --workload all          # W7 and W0.6, engine + HF
-    python benchmarks/engine_throughput.py --workload W7 --skip-hf
+    python benchmarks/engine_throughput.py --workload W7 --skip-hf --prefill
 
 Workloads (dummy bf16 weights from a config.json written here; no hub, no internet):
   W7   Llama-2-7B shape, 128 requests, prompt lengths U[100, 1024], 256 output tokens, ignore_eos, all at t=0.
   W0.6 Qwen3-0.6B shape, 256 requests, prompt and output lengths U[100, 1024].
 Prompt token ids are uniform in [100, vocab - 100), from random.Random(0).
 
+Every bound comes from the card's ceilings measured at the start (benchmarks/card.py: device-to-device copy
+bandwidth, bf16 GEMM rate), and every line that gives a bound names the card and those ceilings.
 Prints output tok/s and total tok/s of the engine and of HF `generate_batch` (continuous batching, CUDA graphs
 and async batching where the installed transformers has them), their ratio, the roofline bound (weights + KV
-bytes at 3.0e12 B/s, FLOPs at 7.69e14 FLOP/s) and the engine's fraction of it, and the decode step latency at
-batch 1, 8 and 64 against the weight-read bound.
+bytes at the copy bandwidth, FLOPs at the GEMM rate) and the engine's fraction of it, and the decode step
+latency at batch 1, 8 and 64 against the weights + KV read bound. With --prefill, also prefill alone
+(max_tokens=1) of one 4096-token prompt and of 16 x 2048-token prompts: model FLOPs (causal attention
+included) per second of the whole generate call, as a fraction of the GEMM rate.
 """
 
 from __future__ import annotations
@@ -33,13 +38,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 import transformers
+from card import Card, card
 from servebench.engine.dummy import write_dummy_model_dir
 
 from servebench import LLM, SamplingParams
 
-HBM_BYTES_PER_S = 3.0e12
-PEAK_FLOPS = 7.69e14  # H100 SXM dense bf16 at the boost clock the profiles were taken at
 MAX_MODEL_LEN = 2048  # longest prompt + output of both workloads
+PREFILL_RUNS = ((1, 4096), (16, 2048))  # (prompts, tokens each), prefilled together with max_tokens=1
+PREFILL_REPS = 3
 DECODE_PROMPT, DECODE_STEPS = 128, 64  # decode-latency runs: context grows from 128 to 192 tokens
 
 LLAMA2_7B = {
@@ -75,16 +81,21 @@ class Workload:
         return sum(self.output_lens)
 
 
-def make_workload(name: str) -> Workload:
-    rng = random.Random(0)
-    config, n, fixed_output = {"W7": (LLAMA2_7B, 128, 256), "W0.6": (QWEN3_06B, 256, None)}[name]
-    vocab = config["vocab_size"]
+def random_requests(n: int, vocab: int, prompt_lens: tuple[int, int] = (100, 1024),
+                    output_len: int | None = None, seed: int = 0) -> tuple[list[list[int]], list[int]]:
+    """Prompts of U[prompt_lens] ids in [100, vocab - 100); output_len tokens each (None: U[100, 1024])."""
+    rng = random.Random(seed)
     prompts, output_lens = [], []
     for _ in range(n):
-        length = rng.randint(100, 1024)
+        length = rng.randint(*prompt_lens)
         prompts.append([rng.randrange(100, vocab - 100) for _ in range(length)])
-        output_lens.append(fixed_output or rng.randint(100, 1024))
-    return Workload(name, config, prompts, output_lens)
+        output_lens.append(output_len or rng.randint(100, 1024))
+    return prompts, output_lens
+
+
+def make_workload(name: str) -> Workload:
+    config, n, fixed_output = {"W7": (LLAMA2_7B, 128, 256), "W0.6": (QWEN3_06B, 256, None)}[name]
+    return Workload(name, config, *random_requests(n, config["vocab_size"], output_len=fixed_output))
 
 
 # ---- roofline ------------------------------------------------------------------------
@@ -125,18 +136,25 @@ class Shape:
             + 2 * self.hidden * self.vocab * sampled
 
 
-def roofline_seconds(w: Workload) -> dict[str, float]:
+def roofline_seconds(w: Workload, c: Card) -> dict[str, float]:
     """A lower bound: all requests decode together (max output length steps, each reading the weights once),
-    every token's K/V is written once and every decode token reads its context; FLOPs at peak."""
+    every token's K/V is written once and every decode token reads its context; bytes at the card's copy
+    bandwidth, FLOPs at its GEMM rate."""
     s = Shape.of(w.config)
     steps = max(w.output_lens)
     kv_read = sum(o * p + o * (o - 1) // 2 for p, o in zip(map(len, w.prompts), w.output_lens))
     kv_write = w.prompt_tokens + w.output_tokens
     prefill_pairs = sum(p * (p + 1) // 2 for p in map(len, w.prompts))
-    mem = (steps * s.weight_bytes + (kv_read + kv_write) * s.kv_bytes_per_token) / HBM_BYTES_PER_S
+    mem = c.read_seconds(steps * s.weight_bytes + (kv_read + kv_write) * s.kv_bytes_per_token)
     sampled = len(w.prompts) + w.output_tokens
-    flops = s.flops(w.prompt_tokens + w.output_tokens, prefill_pairs + kv_read, sampled)
-    return {"memory_s": mem, "compute_s": flops / PEAK_FLOPS, "bound_s": max(mem, flops / PEAK_FLOPS)}
+    compute = c.compute_seconds(s.flops(w.prompt_tokens + w.output_tokens, prefill_pairs + kv_read, sampled))
+    return {"memory_s": mem, "compute_s": compute, "bound_s": max(mem, compute)}
+
+
+def decode_floor_seconds(s: Shape, batch: int, c: Card) -> float:
+    """A decode step reads the weights once and each request's K/V at the decode runs' mean context."""
+    context = DECODE_PROMPT + DECODE_STEPS // 2
+    return c.read_seconds(s.weight_bytes + batch * context * s.kv_bytes_per_token)
 
 
 # ---- runs ------------------------------------------------------------------------------
@@ -149,6 +167,7 @@ def load_engine(w: Workload, model_dir: Path) -> LLM:
 
 def run_engine(llm: LLM, w: Workload) -> float:
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in w.output_lens]
+    llm.engine.reset()  # an empty prefix cache: a second run of the same prompts prefills them all again
     t0 = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in w.prompts], params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
@@ -238,57 +257,102 @@ def _rates(w: Workload, seconds: float) -> str:
             f"{total / seconds:,.0f} total tok/s")
 
 
-def report(w: Workload, skip_hf: bool) -> dict:
-    total = w.prompt_tokens + w.output_tokens
-    print(f"\n== {w.name}: {len(w.prompts)} requests, {w.prompt_tokens} prompt + {w.output_tokens} output "
-          "tokens")
-    with tempfile.TemporaryDirectory() as tmp:
-        llm = load_engine(w, write_dummy_model_dir(w.config, Path(tmp) / w.name))
-    row = {"workload": w.name, **roofline_seconds(w)}
-    s = Shape.of(w.config)
-    # The same engine with vLLM's async scheduling off (the baseline) and on: one model load, one capture.
+def engine_runs(llm: LLM, w: Workload, c: Card, row: dict) -> None:
+    """The workload with async scheduling off (the baseline) and on, each followed by the decode-step runs."""
+    s, total = Shape.of(w.config), w.prompt_tokens + w.output_tokens
     for mode in ("sync", "async"):
         llm.engine.args.async_scheduling = mode == "async"
         elapsed = run_engine(llm, w)
         stats = llm.engine.stats
         print(f"engine ({mode} scheduling): {_rates(w, elapsed)}  ({stats.num_preemptions} preemptions, "
-              f"{stats.num_gpu_blocks} KV blocks); roofline bound {row['bound_s']:.2f} s (memory "
-              f"{row['memory_s']:.2f} s, compute {row['compute_s']:.2f} s): {row['bound_s'] / elapsed:.1%}")
+              f"{stats.num_gpu_blocks} KV blocks); {row['bound_s'] / elapsed:.1%} of the roofline bound "
+              f"{row['bound_s']:.2f} s (memory {row['memory_s']:.2f} s, compute {row['compute_s']:.2f} s) "
+              f"[{c}]")
         row.update({f"engine_{mode}_s": elapsed, f"engine_{mode}_output_tok_s": w.output_tokens / elapsed,
-                    f"engine_{mode}_total_tok_s": total / elapsed})
+                    f"engine_{mode}_total_tok_s": total / elapsed,
+                    f"engine_{mode}_of_bound": row["bound_s"] / elapsed})
         for batch in (1, 8, 64):
-            step = decode_latency(llm, w, batch)
-            context = DECODE_PROMPT + DECODE_STEPS // 2
-            floor = (s.weight_bytes + batch * context * s.kv_bytes_per_token) / HBM_BYTES_PER_S
-            print(f"  decode step, batch {batch:3d}: {step * 1e3:.2f} ms  (weight+KV read bound "
-                  f"{floor * 1e3:.2f} ms: {step / floor:.2f}x)")
+            step, floor = decode_latency(llm, w, batch), decode_floor_seconds(s, batch, c)
+            print(f"  decode step, batch {batch:3d} ({mode}): {step * 1e3:.2f} ms = {step / floor:.2f}x the "
+                  f"weights + KV read bound {floor * 1e3:.2f} ms [{c}]")
             row[f"decode_{mode}_ms_b{batch}"] = step * 1e3
-    elapsed = row["engine_async_s"]
+            row[f"decode_{mode}_x_bound_b{batch}"] = step / floor
+
+
+def hf_run(w: Workload, row: dict) -> None:
+    hf_s, how = run_hf(w)
+    free_gpu()
+    print(f"HF transformers {transformers.__version__}: {_rates(w, hf_s)}  [{how}]")
+    print(f"engine (async) / HF throughput: {hf_s / row['engine_async_s']:.2f}x")
+    row.update(hf_s=hf_s, hf_how=how, speedup_vs_hf=hf_s / row["engine_async_s"])
+
+
+def report(w: Workload, skip_hf: bool, c: Card) -> dict:
+    print(f"\n== {w.name}: {len(w.prompts)} requests, {w.prompt_tokens} prompt + {w.output_tokens} output "
+          "tokens")
+    with tempfile.TemporaryDirectory() as tmp:
+        llm = load_engine(w, write_dummy_model_dir(w.config, Path(tmp) / w.name))
+    row = {"workload": w.name, **roofline_seconds(w, c)}
+    engine_runs(llm, w, c, row)  # one model load, one capture for both scheduling modes
     del llm
     free_gpu()
     if not skip_hf:
-        hf_s, how = run_hf(w)
-        free_gpu()
-        print(f"HF transformers {transformers.__version__}: {_rates(w, hf_s)}  [{how}]")
-        print(f"engine / HF throughput: {hf_s / elapsed:.2f}x")
-        row.update(hf_s=hf_s, hf_how=how, speedup_vs_hf=hf_s / elapsed)
+        hf_run(w, row)
     return row
+
+
+# ---- prefill ---------------------------------------------------------------------------
+def prefill_seconds(llm: LLM, prompts: list[list[int]]) -> float:
+    """Wall time of generating one token for each prompt, all added at once: their prefill and one sample."""
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    t0 = time.perf_counter()
+    llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return time.perf_counter() - t0
+
+
+def prefill_report(c: Card, config: dict = LLAMA2_7B) -> list[dict]:
+    """Prefill throughput at PREFILL_RUNS in model FLOPs (causal attention included) per second of the whole
+    generate call, against the card's GEMM rate. Fresh prompts in every run: no prefix-cache hit."""
+    longest = max(length for _, length in PREFILL_RUNS)
+    # Room for the longest prompt and its one output token; the position limit changes no FLOP or byte.
+    config = {**config, "max_position_embeddings": max(config["max_position_embeddings"], longest + 1)}
+    print(f"\n== prefill alone (max_tokens=1), Llama-2-7B shape, max_model_len {longest + 1}")
+    with tempfile.TemporaryDirectory() as tmp:
+        llm = LLM(model=str(write_dummy_model_dir(config, Path(tmp) / "prefill")), load_format="dummy",
+                  dtype="bfloat16", max_model_len=longest + 1)
+    s, vocab, rows = Shape.of(config), config["vocab_size"], []
+    for n, length in PREFILL_RUNS:
+        runs = [random_requests(n, vocab, (length, length), 1, seed=1000 * length + i)[0]
+                for i in range(PREFILL_REPS + 1)]
+        prefill_seconds(llm, runs.pop())  # untimed: Triton compiles for these shapes
+        t = statistics.median(prefill_seconds(llm, prompts) for prompts in runs)
+        flops = s.flops(n * length, n * length * (length + 1) // 2, n)
+        rate = flops / t
+        print(f"prefill {n:2d} x {length} tokens: {t * 1e3:.1f} ms end to end (median of {PREFILL_REPS}), "
+              f"{flops / 1e12:.1f} TFLOP -> {rate / 1e12:.0f} TFLOP/s = {rate / c.gemm_flops_per_s:.1%} "
+              f"of the GEMM rate [{c}]")
+        rows.append({"workload": f"prefill_{n}x{length}", "seconds": t, "flops": flops,
+                     "of_gemm_rate": rate / c.gemm_flops_per_s})
+    del llm
+    free_gpu()
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workload", choices=["W7", "W0.6", "all"], default="all")
+    ap.add_argument("--workload", choices=["W7", "W0.6", "all", "none"], default="all")
     ap.add_argument("--skip-hf", action="store_true", help="engine only")
+    ap.add_argument("--prefill", action="store_true", help="then prefill alone: 1x4096, 16x2048 tokens")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("engine_throughput.py needs a CUDA GPU")
-    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  "
-          f"transformers {transformers.__version__}")
-    names = ["W7", "W0.6"] if args.workload == "all" else [args.workload]
-    rows = [report(make_workload(n), args.skip_hf) for n in names]
+    c = card()  # before any model takes the card's memory
+    print(f"{c}  torch {torch.__version__}  transformers {transformers.__version__}")
+    names = {"all": ["W7", "W0.6"], "none": []}.get(args.workload, [args.workload])
+    rows = [report(make_workload(n), args.skip_hf, c) for n in names]
+    if args.prefill:
+        rows += prefill_report(c)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps({"card": dataclasses.asdict(c), "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
