@@ -1,10 +1,11 @@
-"""Micro-benchmarks of kernels/ on one CUDA GPU, against the rooflines of an H100 SXM.
+"""Micro-benchmarks of kernels/ on one CUDA GPU, against the rooflines of that card as measured here.
 
     python benchmarks/kernels_bench.py [--sections check,decode,prefill,mixed,store_kv,elementwise,sweep]
 
 Per model shape (Llama-2-7B, Qwen3-0.6B; bf16, block_size 16) it first checks the kernels against
 kernels.reference on real shapes (exit code 1 on a mismatch), then times each kernel with
-triton.testing.do_bench (median, L2 flushed) and prints GB/s and TFLOP/s against PEAK_BW and PEAK_FLOPS.
+triton.testing.do_bench (median, L2 flushed) and prints GB/s and TFLOP/s against the card's copy bandwidth
+and bf16 GEMM rate, measured at the start (benchmarks/card.py) and printed first.
 Baselines: torch SDPA on contiguous K/V (attention), the torch reference and torch.compile (element-wise
 ops; the faster of Triton and compile is printed as the kernels.dispatch.CUDA_BACKEND line to use). Writes
 $OUT/kernels_bench.csv when OUT is set. The default sections take about 2 minutes on an H100; `sweep` (not
@@ -25,13 +26,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
+from card import card
 from servebench.kernels import attention, ops, reference
 from servebench.kernels.attention import TileConfig
 from servebench.kernels.rotary import build_cos_sin_cache
 from triton.testing import do_bench
 
-PEAK_BW = 3.0e12  # bytes/s, HBM3
-PEAK_FLOPS = 769e12  # dense bf16 tensor-core FLOP/s
 DEVICE = "cuda"
 DTYPE = torch.bfloat16
 BLOCK_SIZE = 16
@@ -57,12 +57,13 @@ def bench(fn: Callable[[], object]) -> float:
 def record(section: str, kernel: str, model: str, impl: str, shape: str, ms: float, nbytes: float = 0.0,
            flops: float = 0.0, config: str = "") -> None:
     bw, fl = nbytes / ms * 1e3, flops / ms * 1e3
+    peak_bw, peak_flops = card().copy_bytes_per_s, card().gemm_flops_per_s
     ROWS.append(dict(section=section, kernel=kernel, model=model, impl=impl, shape=shape, config=config,
                      ms=round(ms, 5), gbps=round(bw / 1e9, 1), tflops=round(fl / 1e12, 2),
-                     pct_peak_bw=round(100 * bw / PEAK_BW, 1),
-                     pct_peak_flops=round(100 * fl / PEAK_FLOPS, 1)))
-    roof = f"{bw / 1e9:7.0f} GB/s ({100 * bw / PEAK_BW:5.1f}%)" if nbytes else ""
-    roof += f"  {fl / 1e12:6.1f} TFLOP/s ({100 * fl / PEAK_FLOPS:5.1f}%)" if flops else ""
+                     pct_peak_bw=round(100 * bw / peak_bw, 1),
+                     pct_peak_flops=round(100 * fl / peak_flops, 1)))
+    roof = f"{bw / 1e9:7.0f} GB/s ({100 * bw / peak_bw:5.1f}%)" if nbytes else ""
+    roof += f"  {fl / 1e12:6.1f} TFLOP/s ({100 * fl / peak_flops:5.1f}%)" if flops else ""
     print(f"  {kernel:15s} {model:10s} {impl:7s} {shape:22s} {config:16s} {ms * 1e3:9.1f} us  {roof}")
 
 
@@ -260,7 +261,7 @@ def main() -> None:
         sys.exit(f"--sections: unknown {unknown}; choose from {', '.join(SECTIONS)}")
     if not torch.cuda.is_available():
         sys.exit("kernels_bench.py needs a CUDA GPU")
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    print(f"{card()}, torch {torch.__version__}, triton {triton.__version__}")
     ok = True
     for model in MODELS:
         tokens = max(DECODE_BATCHES) * max(DECODE_CONTEXTS) if "decode" in sections else 512 * 1024
