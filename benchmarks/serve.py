@@ -3,11 +3,15 @@
     python -m servebench.engine.server --model DIR --dtype float16 --max-model-len 4096 --port 8000 &
     python benchmarks/serve.py --url http://127.0.0.1:8000 --workload sharegpt --num-requests 500 \
         --request-rate 4
+    python benchmarks/serve.py --num-requests 512 --max-concurrency 256 --disconnect-fraction 0.1  # saturated
 
 Starts nothing. Replays the workload (workbench/workloads.py presets) with streaming, prints the metrics block
 of `vllm bench serve` and writes a run folder (requests.parquet, empty steps.parquet, itl.npy, summary.json).
 Preemptions and prefix-cache hits are unknown at the client: they come from the server's /metrics counters,
 read before and after the run. Requests whose prompt + output exceed the server's max_model_len are dropped.
+With --disconnect-fraction, that share of the clients closes its stream after --disconnect-after tokens; the
+output throughput then also counts the tokens those clients received. After the run the server must go idle:
+/metrics is read until no request runs or waits and the KV usage is 0 (the leak check, printed last).
 """
 
 from __future__ import annotations
@@ -24,9 +28,13 @@ from servebench.workbench.runs import write_run
 from servebench.workbench.serve_client import (
     APIS,
     counter_deltas,
+    leak_check,
     load_tokenizer,
+    pick_disconnects,
+    received_throughput,
     run_serving_benchmark,
     server_counters,
+    wait_until_idle,
 )
 from servebench.workbench.workloads import DEFAULTS, load_workload
 
@@ -45,6 +53,9 @@ def parse_args() -> argparse.Namespace:
                    help="tokenizer dir, or 'approx' for the workloads' approximate tokenizer "
                    "(default: the served model's root dir when it exists here, else approx)")
     p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--disconnect-fraction", type=float, default=0.0,
+                   help="share of the clients that close their stream mid-way")
+    p.add_argument("--disconnect-after", type=int, default=4, help="tokens those clients read first")
     p.add_argument("--api-key", default=None)
     for key in ("ttft_ms", "tpot_ms", "e2el_ms"):
         p.add_argument(f"--slo-{key.replace('_', '-')}", type=float, default=None, help="goodput limit")
@@ -62,6 +73,8 @@ def print_summary(s: dict, requests: pd.DataFrame) -> None:
             ("Request throughput (req/s):", s["request_throughput"]),
             ("Output token throughput (tok/s):", s["output_throughput"]),
             ("Total Token throughput (tok/s):", s["total_token_throughput"])]
+    rows += [("Disconnected by the client:", s["num_disconnected"]),
+             ("Output tok/s incl. disconnected streams:", s["received_throughput"])]
     if s["goodput"] == s["goodput"]:
         rows.append(("Request goodput (req/s):", s["goodput"]))
     print(f"{' Serving Benchmark Result ':=^50}")
@@ -99,17 +112,23 @@ def main() -> None:
             workload = workload[fits].reset_index(drop=True)
         before = server_counters(http)
         model = args.model or card["id"]
+        disconnects = pick_disconnects(len(workload), args.disconnect_fraction, args.disconnect_after,
+                                       args.seed)
         requests, itl = run_serving_benchmark(args.url, workload, tokenizer, model, args.api,
-                                              max_concurrency=args.max_concurrency, api_key=args.api_key)
+                                              max_concurrency=args.max_concurrency, api_key=args.api_key,
+                                              disconnects=disconnects)
         after = server_counters(http)
+        idle = wait_until_idle(http)
     slo = {key: getattr(args, f"slo_{key}") for key in ("ttft_ms", "tpot_ms", "e2el_ms")}
     summary = summarize(requests, None, itl, slo)
-    summary.update(counter_deltas(before, after))
+    summary.update(counter_deltas(before, after), num_disconnected=len(disconnects),
+                   received_throughput=received_throughput(requests), server_after_load=idle[0])
     summary["config"] = {"backend": "server", **vars(args), "model": model, "api_key": None}
     print_summary(summary, requests)
     out = Path(args.output_dir or f"runs/serve/{args.workload}-{time.strftime('%Y%m%d-%H%M%S')}")
     steps = pd.DataFrame({c: pd.Series(dtype=float) for c in STEP_COLUMNS})  # only the server knows its steps
     print(f"run folder: {write_run(out, requests, steps, summary, itl)}")
+    print(leak_check(*idle))
 
 
 if __name__ == "__main__":
