@@ -9,8 +9,9 @@ set (engine_throughput's generator: prompts of U[--prompt-len] tokens, --output-
   offline  LLM.generate of all requests at t=0, with async scheduling off and on: one model load, a fresh
            prefix cache for each run, in a child process so that its GPU memory is free again afterwards;
   server   `python -m servebench.engine.server` on the same folder with the same engine flags (a subprocess),
-           loaded through workbench/serve_client.py with --max-concurrency streams; --disconnect-fraction of
-           the clients close their stream after --disconnect-after tokens. Offline, those requests ask for
+           loaded through workbench/serve_client.py with --max-concurrency streams from --client-processes
+           processes (one event loop alone would cap the rate it measures); --disconnect-fraction of the
+           clients close their stream after --disconnect-after tokens. Offline, those requests ask for
            that many tokens, so that both sides produce the same tokens for their clients.
 Prints each side's output tok/s (the server's counts the tokens its clients received, disconnected streams
 included, from the first request sent to the last token), server / offline in the server's scheduling mode,
@@ -33,8 +34,6 @@ from pathlib import Path
 
 import httpx
 import pandas as pd
-from engine_throughput import random_requests
-from servebench.engine.dummy import resolve_model
 from servebench.workbench.serve_client import (
     leak_check,
     pick_disconnects,
@@ -51,7 +50,9 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="llama2_7b", help="a conf/model shape name or a model folder")
     p.add_argument("--num-requests", type=int, default=512)
-    p.add_argument("--max-concurrency", type=int, default=256, help="client streams at a time")
+    p.add_argument("--max-concurrency", type=int, default=256, help="client streams at a time, all together")
+    p.add_argument("--client-processes", type=int, default=4,
+                   help="processes that share the streams (one Python event loop parses ~10k chunks/s)")
     p.add_argument("--prompt-len", type=int, nargs=2, default=[100, 1024], metavar=("MIN", "MAX"))
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--disconnect-fraction", type=float, default=0.1)
@@ -137,6 +138,32 @@ def request_table(prompts: list[list[int]], output_len: int) -> pd.DataFrame:
                          "output_tokens": output_len})
 
 
+def client_shard(url: str, model: str, table: pd.DataFrame, concurrency: int, disconnects: dict[int, int],
+                 start_at: float) -> pd.DataFrame:
+    """One client process's share of the load, begun at wall time `start_at`; its times count from then."""
+    time.sleep(max(0.0, start_at - time.time()))
+    late = time.time() - start_at  # a shard that started late shifts its times, so that all share one origin
+    requests, _ = run_serving_benchmark(url, table, None, model, max_concurrency=concurrency,
+                                        disconnects=disconnects)
+    return requests.assign(**{c: requests[c] + late for c in ("arrival_s", "first_token_s", "finish_s")})
+
+
+def drive_load(url: str, model: str, table: pd.DataFrame, args: argparse.Namespace,
+               disconnects: dict[int, int]) -> pd.DataFrame:
+    """The load from --client-processes processes, rows dealt round-robin, streams split evenly."""
+    k = args.client_processes
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(k, mp_context=spawn) as pool:
+        start_at = time.time() + 5.0  # the processes start and import meanwhile
+        futures = []
+        for j in range(k):
+            rows = range(j, len(table), k)
+            cuts = {pos: disconnects[row] for pos, row in enumerate(rows) if row in disconnects}
+            futures.append(pool.submit(client_shard, url, model, table.iloc[rows].reset_index(drop=True),
+                                       max(args.max_concurrency // k, 1), cuts, start_at))
+        return pd.concat([f.result() for f in futures], ignore_index=True)
+
+
 def run_server(model_dir: Path, flags: dict, warmup: pd.DataFrame, table: pd.DataFrame,
                args: argparse.Namespace, disconnects: dict[int, int], log: Path) -> dict:
     port = free_port()
@@ -149,8 +176,7 @@ def run_server(model_dir: Path, flags: dict, warmup: pd.DataFrame, table: pd.Dat
             model = wait_ready(http, server, log, args.server_start_timeout)
             run_serving_benchmark(url, warmup, None, model)
             before = server_counters(http)
-            requests, _ = run_serving_benchmark(url, table, None, model, max_concurrency=args.max_concurrency,
-                                                disconnects=disconnects)
+            requests = drive_load(url, model, table, args, disconnects)
             load, waited = wait_until_idle(http)
             generated = server_counters(http)["vllm:generation_tokens"] - before["vllm:generation_tokens"]
             health = http.get("/health").status_code
@@ -179,7 +205,8 @@ def report(args: argparse.Namespace, offline: dict, served: dict, max_tokens: li
     mode = "async" if args.async_scheduling else "sync"
     rate, disconnected = received_throughput(requests), int((requests["finish_reason"] == "abort").sum())
     duration = requests["finish_s"].max() - requests["arrival_s"].min()
-    print(f"server ({mode} scheduling, {args.max_concurrency} streams, {disconnected} clients disconnected "
+    print(f"server ({mode} scheduling, {args.max_concurrency} streams from {args.client_processes} "
+          f"processes, {disconnected} clients disconnected "
           f"after {args.disconnect_after} tokens): {int(requests['output_tokens'].sum()):,} tokens received "
           f"in {duration:.2f} s: {rate:,.0f} output tok/s; {check_tokens(requests, max_tokens)} requests "
           f"short of their tokens; the server generated {served['generated']:,.0f} tokens "
@@ -197,6 +224,10 @@ def report(args: argparse.Namespace, offline: dict, served: dict, max_tokens: li
 def main() -> None:
     args = parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Imported here, not above: the client processes re-import this module and need neither torch nor HF.
+    from engine_throughput import random_requests
+    from servebench.engine.dummy import resolve_model
+
     flags = engine_flags(args)
     with tempfile.TemporaryDirectory() as tmp:
         _, model_dir = resolve_model(args.model, Path(tmp))
