@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Issue 5 in one device call (~10-11 min on an H100): H100 whole-step profiles of Llama-2-7B (then the fidelity
-# engine runs, then Qwen3-0.6B; Llama-3-8B with --llama3 if the budget allows), written where the repo reads them
-# (data/profiles/h100_80g/, reports/fidelity/) and archived in $OUT/issue5.tar.gz after each part. A failed or timed-out
+# The simulator's step-time profiles and the fidelity engine runs in one device call (~10-11 min on an H100):
+# H100 whole-step profiles of Llama-2-7B (then the fidelity engine runs, then Qwen3-0.6B; Llama-3-8B with
+# --llama3 if the budget allows), written where the repo reads them
+# (data/profiles/h100_80g/, reports/fidelity/) and archived in $OUT/profiles_fidelity.tar.gz after each part. A failed or timed-out
 # part does not stop the next one.
-# Usage on the device: OUT=/some/dir bash benchmarks/gpu_issue5.sh [all|part1|part2|profiles] [--llama3]
+# Usage on the device: OUT=/some/dir bash benchmarks/gpu_profiles_fidelity.sh [all|part1|part2|profiles] [--llama3]
 # (profiles: re-profile Llama-2-7B and Qwen3-0.6B only, under 5 min)
 # Then on a CPU machine: python benchmarks/fidelity.py compare   (writes reports/fidelity.{json,md})
 set -u
@@ -18,7 +19,7 @@ export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
   date -u; } 2>&1 | tee "$OUT/env.txt"
 
 # One archive: the device tool brings back at most 8 files, 2 folders deep.
-save() { tar czf "$OUT/issue5.tar.gz" $(ls -d data/profiles/h100_80g reports/fidelity 2>/dev/null); }
+save() { tar czf "$OUT/profiles_fidelity.tar.gz" $(ls -d data/profiles/h100_80g reports/fidelity 2>/dev/null); }
 
 profile() {  # model, time limit (s)
   log "profile $1: start"

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Issue 7 in one device call (~6 min on an H100): the engine-scale companions of the tuning claims, each a Hydra
+# In one device call (~6 min on an H100): the engine-scale companions of the tuning claims, each a Hydra
 # multirun of the same runs on the simulator and on the engine (backend: sim,engine), in order of cost; the sweep
-# folders (outputs/<name>/<time>/) go into $OUT/issue7.tar.gz after each experiment. A failed or timed-out
+# folders (outputs/<name>/<time>/) go into $OUT/tuning_claims.tar.gz after each experiment. A failed or timed-out
 # experiment does not stop the next one; every experiment gets at most what is left of BUDGET_S.
-# Usage on the device (carry .whl):   OUT=/some/dir bash benchmarks/gpu_issue7.sh [NAME...]
+# Usage on the device (carry .whl):   OUT=/some/dir bash benchmarks/gpu_tuning_claims.sh [NAME...]
 #   BUDGET_S (default 450): seconds for all experiments together; NAME: a subset of the experiments below.
 # Engine time estimates (comments in each conf/experiment/<name>.yaml; ~25 s of engine start per engine run):
 #   tune_memory_saving_engine ~50 s (2 engine runs), tune_prefix_caching_engine ~65 s (2),
@@ -11,10 +11,10 @@
 # Measured on an H100 (wall time, simulated runs included; the engine keeps its compiled kernels across the runs
 # of one experiment, so an engine run costs ~20-30 s with its start): tune_prefix_caching_engine 43 s,
 # tune_kv_preemption_engine 80 s, tune_prefix_chunked_ttft_engine 70 s, tune_memory_saving_engine 59 s,
-# tune_batch_knobs_engine 95 s: 5.3 min for all five (benchmarks/results/h100_issue7_progress.log).
+# tune_batch_knobs_engine 95 s: 5.3 min for all five (benchmarks/results/h100_tuning_claims_progress.log).
 #
 # Then, on a CPU machine, in the repo root:
-#   tar xzf issue7.tar.gz                                     # -> outputs/<name>/<time>/ (run folders)
+#   tar xzf tuning_claims.tar.gz                                     # -> outputs/<name>/<time>/ (run folders)
 #   for d in outputs/*_engine; do n=$(basename "$d"); rm -rf "reports/$n/sweep"; mkdir -p "reports/$n"
 #     mv "$(ls -d "$d"/*/ | tail -1)" "reports/$n/sweep"; .venv/bin/workbench-report "reports/$n/sweep"; done
 # workbench-report rebuilds each sweep's sweep_report.md and, from the runs' `study` block, the side-by-side study
@@ -33,7 +33,7 @@ export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
   date -u; } 2>&1 | tee "$OUT/env.txt"
 
 # One archive: the device tool brings back at most 8 files, 2 folders deep.
-save() { tar czf "$OUT/issue7.tar.gz" $(ls -d outputs/*_engine 2>/dev/null); }
+save() { tar czf "$OUT/tuning_claims.tar.gz" $(ls -d outputs/*_engine 2>/dev/null); }
 
 experiment() {  # name, its own time limit (s)
   local left=$((BUDGET_S - SECONDS)) limit=$2
