@@ -265,7 +265,8 @@ def engine_runs(llm: LLM, w: Workload, c: Card, row: dict) -> None:
         elapsed = run_engine(llm, w)
         stats = llm.engine.stats
         print(f"engine ({mode} scheduling): {_rates(w, elapsed)}  ({stats.num_preemptions} preemptions, "
-              f"{stats.num_gpu_blocks} KV blocks); {row['bound_s'] / elapsed:.1%} of the roofline bound "
+              f"{stats.num_gpu_blocks} KV blocks, {stats.prefix_cache_hits} prefix-cache hits); "
+              f"{row['bound_s'] / elapsed:.1%} of the roofline bound "
               f"{row['bound_s']:.2f} s (memory {row['memory_s']:.2f} s, compute {row['compute_s']:.2f} s) "
               f"[{c}]")
         row.update({f"engine_{mode}_s": elapsed, f"engine_{mode}_output_tok_s": w.output_tokens / elapsed,
