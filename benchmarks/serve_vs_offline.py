@@ -10,7 +10,7 @@ set (engine_throughput's generator: prompts of U[--prompt-len] tokens, --output-
            prefix cache for each run, in a child process so that its GPU memory is free again afterwards;
   server   `python -m servebench.engine.server` on the same folder with the same engine flags (a subprocess),
            loaded through workbench/serve_client.py with --max-concurrency streams from --client-processes
-           processes (one event loop alone would cap the rate it measures); --disconnect-fraction of the
+           processes (one event loop alone could cap the rate it measures); --disconnect-fraction of the
            clients close their stream after --disconnect-after tokens. Offline, those requests ask for
            that many tokens, so that both sides produce the same tokens for their clients.
 Prints each side's output tok/s (the server's counts the tokens its clients received, disconnected streams
@@ -52,7 +52,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--num-requests", type=int, default=512)
     p.add_argument("--max-concurrency", type=int, default=256, help="client streams at a time, all together")
     p.add_argument("--client-processes", type=int, default=4,
-                   help="processes that share the streams (one Python event loop parses ~10k chunks/s)")
+                   help="processes that share the streams (one event loop may lag the server's chunks)")
     p.add_argument("--prompt-len", type=int, nargs=2, default=[100, 1024], metavar=("MIN", "MAX"))
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--disconnect-fraction", type=float, default=0.1)
