@@ -140,7 +140,8 @@ async def _send(client: httpx.AsyncClient, url: str, body: dict, r: RequestResul
                     r.finish_reason = chunk["choices"][0].get("finish_reason") or r.finish_reason
                 if usage := chunk.get("usage"):
                     _read_usage(r, usage)
-                if r.disconnect_after is not None and r.output_tokens >= r.disconnect_after:
+                if r.disconnect_after is not None and r.output_tokens >= r.disconnect_after \
+                        and r.finish_reason is None:  # a stream already finished is not cut
                     r.finish_reason = "abort"  # leaving the block closes the connection mid-stream
                     break
         r.finish_s = last
