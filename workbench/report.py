@@ -20,7 +20,7 @@ import pandas as pd
 import yaml
 from matplotlib.figure import Figure
 from servebench.workbench.metrics import latencies
-from servebench.workbench.runs import SUMMARY, atomic_path, load_run, load_sweep
+from servebench.workbench.runs import SUMMARY, Run, atomic_path, load_run, load_sweep
 
 MAX_POINTS = 1000
 SWEEP_METRICS = ("request_throughput", "output_throughput", "goodput", "mean_ttft_ms", "p99_ttft_ms",
@@ -30,9 +30,10 @@ SWEEP_METRICS = ("request_throughput", "output_throughput", "goodput", "mean_ttf
 Section = tuple[str, str, Any]
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Write report.md, report.html, latency_cdf.png and timeline.png into run_dir; return report.md."""
-    run = load_run(run_dir)
+def write_report(run: str | Path | Run) -> Path:
+    """Write report.md, report.html, latency_cdf.png and timeline.png into the run's folder; return report.md.
+    `run`: a complete run folder, or a Run in memory (a run writes its report before its summary.json)."""
+    run = run if isinstance(run, Run) else load_run(run)
     sections: list[Section] = [
         ("Metrics", "table", (["metric", "value"], [[k, fmt(v)] for k, v in run.summary.items()])),
         ("Latency CDFs", "image", ("latency_cdf.png", png(_latency_cdf(latencies(run.requests))))),
