@@ -19,10 +19,12 @@ LABELLED = ("model", "hardware")  # groups whose `name` only labels the preset's
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _main(cfg: DictConfig) -> float | None:
+    from servebench.workbench.runs import clear_run
     from servebench.workbench.terminal import result_block
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    clear_run(run_dir)  # before anything can fail: an earlier run's results must not pass for this run's
     try:
         config = OmegaConf.to_container(cfg, resolve=True)
         check_preset_names(config, dict(hydra_cfg.runtime.choices))

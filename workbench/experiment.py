@@ -80,11 +80,11 @@ def run_experiment(cfg: dict[str, Any], run_dir: Path, engine: Any = None) -> di
     from servebench.workbench.runs import Run, clear_run, write_summary, write_tables
     from servebench.workbench.vllm_compat import write_vllm_result
 
+    clear_run(run_dir)  # an earlier run's results in this folder must not sit beside this run's config
     cfg = validate(cfg)
     backend = cfg["backend"]["name"]
     if backend != "sim":
         _check_sim_only(cfg, backend)
-    clear_run(run_dir)  # an earlier run's results in this folder must not sit beside this run's config
     wall0 = time.perf_counter()
     if backend == "sim":
         requests, steps, itl_s, info = simulate(cfg)

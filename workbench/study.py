@@ -1,7 +1,8 @@
 """Case studies: a sweep's runs set against a guide's claims, in a report with verdicts and plots.
 
 An experiment (`conf/experiment/*.yaml`) carries a `study` block: `name`, `title`, `command` (what
-regenerates the report), `report_dir`, `notes` (Markdown), `x` (the parameter plots run along) and `claims`,
+regenerates the report), `report_dir` (unset: the sweep folder; the committed reports pass
+`study.report_dir=reports/NAME`), `notes` (Markdown), `x` (the parameter plots run along) and `claims`,
 each a dict with `claim` (the guide's words), `kind`, `metric` (a summary.json key) and, by kind:
 - value: the runs matching `where` against the guide's number `guide`; `better` lower | higher | close,
   within `tolerance` (a fraction of the guide's number, default 0.2);

@@ -50,14 +50,14 @@ def result_block(summary: dict[str, Any], run_dir: Path) -> str:
 
 
 def not_served_line(summary: dict[str, Any]) -> str:
-    """Every request that did not finish as asked, by reason, in one line."""
-    parts = [f"{summary.get('num_rejected', 0)} rejected (prompt over max_model_len="
-             f"{summary.get('max_model_len', '?')}, or empty)",
-             f"{summary.get('num_shed', 0)} shed (admission control)",
-             f"{summary.get('num_aborted', 0)} aborted"]
-    if "num_truncated" in summary:
-        parts.append(f"{summary['num_truncated']} finished early (prompt + output reached max_model_len)")
-    return f"not served as asked: {', '.join(parts)}, of {summary.get('num_requests', 0)} requests"
+    """Every request that did not finish as asked, by reason, in one line (the reasons that occurred)."""
+    reasons = (("num_rejected", f"rejected (prompt over max_model_len={summary.get('max_model_len', '?')} "
+                                "or empty)"),
+               ("num_shed", "shed (admission control)"), ("num_aborted", "aborted"),
+               ("num_truncated", "cut short (prompt + output reached max_model_len)"))
+    parts = [f"{summary[key]:,} {why}" for key, why in reasons if summary.get(key)]
+    return (f"not served as asked: {', '.join(parts) or 'none'} "
+            f"(of {summary.get('num_requests', 0):,} requests; {summary.get('num_finished', 0):,} finished)")
 
 
 def overload_line(summary: dict[str, Any]) -> str | None:
