@@ -60,5 +60,13 @@ def objective(summary: dict[str, Any], search: DictConfig | None) -> float:
     return float(summary[search.metric]) if ok else 0.0
 
 
+def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The resolved config that `workbench OVERRIDES...` would run, as a plain dict (notebooks, tests)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return OmegaConf.to_container(compose("config", overrides=list(overrides)), resolve=True)
+
+
 def main() -> None:
     _main()
