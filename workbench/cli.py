@@ -31,7 +31,8 @@ def _main(cfg: DictConfig) -> float | None:
         summary = run_experiment(config, run_dir)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         (run_dir / "error.txt").write_text(f"{e}\n")
-        sys.exit(f"workbench: error: {e}")
+        print(f"workbench: error: {e}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         sys.stderr.write(f"\nworkbench: interrupted: {run_dir} is incomplete (no summary.json)\n")
         sys.exit(130)
