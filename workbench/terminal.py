@@ -64,7 +64,7 @@ def overload_line(summary: dict[str, Any]) -> str | None:
     if not summary.get("overloaded"):
         return None
     return (f"OVERLOADED: requests arrived at {summary['arrival_rate']:.2f}/s and were served at "
-            f"{summary['request_throughput']:.2f}/s; {summary['queue_at_last_arrival']} were still waiting "
+            f"{summary['request_throughput']:.2f}/s; {summary['queue_at_last_arrival']:,} were still waiting "
             "when the last one arrived, so latencies grow with the run's length (lower the request rate "
             "or add capacity)")
 
