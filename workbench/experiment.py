@@ -98,6 +98,8 @@ def run_experiment(cfg: dict[str, Any], run_dir: Path, engine: Any = None) -> di
         requests, steps, itl_s, info = replay_on_server(cfg)
     summary = summarize(requests, steps, itl_s, cfg.get("slo"), info.pop("duration_s", None))
     summary.update(info)
+    summary.setdefault("max_model_len", (cfg.get("scheduler") or {}).get("max_model_len")
+                       or (cfg.get("model") or {}).get("max_model_len"))
     summary["num_gpus"] = num_gpus(cfg)
     summary["goodput_per_gpu"] = summary["goodput"] / summary["num_gpus"]
     summary["wall_s"] = round(time.perf_counter() - wall0, 3)
