@@ -33,7 +33,15 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from servebench.workbench.metrics import summarize
-from servebench.workbench.report import Section, config_section, fmt, png, runs_section, write_document
+from servebench.workbench.report import (
+    Section,
+    config_section,
+    fmt,
+    png,
+    run_title,
+    runs_section,
+    write_document,
+)
 from servebench.workbench.runs import load_run, load_sweep
 
 KINDS = ("value", "capacity", "change", "trend", "search")
@@ -84,6 +92,8 @@ def write_study_report(sweep_dir: str | Path, study: dict[str, Any] | None = Non
 def evaluate(df: pd.DataFrame, study: dict[str, Any], sweep_dir: Path) -> tuple[list[Verdict], list[Figure]]:
     """One list of verdict rows for all claims, and one figure per claim."""
     verdicts, figures = [], []
+    # what the runs share, so that each claim's figure says what was run when shown alone
+    title = run_title(df.attrs.get("config", {}), varied=tuple(df.attrs.get("swept", ())))
     for i, claim in enumerate(study.get("claims") or []):
         kind = claim.get("kind")
         if kind not in KINDS:
@@ -92,6 +102,7 @@ def evaluate(df: pd.DataFrame, study: dict[str, Any], sweep_dir: Path) -> tuple[
             if key not in claim:
                 raise ValueError(f"study.claims[{i}].{key} is required for a {kind} claim")
         rows, fig = _EVALUATORS[kind](claim, df, study.get("x"), sweep_dir)
+        fig.suptitle(title, fontsize=8)
         verdicts += rows
         figures.append(fig)
     return verdicts, figures
