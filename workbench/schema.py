@@ -4,7 +4,9 @@ error naming the key, and `true`/`no`/`1` arrive as real booleans.
 Groups built into an engine or simulator object are checked against that object's own dataclass (one
 definition of each knob); the harness's own groups (backend, workload, slo) are defined here. Only the
 keys present are checked and kept: a missing key keeps the default of the code that reads it. Values
-(a policy name, a router) are checked where they are used, by the dataclass's `__post_init__`.
+(a policy name, a router) are checked where they are used, by the dataclass's `__post_init__`. Top-level
+keys other than TopLevel's (a script's label, an experiment's lookup table) pass through: on the command
+line Hydra already refuses a key the config does not have.
 """
 
 from __future__ import annotations
@@ -41,15 +43,14 @@ class CacheGroup(CacheConfig):
 
 
 @dataclass
-class SimBackend:
+class Backend:
+    """Every backend's keys: an experiment that sweeps `backend: sim,engine` sets engine keys the
+    simulator ignores."""
     name: str = "sim"
+    # sim
     step_time: str = "auto"
     profile_root: Optional[str] = None
-
-
-@dataclass
-class EngineBackend:
-    name: str = "engine"
+    # engine
     model_path: Optional[str] = None
     dtype: str = "auto"
     enforce_eager: bool = False
@@ -57,11 +58,7 @@ class EngineBackend:
     device: str = "auto"
     seed: int = 0
     warmup: bool = True
-
-
-@dataclass
-class ServerBackend:
-    name: str = "server"
+    # server
     url: str = "http://127.0.0.1:8000"
     model: Optional[str] = None
     api: str = "completions"
@@ -109,7 +106,7 @@ class SyntheticWorkload(ShareGPTWorkload):
 WORKLOADS: dict[str, type] = {
     "sharegpt": ShareGPTWorkload, "mt_bench": MTBenchWorkload, "synthetic": SyntheticWorkload,
 }
-BACKENDS: dict[str, type] = {"sim": SimBackend, "engine": EngineBackend, "server": ServerBackend}
+BACKENDS = ("sim", "engine", "server")
 GROUPS: dict[str, type] = {
     "model": ModelSpec, "hardware": HardwareSpec, "parallel": ParallelSpec, "scheduler": SchedulerGroup,
     "cache": CacheGroup, "slo": Slo, "deployment": Deployment, "quantization": Quantization, "lora": LoRA,
@@ -133,7 +130,7 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
             out[group] = _check(group, _schema_by_name(group, values), values)
         elif group in GROUPS and values is not None:
             out[group] = _check(group, GROUPS[group], values)
-        elif group not in GROUPS and not isinstance(values, dict):  # a mapping: an experiment's own table
+        elif group in TopLevel.__dataclass_fields__:  # other top-level keys: a script's or experiment's own
             out |= _check("", TopLevel, {group: values})
     return out
 
@@ -145,7 +142,7 @@ def _schema_by_name(group: str, values: Any) -> type:
     if group == "backend":
         if name not in BACKENDS:
             raise ConfigError(f"backend.name={name!r}: choose one of {', '.join(BACKENDS)}")
-        return BACKENDS[name]
+        return Backend
     return WORKLOADS.get(name, TraceWorkload)
 
 
