@@ -70,4 +70,8 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any
 
 
 def main() -> None:
-    _main()
+    try:
+        _main()
+    except KeyboardInterrupt:  # outside a job (Hydra composing, a sweep between jobs)
+        sys.stderr.write("\nworkbench: interrupted\n")
+        sys.exit(130)

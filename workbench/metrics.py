@@ -83,7 +83,9 @@ def load(requests: pd.DataFrame) -> dict[str, Any]:
         return {"arrival_rate": math.nan, "queue_at_last_arrival": 0, "overloaded": False}
     t0, t1 = arrival.min(), arrival.max()
     queued = ~requests["finish_reason"].astype(str).isin(DROPPED).to_numpy()
-    started = _f(requests["first_scheduled_s"]).fillna(math.inf).to_numpy()
+    # a server's client sees no scheduling: there the first token marks the end of the wait
+    started = _f(requests["first_scheduled_s"]).fillna(_f(requests["first_token_s"]))
+    started = started.fillna(math.inf).to_numpy()
 
     def waiting_at(t: float) -> int:
         return int((queued & (arrival <= t) & (started > t)).sum())
