@@ -12,7 +12,7 @@ line Hydra already refuses a key the config does not have.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -23,35 +23,32 @@ from servebench.sim.multimodal import Multimodal
 from servebench.sim.quantization import Quantization
 from servebench.sim.specs import HardwareSpec, ModelSpec, ParallelSpec
 
-# OmegaConf reads the annotations at runtime: Optional[...] rather than `X | None` in this module.
-# ruff: noqa: UP007, UP045
-
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key."""
 
 
-@dataclass
+@dataclass(slots=True)
 class SchedulerGroup(SchedulerConfig):
-    max_num_batched_tokens: Optional[int] = None  # null: vLLM's default for the chunking mode
-    max_model_len: Optional[int] = None  # null: the model's context length
+    max_num_batched_tokens: int | None = None  # null: vLLM's default for the chunking mode
+    max_model_len: int | None = None  # null: the model's context length
 
 
-@dataclass
+@dataclass(slots=True)
 class CacheGroup(CacheConfig):
     kv_cache_dtype: str = "auto"  # read by the simulator only (bytes per block)
 
 
-@dataclass
+@dataclass(slots=True)
 class Backend:
     """Every backend's keys: an experiment that sweeps `backend: sim,engine` sets engine keys the
     simulator ignores."""
     name: str = "sim"
     # sim
     step_time: str = "auto"
-    profile_root: Optional[str] = None
+    profile_root: str | None = None
     # engine
-    model_path: Optional[str] = None
+    model_path: str | None = None
     dtype: str = "auto"
     enforce_eager: bool = False
     async_scheduling: bool = False
@@ -60,45 +57,45 @@ class Backend:
     warmup: bool = True
     # server
     url: str = "http://127.0.0.1:8000"
-    model: Optional[str] = None
+    model: str | None = None
     api: str = "completions"
-    max_concurrency: Optional[int] = None
-    api_key: Optional[str] = None
+    max_concurrency: int | None = None
+    api_key: str | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Slo:
-    ttft_ms: Optional[float] = None
-    tpot_ms: Optional[float] = None
-    e2el_ms: Optional[float] = None
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+    e2el_ms: float | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class TraceWorkload:
     """Keys every workload has; traces (azure_*, splitwise, mooncake) have only these."""
     name: str = ""
-    path: Optional[str] = None
-    num_requests: Optional[int] = None
-    duration_s: Optional[float] = None
+    path: str | None = None
+    num_requests: int | None = None
+    duration_s: float | None = None
     time_scale: float = 1.0
-    request_rate: Optional[float] = None
+    request_rate: float | None = None
     seed: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class ShareGPTWorkload(TraceWorkload):
     output_len: Any = None  # an int or {dist: ..., ...}: checked by the loader
     cv: float = 1.0
 
 
-@dataclass
+@dataclass(slots=True)
 class MTBenchWorkload(TraceWorkload):
-    answers_path: Optional[str] = None
+    answers_path: str | None = None
     answer_len: int = 256
     cv: float = 1.0
 
 
-@dataclass
+@dataclass(slots=True)
 class SyntheticWorkload(ShareGPTWorkload):
     input_len: Any = None
 
@@ -114,7 +111,7 @@ GROUPS: dict[str, type] = {
 }
 
 
-@dataclass
+@dataclass(slots=True)
 class TopLevel:
     report: bool = True
     progress: bool = True
@@ -126,54 +123,51 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     """`cfg` with every group's present keys checked and converted to their types; ConfigError otherwise."""
     out = dict(cfg)
     for group, values in cfg.items():
-        if group in ("backend", "workload"):
-            out[group] = _check(group, _schema_by_name(group, values), values)
-        elif group in GROUPS and values is not None:
-            out[group] = _check(group, GROUPS[group], values)
-        elif group in TopLevel.__dataclass_fields__:  # other top-level keys: a script's or experiment's own
+        if group in TopLevel.__dataclass_fields__:  # other top-level keys: a script's or experiment's own
             out |= _check("", TopLevel, {group: values})
+        elif (group in GROUPS or group in ("backend", "workload")) and values is not None:
+            if not isinstance(values, dict):
+                raise ConfigError(f"{group}: expected a mapping of keys, got {values!r:.60}")
+            out[group] = _check(group, _schema(group, values), values)
     return out
 
 
-def _schema_by_name(group: str, values: Any) -> type:
-    if not isinstance(values, dict):
-        raise ConfigError(f"{group}: expected a mapping of keys, got {values!r:.60}")
+def _schema(group: str, values: dict[str, Any]) -> type:
     name = values.get("name")
+    if group == "backend" and name not in BACKENDS:
+        raise ConfigError(f"backend.name={name!r}: choose one of {', '.join(BACKENDS)}")
     if group == "backend":
-        if name not in BACKENDS:
-            raise ConfigError(f"backend.name={name!r}: choose one of {', '.join(BACKENDS)}")
         return Backend
-    return WORKLOADS.get(name, TraceWorkload)
+    return WORKLOADS.get(name, TraceWorkload) if group == "workload" else GROUPS[group]
 
 
-def _check(group: str, schema: type, values: Any) -> Any:
-    prefix = f"{group}." if group else ""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{group}: expected a mapping of keys, got {values!r:.60}")
+def _check(group: str, schema: type, values: dict[str, Any]) -> dict[str, Any]:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), values)
     except OmegaConfBaseException as e:
-        raise ConfigError(_one_line(prefix, schema, values, e)) from None
+        raise ConfigError(_one_line(f"{group}." if group else "", schema, values, e)) from None
     typed = OmegaConf.to_container(merged, resolve=True)
     return {k: typed[k] for k in values}
 
 
 def _one_line(prefix: str, schema: type, values: dict[str, Any], e: OmegaConfBaseException) -> str:
+    known = list(schema.__dataclass_fields__)
+    unknown = [k for k in values if k not in known]
+    if unknown:
+        return f"{prefix}{unknown[0]} is not a known key (known: {', '.join(known)})"
     key = str(getattr(e, "full_key", "") or "")
     top = key.split(".")[0]
-    known = list(schema.__dataclass_fields__)
-    if top not in values or top not in known:
-        unknown = top if top in values else sorted(set(values) - set(known))[0]
-        return f"{prefix}{unknown} is not a known key (known: {', '.join(known)})"
-    hint = _type_name(schema.__dataclass_fields__[top].type)
-    value = values[top]
-    return f"{prefix}{key}={value!r}: expected {hint}"
+    if top not in values:  # no key to name: OmegaConf's own words, on one line
+        return f"{prefix.rstrip('.') or 'config'}: {' '.join(str(e).split())}"
+    return f"{prefix}{key}={values[top]!r}: expected {_type_name(schema.__dataclass_fields__[top].type)}"
+
+
+TYPE_NAMES = (("bool", "a boolean (true or false)"), ("int", "an integer"), ("float", "a number"),
+              ("str", "a string"), ("dict", "a mapping"), ("list", "a list"))
 
 
 def _type_name(annotation: Any) -> str:
-    text = str(annotation)
-    for name, words in (("bool", "a boolean (true or false)"), ("int", "an integer"),
-                        ("float", "a number"), ("str", "a string")):
-        if name in text:
-            return words + (" or null" if "Optional" in text or "None" in text else "")
-    return text
+    """`int | None` -> 'an integer or null'."""
+    base, *rest = str(annotation).split(" | ")
+    words = next((w for name, w in TYPE_NAMES if base.startswith(name)), base)
+    return words + (" or null" if "None" in rest else "")
