@@ -205,6 +205,13 @@ def test_malformed_files_fail_naming_file_line_and_field(tmp_path, name, text, m
     assert str(path) in str(info.value)
 
 
+def test_a_binary_file_is_named(tmp_path):
+    path = tmp_path / "trace.jsonl"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(ValueError, match=f"{path}: byte 0: not UTF-8 text"):
+        load_workload({"name": "mooncake", "path": str(path)})
+
+
 def test_a_trailing_blank_line_is_no_error(tmp_path):
     path = tmp_path / "trace.jsonl"
     path.write_text('{"timestamp": 0, "input_length": 10, "output_length": 5, "hash_ids": [0]}\n\n')

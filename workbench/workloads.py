@@ -261,7 +261,7 @@ def _load_sharegpt(s: dict, tokenizer: Tokenizer) -> pd.DataFrame:
     """ShareGPT first human turns. The file records no answers, so output lengths come from `output_len`."""
     path = _existing(s["path"], "path")
     try:
-        entries = json.loads(path.read_text())
+        entries = json.loads(_text(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON ({e})") from None
     if not isinstance(entries, list) or not entries:
@@ -444,7 +444,7 @@ def _read_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
     try:
         df = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a readable CSV ({e})") from None
+        raise ValueError(f"{path}: not a readable CSV ({' '.join(str(e).split())})") from None
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
@@ -454,22 +454,28 @@ def _read_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
 def _read_jsonl(path: Path, fields: tuple[str, ...]) -> tuple[list[int], list[dict]]:
     """The records of a JSON-lines file (blank lines skipped) and the line number of each."""
     lines, records = [], []
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {lineno}: invalid JSON ({e.msg})") from None
-            missing = [k for k in fields if not isinstance(rec, dict) or k not in rec]
-            if missing:
-                raise ValueError(f"{path}: line {lineno}: missing field(s) {missing}")
-            lines.append(lineno)
-            records.append(rec)
+    for lineno, line in enumerate(_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {lineno}: invalid JSON ({e.msg})") from None
+        missing = [k for k in fields if not isinstance(rec, dict) or k not in rec]
+        if missing:
+            raise ValueError(f"{path}: line {lineno}: missing field(s) {missing}")
+        lines.append(lineno)
+        records.append(rec)
     if not records:
         raise ValueError(f"{path}: no records: expected one JSON object a line with {', '.join(fields)}")
     return lines, records
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: byte {e.start}: not UTF-8 text (expected JSON)") from None
 
 
 def _csv_lines(raw: pd.DataFrame) -> np.ndarray:
