@@ -52,7 +52,8 @@ def tiny_sweep(tmp_path_factory) -> tuple[Path, Path]:
 def test_study_report_has_verdicts_plots_and_the_regenerating_command(tiny_sweep):
     sweep, report = tiny_sweep
     text = (report / "report.md").read_text()
-    assert "`workbench +experiment=tune_kv_preemption`" in text.split("## Setup")[0]
+    assert ("`workbench +experiment=tune_kv_preemption study.report_dir=reports/tune_kv_preemption`"
+            in text.split("## Setup")[0])
     assert "## Guide vs simulated" in text and "| less KV cache, more preemptions |" in text
     rows = json.loads((report / "claims.json").read_text())
     assert {r["claim"] for r in rows} == {"less KV cache, more preemptions", "less KV cache, less throughput"}
@@ -101,3 +102,13 @@ def test_case_studies_notebook_executes(tiny_sweep):
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "tune_kv_preemption" in outputs
     assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+def test_an_experiment_writes_its_report_into_its_sweep_folder_unless_asked(tmp_path):
+    committed = REPO / "reports/tune_kv_preemption/report.md"
+    before = committed.stat().st_mtime_ns
+    res = workbench("+experiment=tune_kv_preemption", "workload.num_requests=20",
+                    "cache.gpu_memory_utilization=0.9", "scheduler.preemption_mode=recompute",
+                    f"hydra.sweep.dir={tmp_path}")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "report.md").is_file() and committed.stat().st_mtime_ns == before

@@ -231,3 +231,52 @@ def test_quickstart_notebook_executes(tmp_path, given_run):
     printed = nb.cells[1].outputs[0]["text"].strip()
     assert (printed == str(tmp_path / "run")) == given_run
     assert "p99_ttft_ms" in nb.cells[3].outputs[0]["data"]["text/plain"]  # the metrics table
+
+
+def test_load_says_whether_the_queue_kept_growing():
+    n = 200  # one arrival a second; the deployment starts one request every 2 s: half are left waiting
+    arrival = np.arange(n, dtype=float)
+    requests = pd.DataFrame({
+        "request_id": [str(i) for i in range(n)], "arrival_s": arrival, "first_scheduled_s": 2 * arrival,
+        "first_token_s": 2 * arrival + 0.1, "finish_s": 2 * arrival + 1, "prompt_tokens": 10,
+        "output_tokens": 2, "cached_tokens": 0, "num_preemptions": 0, "finish_reason": "length",
+    })
+    s = summarize(requests)
+    assert s["overloaded"] and s["arrival_rate"] == pytest.approx(1.0)
+    assert s["queue_at_last_arrival"] == 100 and s["request_throughput"] == pytest.approx(0.5, rel=0.01)
+    keeping_up = summarize(requests.assign(first_scheduled_s=arrival, first_token_s=arrival + 0.1,
+                                           finish_s=arrival + 1))
+    assert not keeping_up["overloaded"] and keeping_up["queue_at_last_arrival"] == 0
+
+
+def test_vllm_result_has_vllm_bench_serve_names():
+    from servebench.workbench.vllm_compat import vllm_result
+
+    requests, steps = hand_tables()
+    summary = summarize(requests, steps, itl_s=[0.1, 0.3], slo={"ttft_ms": 500})
+    out = vllm_result(summary | {"config": {"model": {"name": "m"}}}, requests, [0.1, 0.3])
+    assert out["completed"] == 2 and out["failed"] == 2 and out["duration"] == 4.0
+    assert out["total_input_tokens"] == 300 and out["total_output_tokens"] == 12
+    assert out["request_goodput"] == 0.25 and out["model_id"] == "m"
+    assert out["std_itl_ms"] == pytest.approx(100.0) and out["p99_ttft_ms"] == pytest.approx(992.0)
+    assert out["max_concurrent_requests"] == 2  # a (0-1.2 s) and b (1-2 s)
+    assert out["errors"] == ["", "", "finish_reason=rejected", "finish_reason=abort"]
+
+
+@pytest.mark.parametrize(("ms", "unit"), [(950.0, "ms"), (9_999.0, "ms"), (52_000.0, "s"),
+                                         (3_314_647.9, "min")])
+def test_latency_units_fit_the_values(ms, unit):
+    from servebench.workbench.report import time_unit
+
+    assert time_unit(ms)[1] == unit
+
+
+def test_figure_titles_name_what_was_run():
+    from servebench.workbench.report import run_title
+
+    config = {"model": {"name": "llama2_70b"}, "hardware": {"name": "a100_80g"},
+              "parallel": {"tensor_parallel_size": 4}, "workload": {"name": "azure_conv", "request_rate": 8},
+              "backend": {"name": "sim"}}
+    title = run_title(config, {"num_requests": 4000, "step_time_model": "vidur"})
+    assert title == "llama2_70b on 4 x a100_80g (TP 4); azure_conv (4,000 requests, 8 req/s); sim (vidur)"
+    assert "varied req/s" in run_title(config, varied=("workload.request_rate",))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -23,9 +25,19 @@ def workbench(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
 def test_default_experiment_writes_a_complete_run_with_report(tmp_path):
     res = workbench(tmp_path)
     assert res.returncode == 0, res.stderr
-    for name in ("requests.parquet", "steps.parquet", "summary.json", "report.md", "report.html"):
+    for name in ("requests.parquet", "steps.parquet", "summary.json", "report.md", "report.html",
+                 "vllm_result.json"):
         assert (tmp_path / name).exists(), name
+    # the result on the terminal: vLLM's block, the requests not served and the folder; a sustainable load
+    out = res.stdout
+    assert "Serving Benchmark Result" in out and "P99 TTFT (ms):" in out
+    assert "rejected (prompt over max_model_len=4096 or empty)" in out and "OVERLOADED" not in out
+    assert out.rstrip().endswith(f"run folder: {tmp_path}")
     summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["p99_ttft_ms"] < 5000 and not summary["overloaded"]
+    vllm = json.loads((tmp_path / "vllm_result.json").read_text())
+    assert vllm["completed"] == summary["num_finished"] and vllm["failed"] == summary["num_rejected"]
+    assert vllm["duration"] == summary["duration_s"] and vllm["std_ttft_ms"] > 0
     assert summary["config"]["model"]["name"] == "llama2_7b"
     assert summary["config"]["hardware"]["name"] == "a100_80g"
     # the first 20 minutes of the Azure conv trace; prompts over Llama-2's 4096 tokens are rejected
@@ -100,19 +112,38 @@ def test_same_seed_same_result(tmp_path):
 @pytest.mark.parametrize(
     "override,message",
     [
+        # Hydra refuses these before the job starts (its message names the key)
         ("scheduler.max_num_seqz=8", "scheduler.max_num_seqz"),
         ("model=gpt5", "model/gpt5"),
+        # the job: one line and exit code 2
         ("workload.path=/no/such/trace.csv", "/no/such/trace.csv"),
         ("cache.num_gpu_blocks_override=10", "less than one max_model_len"),
         ("scheduler.preemption_mode=sometimes", "scheduler.preemption_mode"),
+        ("scheduler.enable_chunked_prefill=maybe",
+         "scheduler.enable_chunked_prefill='maybe': expected a boolean"),
+        ("cache.enable_prefix_caching=maybe", "cache.enable_prefix_caching='maybe': expected a boolean"),
+        ("model.name=gpt5", "model.name='gpt5' does not rename the model"),
+        ("scheduler.max_num_seqs=lots", "scheduler.max_num_seqs='lots': expected an integer"),
+        ("progress=sometimes", "progress='sometimes': expected a boolean"),
     ],
 )
 def test_bad_input_is_one_clear_error_and_no_complete_run(tmp_path, override, message):
     res = workbench(tmp_path, override, "report=false")
     assert res.returncode != 0
-    assert message in res.stderr.splitlines()[0] or message in res.stderr
+    assert message in res.stderr
     assert "Traceback" not in res.stderr
+    if (tmp_path / ".hydra").exists():  # the job started
+        assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_a_rerun_into_a_folder_clears_the_earlier_runs_results(tmp_path):
+    args = ("workload=synthetic", "workload.num_requests=20", "report=false")
+    assert workbench(tmp_path, *args).returncode == 0
+    (tmp_path / "report.md").write_text("an earlier run's report")
+    res = workbench(tmp_path, *args, "scheduler.max_num_seqs=oops")  # fails: no result may remain
+    assert res.returncode == 2
+    assert not [p.name for p in tmp_path.iterdir() if p.name not in (".hydra", "cli.log", "error.txt")]
 
 
 def test_malformed_trace_names_the_file_and_line(tmp_path):
@@ -125,3 +156,56 @@ def test_malformed_trace_names_the_file_and_line(tmp_path):
     assert res.returncode == 2
     assert "bad.csv" in res.stderr and "line 3" in res.stderr
     assert not (tmp_path / "run/summary.json").exists()
+
+
+def test_a_boolean_override_is_a_boolean(tmp_path):
+    args = ("workload=synthetic", "workload.num_requests=20", "report=false")
+    assert workbench(tmp_path, *args, "scheduler.enable_chunked_prefill=no").returncode == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["config"]["scheduler"]["enable_chunked_prefill"] is False
+    assert summary["max_num_batched_tokens"] == 4096  # vLLM's default without chunked prefill
+
+
+def test_rejected_requests_are_counted_and_printed(tmp_path):
+    res = workbench(tmp_path, "workload=synthetic", "workload.num_requests=100",
+                    "scheduler.max_model_len=512", "report=false")
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert 50 < summary["num_rejected"] < 100 and summary["num_truncated"] > 0
+    line = next(x for x in res.stdout.splitlines() if x.startswith("not served as asked:"))
+    assert f"{summary['num_rejected']} rejected (prompt over max_model_len=512" in line
+    assert f"{summary['num_truncated']} cut short" in line
+
+
+def test_an_overloaded_run_says_so_and_by_how_much(tmp_path):
+    res = workbench(tmp_path, "workload=synthetic", "workload.num_requests=400", "workload.request_rate=50",
+                    "report=false")
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["overloaded"] and summary["arrival_rate"] > 2 * summary["request_throughput"]
+    assert f"requests arrived at {summary['arrival_rate']:.2f}/s and were served at" in res.stdout
+
+
+def test_ctrl_c_is_one_line_and_leaves_no_complete_run(tmp_path):
+    cmd = [sys.executable, "-m", "workbench", f"hydra.run.dir={tmp_path}", "workload=azure_conv",
+           "report=false"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / ".hydra").exists() and time.monotonic() < deadline:  # the job has started
+        time.sleep(0.1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert err.strip().splitlines() == [f"workbench: interrupted: {tmp_path} is incomplete (no summary.json)"]
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_progress_lines_outside_a_terminal(tmp_path):
+    res = subprocess.run(  # a line per request (interval 0) in place of one every few seconds
+        [sys.executable, "-c", "import servebench.workbench.terminal as t; t.LINE_EVERY_S = 0; "
+         "from servebench.workbench.cli import main; main()", f"hydra.run.dir={tmp_path}",
+         "workload=synthetic", "workload.num_requests=20", "report=false"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "simulating: 20/20 requests (100%)" in res.stderr

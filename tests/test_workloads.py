@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -150,6 +151,7 @@ def test_synthetic_by_duration():
     ({"name": "azure_conv", "path": "data/traces/nope.csv"}, FileNotFoundError, "nope.csv"),
     ({"name": "azure_conv", "num_requests": 0}, ValueError, "workload.num_requests=0"),
     ({"name": "azure_conv", "time_scale": -1}, ValueError, "workload.time_scale=-1"),
+    ({"name": "synthetic", "request_rate": math.inf}, ValueError, "workload.request_rate=inf"),
     ({"name": "azure_conv", "duration_s": 1e-9, "num_requests": 1, "request_rate": 2.0}, ValueError,
      "needs at least 2 requests"),
     ({"name": "synthetic", "num_requests": None}, ValueError, "set num_requests"),
@@ -165,17 +167,28 @@ def test_bad_specs_fail_with_a_message_naming_the_key(spec, error, message):
 
 @pytest.mark.parametrize(("name", "text", "message"), [
     ("azure_conv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.68,10,5\n"
-     "2023-11-16 18:15:47.00,ten,5\n", r"line 3: ContextTokens='ten' is not a positive integer"),
+     "2023-11-16 18:15:47.00,ten,5\n", r"line 3: ContextTokens='ten' is not a whole number of tokens"),
     ("azure_conv", "TIMESTAMP,ContextTokens,GeneratedTokens\nyesterday,10,5\n",
      "line 2: TIMESTAMP='yesterday'"),
     ("azure_conv", "TIMESTAMP,ContextTokens\n2023-11-16 18:15:46.68,10\n",
      r"missing column\(s\) \['GeneratedTokens'\]"),
     ("splitwise", "arrived_at,num_prefill_tokens,num_decode_tokens\n0.0,10,5\n1.0,10\n",
-     r"line 3: num_decode_tokens=\(empty\) is not a positive integer"),
+     r"line 3: num_decode_tokens=\(empty\) is not a whole number of tokens"),
     ("splitwise", "arrived_at,num_prefill_tokens,num_decode_tokens\n0.0,10,5.5\n",
-     "line 2: num_decode_tokens=5.5 is not a positive integer"),
+     "line 2: num_decode_tokens=5.5 is not a whole number of tokens"),
     ("splitwise", "arrived_at,num_prefill_tokens,num_decode_tokens\n-1.0,10,5\n",
-     "line 2: arrived_at=-1.0 is not >= 0"),
+     "line 2: arrived_at=-1.0 is not a finite time >= 0"),
+    ("splitwise", "arrived_at,num_prefill_tokens,num_decode_tokens\n0,10,5\ninf,10,5\n",
+     "line 3: arrived_at=inf is not a finite time >= 0"),
+    ("azure_conv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.68,2000000000,5\n",
+     "line 2: ContextTokens=2000000000 is not a whole number of tokens from 1 to 1,048,576"),
+    ("azure_conv", "TIMESTAMP,ContextTokens,GeneratedTokens\n", "no requests in the file"),
+    ("mooncake", "", "no records: expected one JSON object a line"),
+    ("sharegpt", "5", "expected a non-empty JSON list of conversations, got a number"),
+    ("sharegpt", '[{"id": "a", "conversations": "hi"}]', "entry 0: expected conversations: a list of"),
+    ("sharegpt", '[{"id": "a", "conversations": [{"from": "human", "value": " "}]}]',
+     "entry 0: no non-empty conversations"),
+    ("mt_bench", '{"question_id": 1, "turns": 7}\n', "line 1: expected turns: a list of non-empty strings"),
     ("mooncake", '{"timestamp": 0, "input_length": 10, "output_length": 5, "hash_ids": [0]}\n{"time',
      "line 2: invalid JSON"),
     ("mooncake", '{"timestamp": 0, "input_length": 10, "output_length": 5}\n',
@@ -187,8 +200,36 @@ def test_malformed_files_fail_naming_file_line_and_field(tmp_path, name, text, m
     path = tmp_path / "trace.txt"
     path.write_text(text)
     with pytest.raises(ValueError, match=message) as info:
-        load_workload({"name": name, "path": str(path)})
+        no_answers = {"answers_path": None} if name == "mt_bench" else {}
+        load_workload({"name": name, "path": str(path), **no_answers})
     assert str(path) in str(info.value)
+
+
+def test_a_binary_file_is_named(tmp_path):
+    path = tmp_path / "trace.jsonl"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(ValueError, match=f"{path}: byte 0: not UTF-8 text"):
+        load_workload({"name": "mooncake", "path": str(path)})
+
+
+def test_a_trailing_blank_line_is_no_error(tmp_path):
+    path = tmp_path / "trace.jsonl"
+    path.write_text('{"timestamp": 0, "input_length": 10, "output_length": 5, "hash_ids": [0]}\n\n')
+    assert len(load_workload({"name": "mooncake", "path": str(path)})) == 1
+
+
+def test_a_folder_or_a_missing_file_is_named_once(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=f"workload.path={tmp_path}: is a folder; expected a file"):
+        load_workload({"name": "azure_conv", "path": str(tmp_path)})
+    monkeypatch.chdir(REPO_ROOT)  # the working folder is the repo: one place to look, named once
+    with pytest.raises(FileNotFoundError) as info:
+        load_workload({"name": "azure_conv", "path": "nope.csv"})
+    assert str(info.value).count("nope.csv") == 2  # as given, and the one place it was looked for
+
+
+def test_absurd_lengths_are_refused_before_anything_is_allocated():
+    with pytest.raises(ValueError, match="workload.input_len=.*within 1,048,576 tokens"):
+        load_workload({"name": "synthetic", "num_requests": 2, "input_len": 2_000_000_000})
 
 
 def test_relative_paths_resolve_against_the_repo_root(monkeypatch, tmp_path):

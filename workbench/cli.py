@@ -1,4 +1,5 @@
-"""`workbench`: the Hydra entry point. It turns the config into a plain dict and calls `run_experiment`."""
+"""`workbench`: the Hydra entry point. It turns the config into a plain dict, calls `run_experiment` and
+prints the result; bad input is one line on stderr (exit 2), Ctrl-C one line (exit 130)."""
 
 from __future__ import annotations
 
@@ -9,22 +10,44 @@ from typing import Any
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from servebench.workbench.experiment import ConfigError, run_experiment
+from servebench.workbench.experiment import run_experiment
+from servebench.workbench.schema import ConfigError
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+LABELLED = ("model", "hardware")  # groups whose `name` only labels the preset's numbers
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _main(cfg: DictConfig) -> float | None:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    from servebench.workbench.runs import clear_run
+    from servebench.workbench.terminal import result_block
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    clear_run(run_dir)  # before anything can fail: an earlier run's results must not pass for this run's
     try:
-        summary = run_experiment(OmegaConf.to_container(cfg, resolve=True), run_dir)
+        config = OmegaConf.to_container(cfg, resolve=True)
+        check_preset_names(config, dict(hydra_cfg.runtime.choices))
+        summary = run_experiment(config, run_dir)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         (run_dir / "error.txt").write_text(f"{e}\n")
         print(f"workbench: error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"run folder: {run_dir}")
+    except KeyboardInterrupt:
+        sys.stderr.write(f"\nworkbench: interrupted: {run_dir} is incomplete (no summary.json)\n")
+        sys.exit(130)
+    print(result_block(summary, run_dir))
     return objective(summary, cfg.get("search"))
+
+
+def check_preset_names(config: dict[str, Any], choices: dict[str, Any]) -> None:
+    """A model or card is chosen by its preset (model=llama3_8b); overriding only `model.name` would run the
+    preset's numbers under another name."""
+    for group in LABELLED:
+        name, preset = (config.get(group) or {}).get("name"), choices.get(group)
+        if preset is not None and name != preset:
+            raise ConfigError(f"{group}.name={name!r} does not rename the {group}: it stays {preset}'s "
+                              f"numbers; choose another preset with {group}=<file in conf/{group}/>")
 
 
 def objective(summary: dict[str, Any], search: DictConfig | None) -> float:
@@ -38,5 +61,17 @@ def objective(summary: dict[str, Any], search: DictConfig | None) -> float:
     return float(summary[search.metric]) if ok else 0.0
 
 
+def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The resolved config that `workbench OVERRIDES...` would run, as a plain dict (notebooks, tests)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return OmegaConf.to_container(compose("config", overrides=list(overrides)), resolve=True)
+
+
 def main() -> None:
-    _main()
+    try:
+        _main()
+    except KeyboardInterrupt:  # outside a job (Hydra composing, a sweep between jobs)
+        sys.stderr.write("\nworkbench: interrupted\n")
+        sys.exit(130)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 from servebench.engine.core import CacheConfig, Scheduler, SchedulerConfig, TraceRecorder
 from servebench.engine.core.config import default_max_num_batched_tokens
+from servebench.workbench.schema import ConfigError, validate
 
 if TYPE_CHECKING:
     from servebench.sim.lora import LoRA
@@ -18,12 +19,6 @@ if TYPE_CHECKING:
     from servebench.sim.simulator import StepTimeModel
     from servebench.sim.specs import HardwareSpec, ModelSpec, ParallelSpec
     from servebench.sim.terms import Term
-
-BACKENDS = ("sim", "engine", "server")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key."""
 
 
 def scheduler_config(cfg: dict[str, Any], model_max_len: int) -> SchedulerConfig:
@@ -82,11 +77,12 @@ def run_experiment(cfg: dict[str, Any], run_dir: Path, engine: Any = None) -> di
     """Run the backend the config names and write requests/steps/summary (and the report) into run_dir.
     `engine` (backend=engine): an already loaded engine for the same model and knobs, reused."""
     from servebench.workbench.metrics import summarize
-    from servebench.workbench.runs import write_run
+    from servebench.workbench.runs import Run, clear_run, write_summary, write_tables
+    from servebench.workbench.vllm_compat import write_vllm_result
 
+    clear_run(run_dir)  # an earlier run's results in this folder must not sit beside this run's config
+    cfg = validate(cfg)
     backend = cfg["backend"]["name"]
-    if backend not in BACKENDS:
-        raise ConfigError(f"backend.name={backend!r}: choose one of {', '.join(BACKENDS)}")
     if backend != "sim":
         _check_sim_only(cfg, backend)
     wall0 = time.perf_counter()
@@ -102,17 +98,21 @@ def run_experiment(cfg: dict[str, Any], run_dir: Path, engine: Any = None) -> di
         requests, steps, itl_s, info = replay_on_server(cfg)
     summary = summarize(requests, steps, itl_s, cfg.get("slo"), info.pop("duration_s", None))
     summary.update(info)
+    summary.setdefault("max_model_len", (cfg.get("scheduler") or {}).get("max_model_len")
+                       or (cfg.get("model") or {}).get("max_model_len"))
     summary["num_gpus"] = num_gpus(cfg)
     summary["goodput_per_gpu"] = summary["goodput"] / summary["num_gpus"]
     summary["wall_s"] = round(time.perf_counter() - wall0, 3)
     summary["config"] = cfg
-    write_run(run_dir, requests, steps, summary, itl_s)
+    write_tables(run_dir, requests, steps, itl_s)
+    write_vllm_result(run_dir, summary, requests, itl_s)
     if cfg.get("report", True):
-        from servebench.workbench.report import (
-            write_report,  # matplotlib: imported only when a report is wanted
-        )
+        from servebench.workbench.report import write_report  # matplotlib: imported only when wanted
 
-        write_report(run_dir)
+        config = summary["config"]
+        metrics = {k: v for k, v in summary.items() if k != "config"}
+        write_report(Run(run_dir, metrics, config, requests, steps, itl_s))
+    write_summary(run_dir, summary)  # last: its presence marks a complete run
     return summary
 
 
@@ -134,6 +134,7 @@ def simulate(cfg: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, Any, dict
         weight_bytes_per_gpu,
     )
     from servebench.sim.terms import with_terms
+    from servebench.workbench.terminal import Progress
     from servebench.workbench.workloads import assign_adapters, assign_images, iter_requests, load_workload
 
     model = model_spec(cfg["model"])
@@ -158,7 +159,7 @@ def simulate(cfg: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, Any, dict
         linear_weight_bytes=linear_bytes, kv_dtype_bytes=kv_bytes,
     )
     cpu_blocks = num_cpu_blocks(cache_cfg.swap_space, model, par, bs, kv_bytes)
-    base, step_time_note = _step_time_model(
+    base, step_time_name, step_time_reason = _step_time_model(
         cfg["backend"].get("step_time", "auto"), model, hw, par, bs, cfg["backend"].get("profile_root")
     )
     if sched_cfg.preemption_mode == "cost" or sched_cfg.shed_ttft_ms:
@@ -180,13 +181,14 @@ def simulate(cfg: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, Any, dict
     terms = [_feature_terms(quant_term, lora, encoder, model, hw, par) for _ in replicas]
     step_times = [with_terms(base, t) for t in terms]
     requests = iter_requests(workload, model.vocab_size, mm.image_tokens or 0)
-    with _progress(cfg, len(workload)) as bar:
+    with Progress(len(workload), "simulating", cfg.get("progress", True)) as bar:
         sim = ClusterSimulation(replicas, step_times, requests, make_router(deployment.router), bar.update)
         end_s = sim.run()
     schedulers = [s for replica in replicas for s in replica]
     info = {
         "backend": "sim",
-        "step_time_model": step_time_note,
+        "step_time_model": step_time_name,
+        "step_time_reason": step_time_reason,
         "quantization": quant.note(hw),
         "num_gpu_blocks": blocks,
         "num_cpu_blocks": cpu_blocks,
@@ -207,10 +209,19 @@ def simulate(cfg: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, Any, dict
         info["per_replica"] = _per_replica(replicas)
     info |= _feature_counts([t for replica_terms in terms for t in replica_terms])
     requests_df, steps_df, itl = _tables(replicas)
+    info["num_truncated"] = _num_truncated(requests_df, workload)
     if lora.enabled:
         adapter_of = dict(zip(workload["request_id"], workload["lora_id"], strict=True))
         requests_df["lora_id"] = requests_df["request_id"].map(adapter_of)
     return requests_df, steps_df, itl, info
+
+
+def _num_truncated(requests: pd.DataFrame, workload: pd.DataFrame) -> int:
+    """Finished requests that got fewer output tokens than the workload asked for: the scheduler caps prompt
+    + output at max_model_len."""
+    asked = requests["request_id"].map(workload.set_index("request_id")["output_tokens"])
+    done = requests["finish_reason"].astype(str) == "length"
+    return int((done & (requests["output_tokens"] < asked)).sum())
 
 
 def _feature_terms(quant_term: QuantizationTerm | None, lora: LoRA, encoder: VisionEncoder | None,
@@ -291,41 +302,22 @@ def _fill_step_costs(sched_cfg: SchedulerConfig, step_time: Any, swap_s_per_bloc
 
 
 def _step_time_model(kind: str, model: ModelSpec, hw: HardwareSpec, par: ParallelSpec, block_size: int,
-                     engine_profiles: str | None = None) -> tuple[StepTimeModel, str]:
-    """auto: the engine's own profiles of this model and card, else Vidur's, else the roofline."""
+                     engine_profiles: str | None = None) -> tuple[StepTimeModel, str, str]:
+    """The model, its name and why it was chosen. auto: the engine's own profiles of this model and card,
+    else Vidur's, else the roofline."""
     from servebench.sim.step_time import make_step_time_model
 
     def build(name: str) -> StepTimeModel:
         return make_step_time_model(name, model, hw, par, block_size, engine_profile_root=engine_profiles)
 
     if kind != "auto":
-        return build(kind), kind
+        return build(kind), kind, f"backend.step_time={kind}"
     try:
         st = build("profile")
-        return st, f"profile ({st.folder})"
+        return st, "profile", f"the engine's profiles in {st.folder}"
     except ValueError as e:
         why = f"no engine profile: {e}"
     try:
-        return build("vidur"), f"vidur ({why})"
+        return build("vidur"), "vidur", why
     except ValueError as e:
-        return build("roofline"), f"roofline ({why}; no Vidur profile: {e})"
-
-
-class _NoBar:
-    def __enter__(self) -> _NoBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-
-def _progress(cfg: dict[str, Any], total: int):
-    if not cfg.get("progress", True):
-        return _NoBar()
-    from tqdm import tqdm
-
-    # disable=None: shown on a terminal only, so logs and CI stay clean
-    return tqdm(total=total, unit="req", desc="simulating", disable=None, mininterval=0.5)
+        return build("roofline"), "roofline", f"{why}; no Vidur profile: {e}"

@@ -12,6 +12,7 @@ from servebench.engine.core.recorder import REQUEST_COLUMNS, STEP_COLUMNS
 
 SLO_KEYS = ("ttft_ms", "tpot_ms", "e2el_ms")
 FINISHED = ("stop", "length")  # finish reasons of completed requests (not abort / rejected)
+DROPPED = ("rejected", "shed", "abort")  # never served: over max_model_len, admission control, cancelled
 STATS = (("mean", np.mean), ("median", np.median), ("p90", lambda v: np.percentile(v, 90)),
          ("p99", lambda v: np.percentile(v, 99)))
 
@@ -46,6 +47,8 @@ def summarize(requests: pd.DataFrame, steps: pd.DataFrame | None = None, itl_s: 
         "num_aborted": int((reason == "abort").sum()),
         "num_shed": int((reason == "shed").sum()),  # dropped by admission control (max_waiting, shed_ttft_ms)
         "duration_s": duration_s,
+        "total_input_tokens": n_in,
+        "total_output_tokens": n_out,
         "request_throughput": per_s(len(done)),
         "input_throughput": per_s(n_in),
         "output_throughput": per_s(n_out),
@@ -67,7 +70,32 @@ def summarize(requests: pd.DataFrame, steps: pd.DataFrame | None = None, itl_s: 
         # what nvidia-smi calls utilisation: the share of the run's time with a step executing
         "busy_fraction": _ratio(weights.sum(), duration_s) if len(weights) else math.nan,
     }
-    return out
+    return out | load(requests)
+
+
+def load(requests: pd.DataFrame) -> dict[str, Any]:
+    """Was the offered load sustainable? `arrival_rate` (requests/s over the arrival window) and the waiting
+    queue (arrived, never scheduled, not dropped) at the last arrival and halfway through the arrivals.
+    `overloaded`: that queue holds at least 2 % of the requests (and 10) and was still growing: the
+    deployment serves more slowly than requests arrive, and latencies grow with the run's length."""
+    arrival = _f(requests["arrival_s"]).to_numpy()
+    if len(arrival) < 2 or arrival.max() <= arrival.min():
+        return {"arrival_rate": math.nan, "queue_at_last_arrival": 0, "overloaded": False}
+    t0, t1 = arrival.min(), arrival.max()
+    queued = ~requests["finish_reason"].astype(str).isin(DROPPED).to_numpy()
+    # a server's client sees no scheduling: there the first token marks the end of the wait
+    started = _f(requests["first_scheduled_s"]).fillna(_f(requests["first_token_s"]))
+    started = started.fillna(math.inf).to_numpy()
+
+    def waiting_at(t: float) -> int:
+        return int((queued & (arrival <= t) & (started > t)).sum())
+
+    end, mid = waiting_at(t1), waiting_at((t0 + t1) / 2)
+    return {
+        "arrival_rate": (len(arrival) - 1) / (t1 - t0),
+        "queue_at_last_arrival": end,
+        "overloaded": end >= max(10, 0.02 * len(arrival)) and end > mid,
+    }
 
 
 def latencies(requests: pd.DataFrame) -> pd.DataFrame:

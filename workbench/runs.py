@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-SUMMARY = "summary.json"  # written last: its presence marks a complete run
+SUMMARY = "summary.json"  # written last (after the report): its presence marks a complete run
 
 
 @dataclass(slots=True)
@@ -39,9 +39,26 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+# What a run writes (Hydra's .hydra/ and the log aside): cleared before a run into an existing folder, so
+# nothing of an earlier run sits beside this run's config; summary.json goes first and comes back last.
+RUN_FILES = (SUMMARY, "requests.parquet", "steps.parquet", "itl.npy", "vllm_result.json", "report.md",
+             "report.html", "latency_cdf.png", "timeline.png", "error.txt")
+
+
+def clear_run(run_dir: str | Path) -> None:
+    for name in RUN_FILES:
+        (Path(run_dir) / name).unlink(missing_ok=True)
+
+
 def write_run(run_dir: str | Path, requests_df: pd.DataFrame, steps_df: pd.DataFrame, summary: dict[str, Any],
               itl_s: Any = None) -> Path:
     """Write requests.parquet, steps.parquet, itl.npy (when given) and, last, summary.json into run_dir."""
+    write_tables(run_dir, requests_df, steps_df, itl_s)
+    return write_summary(run_dir, summary)
+
+
+def write_tables(run_dir: str | Path, requests_df: pd.DataFrame, steps_df: pd.DataFrame,
+                 itl_s: Any = None) -> None:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / SUMMARY).unlink(missing_ok=True)  # a crash below must not leave an old summary vouching for it
@@ -53,8 +70,13 @@ def write_run(run_dir: str | Path, requests_df: pd.DataFrame, steps_df: pd.DataF
     else:
         with atomic_path(run_dir / "itl.npy") as tmp, tmp.open("wb") as f:
             np.save(f, np.asarray(itl_s, dtype=np.float64))
+
+
+def write_summary(run_dir: str | Path, summary: dict[str, Any]) -> Path:
+    """summary.json, the completeness marker: write it after everything else of the run."""
+    run_dir = Path(run_dir)
     with atomic_path(run_dir / SUMMARY) as tmp:
-        tmp.write_text(json.dumps(_jsonable(summary), indent=2, allow_nan=False) + "\n")
+        tmp.write_text(json.dumps(jsonable(summary), indent=2, allow_nan=False) + "\n")
     return run_dir
 
 
@@ -157,11 +179,11 @@ def _natural(rel: Path) -> tuple:
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in rel.parts)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):

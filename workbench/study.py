@@ -1,7 +1,8 @@
 """Case studies: a sweep's runs set against a guide's claims, in a report with verdicts and plots.
 
 An experiment (`conf/experiment/*.yaml`) carries a `study` block: `name`, `title`, `command` (what
-regenerates the report), `report_dir`, `notes` (Markdown), `x` (the parameter plots run along) and `claims`,
+regenerates the report), `report_dir` (unset: the sweep folder; the committed reports pass
+`study.report_dir=reports/NAME`), `notes` (Markdown), `x` (the parameter plots run along) and `claims`,
 each a dict with `claim` (the guide's words), `kind`, `metric` (a summary.json key) and, by kind:
 - value: the runs matching `where` against the guide's number `guide`; `better` lower | higher | close,
   within `tolerance` (a fraction of the guide's number, default 0.2);
@@ -32,7 +33,15 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from servebench.workbench.metrics import summarize
-from servebench.workbench.report import Section, config_section, fmt, png, runs_section, write_document
+from servebench.workbench.report import (
+    Section,
+    config_section,
+    fmt,
+    png,
+    run_title,
+    runs_section,
+    write_document,
+)
 from servebench.workbench.runs import load_run, load_sweep
 
 KINDS = ("value", "capacity", "change", "trend", "search")
@@ -83,6 +92,8 @@ def write_study_report(sweep_dir: str | Path, study: dict[str, Any] | None = Non
 def evaluate(df: pd.DataFrame, study: dict[str, Any], sweep_dir: Path) -> tuple[list[Verdict], list[Figure]]:
     """One list of verdict rows for all claims, and one figure per claim."""
     verdicts, figures = [], []
+    # what the runs share, so that each claim's figure says what was run when shown alone
+    title = run_title(df.attrs.get("config", {}), varied=tuple(df.attrs.get("swept", ())))
     for i, claim in enumerate(study.get("claims") or []):
         kind = claim.get("kind")
         if kind not in KINDS:
@@ -91,6 +102,7 @@ def evaluate(df: pd.DataFrame, study: dict[str, Any], sweep_dir: Path) -> tuple[
             if key not in claim:
                 raise ValueError(f"study.claims[{i}].{key} is required for a {kind} claim")
         rows, fig = _EVALUATORS[kind](claim, df, study.get("x"), sweep_dir)
+        fig.suptitle(title, fontsize=8)
         verdicts += rows
         figures.append(fig)
     return verdicts, figures

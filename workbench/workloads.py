@@ -30,6 +30,9 @@ _PIECE = re.compile(r" ?\w{1,6}|\s+|[^\w\s]")  # 3.6-3.8 characters a piece on S
 # Streams of synthetic ids: Mooncake blocks, MT-Bench answers (one per turn), requests (one per row), images.
 _STREAM_HASH, _STREAM_ANSWER, _STREAM_REQUEST, _STREAM_IMAGE = 0, 1 << 40, 1 << 41, 1 << 42
 _DRAW_CHUNK = 256  # rows whose synthetic prompts are drawn together
+# Longest prompt or output a workload may ask for: 1M tokens is past any model's context; a corrupt count
+# (2e9 tokens) would otherwise allocate its prompt's token ids (GiBs) before the scheduler rejects it.
+MAX_TOKENS = 1 << 20
 
 # Azure conv 2023 GeneratedTokens (median 129, mean 211) as a lognormal: the default for sets without outputs.
 CHAT_OUTPUT_LEN = {"dist": "lognormal", "median": 129, "sigma": 0.99, "max": 1000}
@@ -227,26 +230,29 @@ def _load_azure(s: dict, tokenizer: Tokenizer) -> pd.DataFrame:
     path = _existing(s["path"], "path")
     raw = _read_csv(path, ("TIMESTAMP", "ContextTokens", "GeneratedTokens"))
     stamps = pd.to_datetime(raw["TIMESTAMP"], format="ISO8601", errors="coerce")
-    _fail_at(stamps.isna().to_numpy(), raw["TIMESTAMP"], path, 2, "TIMESTAMP", "is not a date-time")
+    lines = _csv_lines(raw)
+    _fail_at(stamps.isna().to_numpy(), raw["TIMESTAMP"], path, lines, "TIMESTAMP", "is not a date-time")
     raw["TIMESTAMP"] = (stamps - stamps.min()).dt.total_seconds()
-    return _trace(raw, path, 2, ("TIMESTAMP", "ContextTokens", "GeneratedTokens"))
+    return _trace(raw, path, lines, ("TIMESTAMP", "ContextTokens", "GeneratedTokens"))
 
 
 def _load_splitwise(s: dict, tokenizer: Tokenizer) -> pd.DataFrame:
     path = _existing(s["path"], "path")
     cols = ("arrived_at", "num_prefill_tokens", "num_decode_tokens")
-    return _trace(_read_csv(path, cols), path, 2, cols)
+    raw = _read_csv(path, cols)
+    return _trace(raw, path, _csv_lines(raw), cols)
 
 
 def _load_mooncake(s: dict, tokenizer: Tokenizer) -> pd.DataFrame:
     path = _existing(s["path"], "path")
-    records = _read_jsonl(path, ("timestamp", "input_length", "output_length", "hash_ids"))
-    df = _trace(pd.DataFrame.from_records(records), path, 1, ("timestamp", "input_length", "output_length"))
+    lines, records = _read_jsonl(path, ("timestamp", "input_length", "output_length", "hash_ids"))
+    cols = ("timestamp", "input_length", "output_length")
+    df = _trace(pd.DataFrame.from_records(records), path, lines, cols)
     df["arrival_s"] /= 1000.0  # milliseconds in the file
-    for i, (hashes, n) in enumerate(zip(df["hash_ids"], df["prompt_tokens"], strict=True)):
+    for line, hashes, n in zip(lines, df["hash_ids"], df["prompt_tokens"], strict=True):
         ok = isinstance(hashes, list) and all(isinstance(h, int) for h in hashes)
         if not ok or len(hashes) != math.ceil(n / MOONCAKE_BLOCK):
-            raise ValueError(f"{path}: line {i + 1}: hash_ids must list ceil(input_length / 512) = "
+            raise ValueError(f"{path}: line {line}: hash_ids must list ceil(input_length / 512) = "
                              f"{math.ceil(n / MOONCAKE_BLOCK)} block ids, got {hashes!r:.80}")
     return df
 
@@ -255,16 +261,21 @@ def _load_sharegpt(s: dict, tokenizer: Tokenizer) -> pd.DataFrame:
     """ShareGPT first human turns. The file records no answers, so output lengths come from `output_len`."""
     path = _existing(s["path"], "path")
     try:
-        entries = json.loads(path.read_text())
+        entries = json.loads(_text(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{path}: expected a non-empty JSON list of conversations, got {_kind(entries)}")
     prompts, ids = [], []
     for i, entry in enumerate(entries):
         turns = entry.get("conversations") if isinstance(entry, dict) else None
-        human = next((t.get("value") for t in turns or () if t.get("from") in ("human", "user")), None)
-        if not isinstance(human, str):
-            raise ValueError(f"{path}: entry {i}: no conversations[].value from 'human'")
-        prompts.append(tokenizer(human))
+        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+            raise ValueError(f"{path}: entry {i}: expected conversations: a list of {{from, value}} turns, "
+                             f"got {_kind(turns)}")
+        human = next((t.get("value") for t in turns if t.get("from") in ("human", "user")), None)
+        if not isinstance(human, str) or not human.strip():
+            raise ValueError(f"{path}: entry {i}: no non-empty conversations[].value from 'human'")
+        prompts.append(_check_length(tokenizer(human), path, f"entry {i}"))
         ids.append(str(entry.get("id", i)))
     outputs = _lengths(s["output_len"], len(ids), _rng(s, 2), "output_len")
     return _text_set(ids, prompts, outputs, s)
@@ -277,23 +288,28 @@ def _load_mt_bench(s: dict, tokenizer: Tokenizer) -> pd.DataFrame:
     All first turns come first, then all second turns.
     """
     path = _existing(s["path"], "path")
-    questions = _read_jsonl(path, ("question_id", "turns"))
+    lines, questions = _read_jsonl(path, ("question_id", "turns"))
     answers = {}
     if s["answers_path"] is not None:
         apath = _existing(s["answers_path"], "answers_path")
-        for i, rec in enumerate(_read_jsonl(apath, ("question_id", "choices"))):
+        for line, rec in zip(*_read_jsonl(apath, ("question_id", "choices")), strict=True):
             try:
-                answers[rec["question_id"]] = list(rec["choices"][0]["turns"])
+                answers[rec["question_id"]] = _strings(rec["choices"][0]["turns"])
             except (KeyError, IndexError, TypeError):
-                raise ValueError(f"{apath}: line {i + 1}: no choices[0].turns") from None
+                why = "expected choices[0].turns: a list of strings"
+                raise ValueError(f"{apath}: line {line}: {why}") from None
     rows: list[tuple[int, str, list[int], int]] = []  # (turn, request id, prompt ids, output tokens)
-    for q in questions:
+    for line, q in zip(lines, questions, strict=True):
         qid, context = q["question_id"], []
         ref = answers.get(qid, [])
+        if not isinstance(q["turns"], list) or not q["turns"] or not all(
+                isinstance(t, str) and t.strip() for t in q["turns"]):
+            raise ValueError(f"{path}: line {line}: expected turns: a list of non-empty strings, "
+                             f"got {_kind(q['turns'])}")
         for k, turn in enumerate(q["turns"]):
             answer = (tokenizer(ref[k]) if k < len(ref)
                       else _unique_ids(s["answer_len"], _STREAM_ANSWER + len(rows), APPROX_VOCAB).tolist())
-            context = context + tokenizer(turn)
+            context = _check_length(context + tokenizer(turn), path, f"line {line}")
             rows.append((k, f"{qid}-{k + 1}", context, len(answer)))
             context = context + answer
     rows.sort(key=lambda r: r[0])
@@ -386,7 +402,10 @@ def _lengths(spec: int | Mapping, n: int, rng: np.random.Generator, key: str) ->
     else:
         values = rng.lognormal(math.log(spec["median"]), spec["sigma"], n)
     lo, hi = spec.get("min", 1), spec.get("max")
-    return np.clip(np.rint(values), max(lo, 1), hi).astype(np.int64)
+    values = np.clip(np.rint(values), max(lo, 1), hi)
+    if values.max(initial=0) > MAX_TOKENS:
+        raise ValueError(f"workload.{key}={spec!r}: lengths must stay within {MAX_TOKENS:,} tokens")
+    return values.astype(np.int64)
 
 
 def _rng(s: dict, stream: int) -> np.random.Generator:
@@ -400,8 +419,9 @@ def _check_numbers(s: dict) -> None:
         if key not in s or (value is None and key in ("num_requests", "duration_s", "request_rate")):
             continue
         integer = key == "num_requests"
-        if isinstance(value, bool) or not isinstance(value, int if integer else int | float) or value <= 0:
-            kind = "integer" if integer else "number"
+        if (isinstance(value, bool) or not isinstance(value, int if integer else int | float) or value <= 0
+                or not math.isfinite(value)):
+            kind = "integer" if integer else "finite number"
             raise ValueError(f"workload.{key}={value!r}: must be a positive {kind}")
     if isinstance(s["seed"], bool) or not isinstance(s["seed"], int):
         raise ValueError(f"workload.seed={s['seed']!r}: must be an integer")
@@ -411,8 +431,12 @@ def _existing(path: str | Path | None, key: str) -> Path:
     if path is None:
         raise ValueError(f"workload.{key}: no file given")
     p = resolve_path(path)
+    if p.is_dir():
+        raise ValueError(f"workload.{key}={path}: is a folder; expected a file")
     if not p.is_file():
-        raise FileNotFoundError(f"workload.{key}: file not found: {path} (tried {Path.cwd()}, {REPO_ROOT})")
+        tried = dict.fromkeys([Path(path).expanduser().absolute(), REPO_ROOT / path])
+        where = "" if Path(path).is_absolute() else f" (tried {', '.join(map(str, tried))})"
+        raise FileNotFoundError(f"workload.{key}: file not found: {path}{where}")
     return p
 
 
@@ -420,31 +444,50 @@ def _read_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
     try:
         df = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a readable CSV ({e})") from None
+        raise ValueError(f"{path}: not a readable CSV ({' '.join(str(e).split())})") from None
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
     return df
 
 
-def _read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict]:
-    records = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {lineno}: invalid JSON ({e.msg})") from None
-            missing = [k for k in fields if not isinstance(rec, dict) or k not in rec]
-            if missing:
-                raise ValueError(f"{path}: line {lineno}: missing field(s) {missing}")
-            records.append(rec)
-    return records
+def _read_jsonl(path: Path, fields: tuple[str, ...]) -> tuple[list[int], list[dict]]:
+    """The records of a JSON-lines file (blank lines skipped) and the line number of each."""
+    lines, records = [], []
+    for lineno, line in enumerate(_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {lineno}: invalid JSON ({e.msg})") from None
+        missing = [k for k in fields if not isinstance(rec, dict) or k not in rec]
+        if missing:
+            raise ValueError(f"{path}: line {lineno}: missing field(s) {missing}")
+        lines.append(lineno)
+        records.append(rec)
+    if not records:
+        raise ValueError(f"{path}: no records: expected one JSON object a line with {', '.join(fields)}")
+    return lines, records
 
 
-def _trace(raw: pd.DataFrame, path: Path, line0: int, cols: tuple[str, str, str]) -> pd.DataFrame:
-    """The trace's (arrival s, prompt tokens, output tokens) columns, checked; line0: the first row's line."""
-    arrival, prompt, output = (_numbers(raw, c, path, line0, c != cols[0]) for c in cols)
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: byte {e.start}: not UTF-8 text (expected JSON)") from None
+
+
+def _csv_lines(raw: pd.DataFrame) -> np.ndarray:
+    return np.arange(len(raw)) + 2  # line 1 is the header
+
+
+def _trace(raw: pd.DataFrame, path: Path, lines: Any, cols: tuple[str, str, str]) -> pd.DataFrame:
+    """The trace's (arrival s, prompt tokens, output tokens) columns, checked; lines: each row's line."""
+    if raw.empty:
+        raise ValueError(f"{path}: no requests in the file (expected rows with {', '.join(cols)})")
+    lines = np.asarray(lines)
+    arrival, prompt, output = (_numbers(raw, c, path, lines, c != cols[0]) for c in cols)
     df = pd.DataFrame({
         "request_id": [str(i) for i in range(len(raw))],
         "arrival_s": arrival,
@@ -456,17 +499,42 @@ def _trace(raw: pd.DataFrame, path: Path, line0: int, cols: tuple[str, str, str]
     return df
 
 
-def _numbers(raw: pd.DataFrame, col: str, path: Path, line0: int, tokens: bool) -> np.ndarray:
+def _numbers(raw: pd.DataFrame, col: str, path: Path, lines: np.ndarray, tokens: bool) -> np.ndarray:
     values = pd.to_numeric(raw[col], errors="coerce").to_numpy(dtype=float)
-    bad = ~(values >= 1) | (values != np.floor(values)) if tokens else ~(values >= 0)
-    _fail_at(bad, raw[col], path, line0, col, "is not a positive integer" if tokens else "is not >= 0")
+    if tokens:
+        bad = ~((values >= 1) & (values <= MAX_TOKENS)) | (values != np.floor(values))
+        why = f"is not a whole number of tokens from 1 to {MAX_TOKENS:,}"
+    else:
+        bad, why = ~((values >= 0) & np.isfinite(values)), "is not a finite time >= 0"
+    _fail_at(bad, raw[col], path, lines, col, why)
     return values
 
 
-def _fail_at(bad: np.ndarray, values: pd.Series, path: Path, line0: int, col: str, why: str) -> None:
+def _fail_at(bad: np.ndarray, values: pd.Series, path: Path, lines: np.ndarray, col: str, why: str) -> None:
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         value = values.iloc[i]
         value = value.item() if isinstance(value, np.generic) else value
         shown = "(empty)" if pd.isna(value) else repr(value)
-        raise ValueError(f"{path}: line {i + line0}: {col}={shown} {why}")
+        raise ValueError(f"{path}: line {lines[i]}: {col}={shown} {why}")
+
+
+def _check_length(ids: list[int], path: Path, where: str) -> list[int]:
+    if len(ids) > MAX_TOKENS:
+        raise ValueError(f"{path}: {where}: a prompt of {len(ids):,} tokens; the limit is {MAX_TOKENS:,}")
+    return ids
+
+
+def _strings(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError
+    return value
+
+
+def _kind(value: Any) -> str:
+    """A value's JSON kind, for messages: 'a number', 'a string', 'an empty list'."""
+    if isinstance(value, list | dict) and not value:
+        return f"an empty {'list' if isinstance(value, list) else 'object'}"
+    kinds = ((bool, "a boolean"), (int | float, "a number"), (str, "a string"), (list, "a list"),
+             (dict, "an object"))
+    return next((k for t, k in kinds if isinstance(value, t)), "nothing (null)")
