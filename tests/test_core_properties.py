@@ -141,7 +141,7 @@ def check_step(sched: Scheduler, out) -> None:
     assert out.active_loras <= {r.lora_id for r in sched.running}
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios(), st.booleans())
 def test_scheduler_invariants(scenario, async_scheduling):
     """Also with async scheduling: step k + 1 is scheduled before step k's tokens are known."""
