@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -13,7 +13,8 @@ from servebench.engine.core.request import PENDING, Request
 from servebench.engine.core.scheduler_output import SchedulerOutput
 from servebench.engine.loader import load_model
 from servebench.engine.models import AttentionMetadata
-from servebench.engine.sampler import Sampler
+from servebench.engine.outputs import PositionLogprobs
+from servebench.engine.sampler import Logprobs, Sampler, SamplerOutput
 
 # Without a GPU to measure, the KV cache gets this much host memory unless told otherwise.
 CPU_KV_CACHE_BYTES = 1 << 30
@@ -55,29 +56,35 @@ class HostBatch:
     # that hold them.
     pending_rows: np.ndarray | None = None
     pending_from: np.ndarray | None = None
+    # prompt_logprobs: (request index, first position of its chunk, token rows whose logits score the prompt)
+    prompt_rows: list[tuple[int, int, np.ndarray]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
 class SampledTokens:
-    """A step's sampled tokens on their way to the host; `tolist()` waits for them and the step's GPU work."""
+    """A step's sampled tokens on their way to the host; `tolist()` waits for them and the step's GPU work.
+    Log-probabilities, asked for by few requests, stay on the device until read after `tolist()`."""
 
     host: torch.Tensor | None  # [rows] int64, pinned where the device is a GPU
     rows: list[int]  # indices into SchedulerOutput.requests of the requests that sampled
     num_requests: int
     done: torch.cuda.Event | None
+    sampled: SamplerOutput | None
+    prompt: list[tuple[int, int, Logprobs]]  # (request index, first position of its chunk, its scores)
 
     @classmethod
-    def start(cls, tokens: torch.Tensor | None, rows: list[int], num_requests: int,
-              device: torch.device) -> SampledTokens:
+    def start(cls, sampled: SamplerOutput | None, rows: list[int], num_requests: int, device: torch.device,
+              prompt: list[tuple[int, int, Logprobs]]) -> SampledTokens:
+        tokens = None if sampled is None else sampled.tokens
         if device.type != "cuda":
-            return cls(tokens, rows, num_requests, None)
+            return cls(tokens, rows, num_requests, None, sampled, prompt)
         host = None
         if tokens is not None:
             host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             host.copy_(tokens, non_blocking=True)
         done = torch.cuda.Event()
         done.record()  # also when nothing sampled: the step's measured duration covers its GPU work
-        return cls(host, rows, num_requests, done)
+        return cls(host, rows, num_requests, done, sampled, prompt)
 
     def tolist(self) -> list[int]:
         """The token of request i at i (-1: none)."""
@@ -88,6 +95,23 @@ class SampledTokens:
             for i, tok in zip(self.rows, self.host.tolist()):
                 sampled[i] = tok
         return sampled
+
+    def failed(self) -> dict[int, Exception]:
+        """Request index -> why its token could not be sampled."""
+        return {} if self.sampled is None else {self.rows[j]: e for j, e in self.sampled.failed.items()}
+
+    def logprobs(self, requests: list[Request]) -> dict[int, PositionLogprobs]:
+        """Request index -> its sampled token's logprobs, for those of the step's `requests` that asked."""
+        if self.sampled is None or self.sampled.logprobs is None:
+            return {}
+        index = [i for i in self.rows if requests[i].sampling_params.logprobs is not None]
+        ks = [requests[i].sampling_params.logprobs for i in index]
+        return dict(zip(index, self.sampled.logprobs.tolist(ks), strict=True))
+
+    def prompt_logprobs(self, requests: list[Request]) -> list[tuple[int, int, list[PositionLogprobs]]]:
+        """(request index, p, logprobs of its prompt tokens p + 1, p + 2, ...) for this step's chunks."""
+        return [(i, start, lp.tolist([requests[i].sampling_params.prompt_logprobs] * len(lp.ranks)))
+                for i, start, lp in self.prompt]
 
 
 class GraphInputs:
@@ -219,18 +243,31 @@ class ModelRunner:
         """`execute` without waiting for the device: the host can schedule the next step meanwhile. Input
         tokens still PENDING are the previous launch's sampled tokens, gathered on the device."""
         self._swap(out)
-        tokens, rows = None, []
+        sampled, rows, prompt = None, [], []
         if out.requests:
             batch = self._prepare(out)
             rows = batch.sample_rows
             logits = self._forward(batch)
             if rows:
-                tokens = self.sampler(logits, [out.requests[i] for i in rows])
-                self._last_sampled = (out.requests, rows, tokens)
-        return SampledTokens.start(tokens, rows, len(out.requests), self.device)
+                sampled = self.sampler(logits[:len(rows)], [out.requests[i] for i in rows])
+                self._last_sampled = (out.requests, rows, sampled.tokens)
+            prompt = self._prompt_logprobs(out, batch, logits[len(rows):])
+        return SampledTokens.start(sampled, rows, len(out.requests), self.device, prompt)
+
+    def _prompt_logprobs(self, out: SchedulerOutput, batch: HostBatch,
+                         logits: torch.Tensor) -> list[tuple[int, int, Logprobs]]:
+        """Scores of the prompt tokens that this step's prefill chunks predict, for `prompt_logprobs`."""
+        scored, at = [], 0
+        for i, start, token_rows in batch.prompt_rows:
+            req, m = out.requests[i], len(token_rows)
+            targets = torch.tensor(req.all_token_ids[start + 1:start + 1 + m], device=self.device)
+            k = req.sampling_params.prompt_logprobs
+            scored.append((i, start, Logprobs.of(logits[at:at + m], targets, k)))
+            at += m
+        return scored
 
     def _prepare(self, out: SchedulerOutput) -> HostBatch:
-        token_ids, starts, tables, rows, pending = [], [], [], [], []
+        token_ids, starts, tables, rows, pending, scored = [], [], [], [], [], []
         for i, (req, n) in enumerate(zip(out.requests, out.num_scheduled_tokens)):
             start = req.num_computed_tokens
             tokens = req.all_token_ids
@@ -241,7 +278,13 @@ class ModelRunner:
                 rows.append(i)
                 if tokens[-1] == PENDING:
                     pending.append(i)
+            # The chunk's rows up to the last prompt token but one predict the prompt's next tokens.
+            end = min(start + n, req.num_prompt_tokens - 1)
+            if req.sampling_params.prompt_logprobs is not None and end > start:
+                scored.append((i, start, end))
         batch = self._host_batch(token_ids, starts, tables, rows)
+        qsl = batch.query_start_loc
+        batch.prompt_rows = [(i, start, qsl[i] + np.arange(end - start)) for i, start, end in scored]
         if pending:
             batch.pending_rows = batch.query_start_loc[1:][pending] - 1
             batch.pending_from = self._previous_rows([out.requests[i] for i in pending])
@@ -287,9 +330,9 @@ class ModelRunner:
             logits_index=qsl[1:][rows] - 1)
 
     def _forward(self, batch: HostBatch) -> torch.Tensor:
-        """Logits [len(batch.sample_rows), vocab] (float32) of the rows that sample."""
+        """Logits (float32) of the rows that sample, then of `batch.prompt_rows` (eager only)."""
         n = len(batch.seq_lens)
-        if batch.max_query_len == 1 and self.graphs and n <= max(self.graphs):
+        if batch.max_query_len == 1 and self.graphs and n <= max(self.graphs) and not batch.prompt_rows:
             logits = self._replay(batch)
             return logits if len(batch.sample_rows) == n else logits[batch.logits_index]
         return self._run_eager(batch)
@@ -308,7 +351,8 @@ class ModelRunner:
         if batch.pending_rows is not None:
             self._fill_pending(input_ids, batch)
         hidden = self.model(input_ids, put(batch.positions), meta)
-        return self.model.compute_logits(hidden[put(batch.logits_index)])
+        rows = np.concatenate([batch.logits_index, *(r for _, _, r in batch.prompt_rows)])
+        return self.model.compute_logits(hidden[put(rows)])
 
     # ---- CUDA graphs for decode steps ----------------------------------------------
     def _capture_graphs(self, max_num_seqs: int) -> None:

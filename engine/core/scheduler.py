@@ -107,6 +107,8 @@ class Scheduler:
             req = self.requests.get(rid)
             if req is not None:
                 self._dequeue(req)
+                if req.all_token_ids[-1] == PENDING:  # its token in flight (async) is never resolved
+                    req.all_token_ids.pop()
                 self._finish(req, status, now)
 
     def _dequeue(self, req: Request) -> None:
