@@ -62,29 +62,31 @@ class HostBatch:
 
 @dataclass(slots=True)
 class SampledTokens:
-    """A step's sampled tokens on their way to the host; `tolist()` waits for them and the step's GPU work.
-    Log-probabilities, asked for by few requests, stay on the device until read after `tolist()`."""
+    """A step's sampled tokens (and logprobs) on their way to the host; `tolist()` waits for them and the
+    step's GPU work."""
 
     host: torch.Tensor | None  # [rows] int64, pinned where the device is a GPU
     rows: list[int]  # indices into SchedulerOutput.requests of the requests that sampled
     num_requests: int
     done: torch.cuda.Event | None
-    sampled: SamplerOutput | None
+    sampled_logprobs: Logprobs | None  # of the sampled tokens, for the requests that asked
+    failures: dict[int, Exception]  # sampled row -> why it could not be sampled
     prompt: list[tuple[int, int, Logprobs]]  # (request index, first position of its chunk, its scores)
 
     @classmethod
     def start(cls, sampled: SamplerOutput | None, rows: list[int], num_requests: int, device: torch.device,
               prompt: list[tuple[int, int, Logprobs]]) -> SampledTokens:
-        tokens = None if sampled is None else sampled.tokens
+        tokens, logprobs, failed = None, None, {}
+        if sampled is not None:
+            tokens, logprobs, failed = sampled.tokens, sampled.logprobs, sampled.failed
         if device.type != "cuda":
-            return cls(tokens, rows, num_requests, None, sampled, prompt)
-        host = None
-        if tokens is not None:
-            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            host.copy_(tokens, non_blocking=True)
+            return cls(tokens, rows, num_requests, None, logprobs, failed, prompt)
+        host = None if tokens is None else _to_host(tokens)
+        logprobs = None if logprobs is None else logprobs.map(_to_host)
+        prompt = [(i, start, lp.map(_to_host)) for i, start, lp in prompt]
         done = torch.cuda.Event()
         done.record()  # also when nothing sampled: the step's measured duration covers its GPU work
-        return cls(host, rows, num_requests, done, sampled, prompt)
+        return cls(host, rows, num_requests, done, logprobs, failed, prompt)
 
     def tolist(self) -> list[int]:
         """The token of request i at i (-1: none)."""
@@ -98,20 +100,26 @@ class SampledTokens:
 
     def failed(self) -> dict[int, Exception]:
         """Request index -> why its token could not be sampled."""
-        return {} if self.sampled is None else {self.rows[j]: e for j, e in self.sampled.failed.items()}
+        return {self.rows[j]: e for j, e in self.failures.items()}
 
     def logprobs(self, requests: list[Request]) -> dict[int, PositionLogprobs]:
         """Request index -> its sampled token's logprobs, for those of the step's `requests` that asked."""
-        if self.sampled is None or self.sampled.logprobs is None:
+        if self.sampled_logprobs is None:
             return {}
         index = [i for i in self.rows if requests[i].sampling_params.logprobs is not None]
         ks = [requests[i].sampling_params.logprobs for i in index]
-        return dict(zip(index, self.sampled.logprobs.tolist(ks), strict=True))
+        return dict(zip(index, self.sampled_logprobs.tolist(ks), strict=True))
 
     def prompt_logprobs(self, requests: list[Request]) -> list[tuple[int, int, list[PositionLogprobs]]]:
         """(request index, p, logprobs of its prompt tokens p + 1, p + 2, ...) for this step's chunks."""
         return [(i, start, lp.tolist([requests[i].sampling_params.prompt_logprobs] * len(lp.ranks)))
                 for i, start, lp in self.prompt]
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """Start copying `t` to pinned host memory; it is there once the step's done event has passed."""
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
 
 
 class GraphInputs:

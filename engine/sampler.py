@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,9 @@ class Logprobs:
         top_lp, top_ids = lp.topk(k, dim=-1)
         return cls(torch.cat([chosen[:, None], top_ids], dim=1), torch.cat([chosen_lp, top_lp], dim=1),
                    (lp > chosen_lp).sum(dim=-1) + 1)
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Logprobs:
+        return Logprobs(fn(self.token_ids), fn(self.logprobs), fn(self.ranks))
 
     def tolist(self, ks: list[int]) -> list[dict[int, Logprob]]:
         """Row i as {chosen token: ..., then its `ks[i]` most likely tokens}, as vLLM's `logprobs` entries."""
