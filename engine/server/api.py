@@ -258,11 +258,15 @@ def _choice_params(params: SamplingParams, j: int, rank: bool) -> SamplingParams
 
 
 async def _first_updates(streams: list[AsyncIterator[Update]]) -> list[Update]:
-    """The first update of each stream: a bad request (the engine's ValueError) surfaces here, before any
-    response has begun; then every stream is closed (aborted)."""
+    """The first update of each stream, all submitted at once so that they batch together. A bad request
+    (the engine's ValueError) surfaces here, before any response has begun; then every stream is aborted."""
+    firsts = [asyncio.ensure_future(anext(s)) for s in streams]
     try:
-        return [await anext(s) for s in streams]
+        return list(await asyncio.gather(*firsts))
     except BaseException:
+        for first in firsts:
+            first.cancel()
+        await asyncio.gather(*firsts, return_exceptions=True)
         for s in streams:
             await s.aclose()
         raise
