@@ -196,15 +196,15 @@ class LLMEngine:
         return outputs
 
     def _fail(self, out: SchedulerOutput, result: SampledTokens, now: float) -> list[RequestOutput]:
-        """End the requests whose token could not be sampled (finish reason "error"), before their
-        placeholder tokens land; the rest of the step goes on."""
+        """End the requests whose part of the step failed (finish reason "error"), before their placeholder
+        tokens land; the rest of the step goes on."""
         outputs = []
-        for i, error in result.failed().items():
+        for i, error in result.failures.items():
             rid = out.requests[i].request_id
             tracked = self._tracked.pop(rid, None)
             if tracked is None:
                 continue
-            logger.error("request %s failed in sampling: %r", rid, error)
+            logger.error("request %s failed in its step: %r", rid, error)
             self.scheduler.finish_requests([rid], RequestStatus.FINISHED_ERROR, now)
             self.runner.sampler.forget(rid)
             outputs.append(self._output(tracked))

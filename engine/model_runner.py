@@ -70,23 +70,21 @@ class SampledTokens:
     num_requests: int
     done: torch.cuda.Event | None
     sampled_logprobs: Logprobs | None  # of the sampled tokens, for the requests that asked
-    failures: dict[int, Exception]  # sampled row -> why it could not be sampled
     prompt: list[tuple[int, int, Logprobs]]  # (request index, first position of its chunk, its scores)
+    failures: dict[int, Exception]  # request index -> why its part of the step failed (the rest went on)
 
     @classmethod
     def start(cls, sampled: SamplerOutput | None, rows: list[int], num_requests: int, device: torch.device,
-              prompt: list[tuple[int, int, Logprobs]]) -> SampledTokens:
-        tokens, logprobs, failed = None, None, {}
-        if sampled is not None:
-            tokens, logprobs, failed = sampled.tokens, sampled.logprobs, sampled.failed
+              prompt: list[tuple[int, int, Logprobs]], failures: dict[int, Exception]) -> SampledTokens:
+        tokens, logprobs = (None, None) if sampled is None else (sampled.tokens, sampled.logprobs)
         if device.type != "cuda":
-            return cls(tokens, rows, num_requests, None, logprobs, failed, prompt)
+            return cls(tokens, rows, num_requests, None, logprobs, prompt, failures)
         host = None if tokens is None else _to_host(tokens)
         logprobs = None if logprobs is None else logprobs.map(_to_host)
         prompt = [(i, start, lp.map(_to_host)) for i, start, lp in prompt]
         done = torch.cuda.Event()
         done.record()  # also when nothing sampled: the step's measured duration covers its GPU work
-        return cls(host, rows, num_requests, done, logprobs, failed, prompt)
+        return cls(host, rows, num_requests, done, logprobs, prompt, failures)
 
     def tolist(self) -> list[int]:
         """The token of request i at i (-1: none)."""
@@ -97,10 +95,6 @@ class SampledTokens:
             for i, tok in zip(self.rows, self.host.tolist()):
                 sampled[i] = tok
         return sampled
-
-    def failed(self) -> dict[int, Exception]:
-        """Request index -> why its token could not be sampled."""
-        return {self.rows[j]: e for j, e in self.failures.items()}
 
     def logprobs(self, requests: list[Request]) -> dict[int, PositionLogprobs]:
         """Request index -> its sampled token's logprobs, for those of the step's `requests` that asked."""
@@ -251,7 +245,7 @@ class ModelRunner:
         """`execute` without waiting for the device: the host can schedule the next step meanwhile. Input
         tokens still PENDING are the previous launch's sampled tokens, gathered on the device."""
         self._swap(out)
-        sampled, rows, prompt = None, [], []
+        sampled, rows, prompt, failures = None, [], [], {}
         if out.requests:
             batch = self._prepare(out)
             rows = batch.sample_rows
@@ -259,18 +253,23 @@ class ModelRunner:
             if rows:
                 sampled = self.sampler(logits[:len(rows)], [out.requests[i] for i in rows])
                 self._last_sampled = (out.requests, rows, sampled.tokens)
-            prompt = self._prompt_logprobs(out, batch, logits[len(rows):])
-        return SampledTokens.start(sampled, rows, len(out.requests), self.device, prompt)
+                failures = {rows[j]: e for j, e in sampled.failed.items()}
+            prompt = self._prompt_logprobs(out, batch, logits[len(rows):], failures)
+        return SampledTokens.start(sampled, rows, len(out.requests), self.device, prompt, failures)
 
-    def _prompt_logprobs(self, out: SchedulerOutput, batch: HostBatch,
-                         logits: torch.Tensor) -> list[tuple[int, int, Logprobs]]:
-        """Scores of the prompt tokens that this step's prefill chunks predict, for `prompt_logprobs`."""
+    def _prompt_logprobs(self, out: SchedulerOutput, batch: HostBatch, logits: torch.Tensor,
+                         failures: dict[int, Exception]) -> list[tuple[int, int, Logprobs]]:
+        """Scores of the prompt tokens that this step's prefill chunks predict, for `prompt_logprobs`; a
+        request whose scores cannot be computed (a long chunk's memory, say) goes to `failures` alone."""
         scored, at = [], 0
         for i, start, token_rows in batch.prompt_rows:
             req, m = out.requests[i], len(token_rows)
             targets = torch.tensor(req.all_token_ids[start + 1:start + 1 + m], device=self.device)
-            k = req.sampling_params.prompt_logprobs
-            scored.append((i, start, Logprobs.of(logits[at:at + m], targets, k)))
+            try:
+                scored.append((i, start, Logprobs.of(logits[at:at + m], targets,
+                                                     req.sampling_params.prompt_logprobs)))
+            except Exception as e:
+                failures[i] = e
             at += m
         return scored
 

@@ -73,7 +73,10 @@ class Sampler:
         if rows:
             k = max(reqs[i].sampling_params.logprobs for i in rows)
             index = torch.tensor(rows, device=logits.device)
-            logprobs = Logprobs.of(logits[index], tokens[index], k)
+            try:
+                logprobs = Logprobs.of(logits[index], tokens[index], k)
+            except Exception as e:  # the requests that asked for logprobs fail, not the batch
+                failed |= dict.fromkeys(rows, e)
         return SamplerOutput(tokens, logprobs, failed)
 
     def _sample_rows(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[torch.Tensor, dict]:

@@ -395,6 +395,18 @@ def test_failing_inputs_are_refused_or_fail_alone_and_the_engine_serves_on(serve
         resp = httpx.post(url, json={"prompt": "Hello", "top_k": 13, "stream": True})
         assert resp.status_code == 500  # failed before its stream began
         assert_internal_error(resp.json()["error"])
+        real_of = sampler_module.Logprobs.of
+
+        def failing_of(logits, chosen, k):  # as if 7 logprobs of a long prompt ran out of memory
+            if k == 7:
+                raise RuntimeError("secret: out of memory")
+            return real_of(logits, chosen, k)
+
+        monkeypatch.setattr(sampler_module.Logprobs, "of", staticmethod(failing_of))
+        for echo in (False, True):  # the sampled tokens' logprobs fail; with echo, the prompt's too
+            resp = httpx.post(url, json={"prompt": "Hello", "logprobs": 7, "echo": echo, "temperature": 0})
+            assert resp.status_code == 500
+            assert_internal_error(resp.json()["error"])
         events = sse_events(list(lines))
     assert events[-1] == "[DONE]" and all("error" not in e for e in events[:-1])
     assert sum(1 for e in events[:-1] if e["choices"]) == 199  # the neighbour's other 199 tokens
