@@ -13,8 +13,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_model import build_tiny_model
 
-# Property tests run 150 examples each by default; CI's slow job passes --hypothesis-profile=thorough, whose
-# 20,000 examples find rare interleavings (a preemption while a first token is in flight) on every seed.
+# Property tests that set no max_examples run 150; CI's slow job passes --hypothesis-profile=thorough, whose
+# 20,000 find rare interleavings that 150 miss (a preemption while a first token is in flight).
 settings.register_profile("quick", max_examples=150)
 settings.register_profile("thorough", max_examples=20_000)
 settings.load_profile("quick")
