@@ -172,7 +172,7 @@ class LLMEngine:
         self._dropped.clear()
         if not self.args.async_scheduling:
             if not out.empty:
-                result = self.runner.launch(out)
+                result = self.runner.execute(out)
                 sampled = result.tolist()
                 now = self.now()
                 outputs += self._fail(out, result, now)

@@ -86,10 +86,13 @@ class SampledTokens:
         done.record()  # also when nothing sampled: the step's measured duration covers its GPU work
         return cls(host, rows, num_requests, done, logprobs, prompt, failures)
 
-    def tolist(self) -> list[int]:
-        """The token of request i at i (-1: none)."""
+    def wait(self) -> None:
         if self.done is not None:
             self.done.synchronize()
+
+    def tolist(self) -> list[int]:
+        """The token of request i at i (-1: none)."""
+        self.wait()
         sampled = [-1] * self.num_requests
         if self.host is not None:
             for i, tok in zip(self.rows, self.host.tolist()):
@@ -236,9 +239,11 @@ class ModelRunner:
             self.kv_cache[:, :, gpu] = self.cpu_cache[:, :, cpu].to(self.device, non_blocking=True)
 
     # ---- one step -----------------------------------------------------------------
-    def execute(self, out: SchedulerOutput) -> list[int]:
-        """Swap, run the step's forward and sample; the token of `out.requests[i]` is at i (-1: none)."""
-        return self.launch(out).tolist()
+    def execute(self, out: SchedulerOutput) -> SampledTokens:
+        """Swap, run the step's forward and sample, and wait for the device (the step is done on return)."""
+        result = self.launch(out)
+        result.wait()
+        return result
 
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput) -> SampledTokens:
