@@ -79,7 +79,8 @@ class Sampler:
                 failed |= dict.fromkeys(rows, e)
         return SamplerOutput(tokens, logprobs, failed)
 
-    def _sample_rows(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[torch.Tensor, dict]:
+    def _sample_rows(self, logits: torch.Tensor,
+                     reqs: list[Request]) -> tuple[torch.Tensor, dict[int, Exception]]:
         """After the batch failed: one row at a time, so that a row that fails alone names its request."""
         tokens = logits.argmax(dim=-1)  # a placeholder for failed rows; their requests end with an error
         failed = {}
