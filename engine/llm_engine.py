@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import gc
+import logging
 import time
 from dataclasses import dataclass
 
@@ -17,8 +18,10 @@ from servebench.engine.core.scheduler import Scheduler
 from servebench.engine.core.scheduler_output import SchedulerOutput
 from servebench.engine.detokenizer import Detokenizer
 from servebench.engine.model_runner import ModelRunner, SampledTokens
-from servebench.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from servebench.engine.outputs import CompletionOutput, PositionLogprobs, RequestMetrics, RequestOutput
 from transformers import AutoTokenizer
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -39,6 +42,9 @@ class _Tracked:
     prompt: str | None
     detokenizer: Detokenizer
     num_reported: int = 0  # output tokens already returned by step()
+    logprobs: list[PositionLogprobs] | None = None  # per output token, when SamplingParams.logprobs is set
+    cumulative_logprob: float | None = None
+    prompt_logprobs: list[PositionLogprobs | None] | None = None  # per prompt token (the first: None)
 
 
 class LLMEngine:
@@ -110,10 +116,16 @@ class LLMEngine:
             params = dataclasses.replace(params, stop_token_ids=[*params.stop_token_ids, *self._extra_eos])
         now = self.now()
         arrival = arrival_time if arrival_time is not None else now
+        # Prompt logprobs need every prompt token computed: no prefix-cache hits on other requests' blocks.
+        salt = (request_id,) if params.prompt_logprobs is not None else ()
         req = Request(request_id, list(prompt_token_ids), params, arrival, priority,
-                      eos_token_id=self.eos_token_id)
+                      eos_token_id=self.eos_token_id, cache_salt=salt)
         detok = Detokenizer(self.tokenizer.backend_tokenizer, req.prompt_token_ids, params.stop)
         self._tracked[request_id] = tracked = _Tracked(req, prompt, detok)
+        if params.logprobs is not None:
+            tracked.logprobs, tracked.cumulative_logprob = [], 0.0
+        if params.prompt_logprobs is not None:
+            tracked.prompt_logprobs = [None] * req.num_prompt_tokens
         if not self.scheduler.add_request(req, now):  # shed on arrival: the waiting queue is full
             self._dropped.append(tracked)
 
@@ -129,6 +141,11 @@ class LLMEngine:
                              f"exceeds max_model_len={limit}")
         if min(ids) < 0 or max(ids) >= self.vocab_size:
             raise ValueError(f"request {request_id}: prompt token ids must be in [0, {self.vocab_size})")
+        for name in ("top_k", "logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > self.vocab_size:
+                raise ValueError(f"request {request_id}: {name} must be at most the vocabulary size "
+                                 f"{self.vocab_size}, got {value}")
 
     def abort_request(self, request_id: str) -> None:
         """End a request now and free its KV blocks; unknown or finished ids are ignored."""
@@ -155,23 +172,55 @@ class LLMEngine:
         self._dropped.clear()
         if not self.args.async_scheduling:
             if not out.empty:
-                sampled = self.runner.execute(out)
+                result = self.runner.execute(out)
+                sampled = result.tolist()
                 now = self.now()
+                outputs += self._fail(out, result, now)
                 self.scheduler.update(out, sampled, now)
+                self._record_logprobs(out, result)
                 outputs += self._collect(out, now, final_only)
             return outputs
         # Async: launch this step, then wait for the previous one's tokens while the GPU runs it.
         launched = None if out.empty else (out, self.runner.launch(out))
         if self._in_flight is not None:
-            prev, tokens = self._in_flight
-            sampled = tokens.tolist()
+            prev, result = self._in_flight
+            sampled = result.tolist()
             now = self.now()
+            outputs += self._fail(prev, result, now)
             self.scheduler.resolve(prev, sampled, now)
+            self._record_logprobs(prev, result)
             outputs += self._collect(prev, now, final_only)
         if launched is not None:
             self.scheduler.advance(out)
         self._in_flight = launched
         return outputs
+
+    def _fail(self, out: SchedulerOutput, result: SampledTokens, now: float) -> list[RequestOutput]:
+        """End the requests whose part of the step failed (finish reason "error"), before their placeholder
+        tokens land; the rest of the step goes on."""
+        outputs = []
+        for i, error in result.failures.items():
+            rid = out.requests[i].request_id
+            tracked = self._tracked.pop(rid, None)
+            if tracked is None:
+                continue
+            logger.error("request %s failed in its step: %r", rid, error)
+            self.scheduler.finish_requests([rid], RequestStatus.FINISHED_ERROR, now)
+            self.runner.sampler.forget(rid)
+            outputs.append(self._output(tracked))
+        return outputs
+
+    def _record_logprobs(self, out: SchedulerOutput, result: SampledTokens) -> None:
+        """Keep the step's logprobs of the requests that asked, with the tokens they belong to."""
+        for i, position in result.logprobs(out.requests).items():
+            tracked = self._tracked.get(out.requests[i].request_id)
+            if tracked is not None and len(tracked.logprobs) < tracked.req.num_output_tokens:
+                tracked.logprobs.append(position)
+                tracked.cumulative_logprob += next(iter(position.values())).logprob
+        for i, start, positions in result.prompt_logprobs(out.requests):
+            tracked = self._tracked.get(out.requests[i].request_id)
+            if tracked is not None:  # a recomputed prefill (preemption) writes the same values again
+                tracked.prompt_logprobs[start + 1:start + 1 + len(positions)] = positions
 
     def _collect(self, out: SchedulerOutput, now: float, final_only: bool) -> list[RequestOutput]:
         """Outputs of the step's requests that got tokens or finished."""
@@ -205,10 +254,15 @@ class LLMEngine:
 
     def _output(self, tracked: _Tracked) -> RequestOutput:
         req = tracked.req
+        # Copies: the server reads them in another thread while this one appends.
+        logprobs = None if tracked.logprobs is None else list(tracked.logprobs)
         completion = CompletionOutput(0, tracked.detokenizer.text, req.output_token_ids,
-                                      finish_reason=req.finish_reason, stop_reason=req.stop_reason)
+                                      tracked.cumulative_logprob, logprobs, req.finish_reason,
+                                      req.stop_reason)
+        prompt_logprobs = None if tracked.prompt_logprobs is None else list(tracked.prompt_logprobs)
         return RequestOutput(req.request_id, tracked.prompt, req.prompt_token_ids, [completion],
-                             req.status.finished, RequestMetrics.of(req), max(req.num_cached_tokens, 0))
+                             req.status.finished, RequestMetrics.of(req), max(req.num_cached_tokens, 0),
+                             prompt_logprobs)
 
     @property
     def stats(self) -> EngineStats:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -13,7 +13,8 @@ from servebench.engine.core.request import PENDING, Request
 from servebench.engine.core.scheduler_output import SchedulerOutput
 from servebench.engine.loader import load_model
 from servebench.engine.models import AttentionMetadata
-from servebench.engine.sampler import Sampler
+from servebench.engine.outputs import PositionLogprobs
+from servebench.engine.sampler import Logprobs, Sampler, SamplerOutput
 
 # Without a GPU to measure, the KV cache gets this much host memory unless told otherwise.
 CPU_KV_CACHE_BYTES = 1 << 30
@@ -55,39 +56,67 @@ class HostBatch:
     # that hold them.
     pending_rows: np.ndarray | None = None
     pending_from: np.ndarray | None = None
+    # prompt_logprobs: (request index, first position of its chunk, token rows whose logits score the prompt)
+    prompt_rows: list[tuple[int, int, np.ndarray]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
 class SampledTokens:
-    """A step's sampled tokens on their way to the host; `tolist()` waits for them and the step's GPU work."""
+    """A step's sampled tokens (and logprobs) on their way to the host; `tolist()` waits for them and the
+    step's GPU work."""
 
     host: torch.Tensor | None  # [rows] int64, pinned where the device is a GPU
     rows: list[int]  # indices into SchedulerOutput.requests of the requests that sampled
     num_requests: int
     done: torch.cuda.Event | None
+    sampled_logprobs: Logprobs | None  # of the sampled tokens, for the requests that asked
+    prompt: list[tuple[int, int, Logprobs]]  # (request index, first position of its chunk, its scores)
+    failures: dict[int, Exception]  # request index -> why its part of the step failed (the rest went on)
 
     @classmethod
-    def start(cls, tokens: torch.Tensor | None, rows: list[int], num_requests: int,
-              device: torch.device) -> SampledTokens:
+    def start(cls, sampled: SamplerOutput | None, rows: list[int], num_requests: int, device: torch.device,
+              prompt: list[tuple[int, int, Logprobs]], failures: dict[int, Exception]) -> SampledTokens:
+        tokens, logprobs = (None, None) if sampled is None else (sampled.tokens, sampled.logprobs)
         if device.type != "cuda":
-            return cls(tokens, rows, num_requests, None)
-        host = None
-        if tokens is not None:
-            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            host.copy_(tokens, non_blocking=True)
+            return cls(tokens, rows, num_requests, None, logprobs, prompt, failures)
+        host = None if tokens is None else _to_host(tokens)
+        logprobs = None if logprobs is None else logprobs.map(_to_host)
+        prompt = [(i, start, lp.map(_to_host)) for i, start, lp in prompt]
         done = torch.cuda.Event()
         done.record()  # also when nothing sampled: the step's measured duration covers its GPU work
-        return cls(host, rows, num_requests, done)
+        return cls(host, rows, num_requests, done, logprobs, prompt, failures)
+
+    def wait(self) -> None:
+        if self.done is not None:
+            self.done.synchronize()
 
     def tolist(self) -> list[int]:
         """The token of request i at i (-1: none)."""
-        if self.done is not None:
-            self.done.synchronize()
+        self.wait()
         sampled = [-1] * self.num_requests
         if self.host is not None:
             for i, tok in zip(self.rows, self.host.tolist()):
                 sampled[i] = tok
         return sampled
+
+    def logprobs(self, requests: list[Request]) -> dict[int, PositionLogprobs]:
+        """Request index -> its sampled token's logprobs, for those of the step's `requests` that asked."""
+        if self.sampled_logprobs is None:
+            return {}
+        index = [i for i in self.rows if requests[i].sampling_params.logprobs is not None]
+        ks = [requests[i].sampling_params.logprobs for i in index]
+        return dict(zip(index, self.sampled_logprobs.tolist(ks), strict=True))
+
+    def prompt_logprobs(self, requests: list[Request]) -> list[tuple[int, int, list[PositionLogprobs]]]:
+        """(request index, p, logprobs of its prompt tokens p + 1, p + 2, ...) for this step's chunks."""
+        return [(i, start, lp.tolist([requests[i].sampling_params.prompt_logprobs] * len(lp.ranks)))
+                for i, start, lp in self.prompt]
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """Start copying `t` to pinned host memory; it is there once the step's done event has passed."""
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
 
 
 class GraphInputs:
@@ -210,27 +239,47 @@ class ModelRunner:
             self.kv_cache[:, :, gpu] = self.cpu_cache[:, :, cpu].to(self.device, non_blocking=True)
 
     # ---- one step -----------------------------------------------------------------
-    def execute(self, out: SchedulerOutput) -> list[int]:
-        """Swap, run the step's forward and sample; the token of `out.requests[i]` is at i (-1: none)."""
-        return self.launch(out).tolist()
+    def execute(self, out: SchedulerOutput) -> SampledTokens:
+        """Swap, run the step's forward and sample, and wait for the device (the step is done on return)."""
+        result = self.launch(out)
+        result.wait()
+        return result
 
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput) -> SampledTokens:
         """`execute` without waiting for the device: the host can schedule the next step meanwhile. Input
         tokens still PENDING are the previous launch's sampled tokens, gathered on the device."""
         self._swap(out)
-        tokens, rows = None, []
+        sampled, rows, prompt, failures = None, [], [], {}
         if out.requests:
             batch = self._prepare(out)
             rows = batch.sample_rows
             logits = self._forward(batch)
             if rows:
-                tokens = self.sampler(logits, [out.requests[i] for i in rows])
-                self._last_sampled = (out.requests, rows, tokens)
-        return SampledTokens.start(tokens, rows, len(out.requests), self.device)
+                sampled = self.sampler(logits[:len(rows)], [out.requests[i] for i in rows])
+                self._last_sampled = (out.requests, rows, sampled.tokens)
+                failures = {rows[j]: e for j, e in sampled.failed.items()}
+            prompt = self._prompt_logprobs(out, batch, logits[len(rows):], failures)
+        return SampledTokens.start(sampled, rows, len(out.requests), self.device, prompt, failures)
+
+    def _prompt_logprobs(self, out: SchedulerOutput, batch: HostBatch, logits: torch.Tensor,
+                         failures: dict[int, Exception]) -> list[tuple[int, int, Logprobs]]:
+        """Scores of the prompt tokens that this step's prefill chunks predict, for `prompt_logprobs`; a
+        request whose scores cannot be computed (a long chunk's memory, say) goes to `failures` alone."""
+        scored, at = [], 0
+        for i, start, token_rows in batch.prompt_rows:
+            req, m = out.requests[i], len(token_rows)
+            targets = torch.tensor(req.all_token_ids[start + 1:start + 1 + m], device=self.device)
+            try:
+                scored.append((i, start, Logprobs.of(logits[at:at + m], targets,
+                                                     req.sampling_params.prompt_logprobs)))
+            except Exception as e:
+                failures[i] = e
+            at += m
+        return scored
 
     def _prepare(self, out: SchedulerOutput) -> HostBatch:
-        token_ids, starts, tables, rows, pending = [], [], [], [], []
+        token_ids, starts, tables, rows, pending, scored = [], [], [], [], [], []
         for i, (req, n) in enumerate(zip(out.requests, out.num_scheduled_tokens)):
             start = req.num_computed_tokens
             tokens = req.all_token_ids
@@ -241,7 +290,13 @@ class ModelRunner:
                 rows.append(i)
                 if tokens[-1] == PENDING:
                     pending.append(i)
+            # The chunk's rows up to the last prompt token but one predict the prompt's next tokens.
+            end = min(start + n, req.num_prompt_tokens - 1)
+            if req.sampling_params.prompt_logprobs is not None and end > start:
+                scored.append((i, start, end))
         batch = self._host_batch(token_ids, starts, tables, rows)
+        qsl = batch.query_start_loc
+        batch.prompt_rows = [(i, start, qsl[i] + np.arange(end - start)) for i, start, end in scored]
         if pending:
             batch.pending_rows = batch.query_start_loc[1:][pending] - 1
             batch.pending_from = self._previous_rows([out.requests[i] for i in pending])
@@ -287,9 +342,9 @@ class ModelRunner:
             logits_index=qsl[1:][rows] - 1)
 
     def _forward(self, batch: HostBatch) -> torch.Tensor:
-        """Logits [len(batch.sample_rows), vocab] (float32) of the rows that sample."""
+        """Logits (float32) of the rows that sample, then of `batch.prompt_rows` (eager only)."""
         n = len(batch.seq_lens)
-        if batch.max_query_len == 1 and self.graphs and n <= max(self.graphs):
+        if batch.max_query_len == 1 and self.graphs and n <= max(self.graphs) and not batch.prompt_rows:
             logits = self._replay(batch)
             return logits if len(batch.sample_rows) == n else logits[batch.logits_index]
         return self._run_eager(batch)
@@ -308,7 +363,8 @@ class ModelRunner:
         if batch.pending_rows is not None:
             self._fill_pending(input_ids, batch)
         hidden = self.model(input_ids, put(batch.positions), meta)
-        return self.model.compute_logits(hidden[put(batch.logits_index)])
+        rows = np.concatenate([batch.logits_index, *(r for _, _, r in batch.prompt_rows)])
+        return self.model.compute_logits(hidden[put(rows)])
 
     # ---- CUDA graphs for decode steps ----------------------------------------------
     def _capture_graphs(self, max_num_seqs: int) -> None:

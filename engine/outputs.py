@@ -8,13 +8,25 @@ from servebench.engine.core.request import Request
 
 
 @dataclass(slots=True)
+class Logprob:
+    """One token's log-probability under the model (before temperature and top-k/p), as in vLLM."""
+
+    logprob: float
+    rank: int  # 1: the most likely token
+
+
+# One position's log-probabilities: the chosen token first, then the most likely ones (vLLM's layout).
+PositionLogprobs = dict[int, Logprob]
+
+
+@dataclass(slots=True)
 class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
     cumulative_logprob: float | None = None
-    logprobs: list | None = None
-    finish_reason: str | None = None  # stop | length | abort, None while running
+    logprobs: list[PositionLogprobs] | None = None  # one per token when SamplingParams.logprobs is set
+    finish_reason: str | None = None  # stop | length | abort | error, None while running
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
 
     def finished(self) -> bool:
@@ -50,3 +62,5 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     num_cached_tokens: int = 0
+    # With SamplingParams.prompt_logprobs: one per prompt token, None for the first (nothing predicts it).
+    prompt_logprobs: list[PositionLogprobs | None] | None = None

@@ -45,6 +45,7 @@ from servebench.engine.dummy import resolve_model
 
 if TYPE_CHECKING:
     from servebench.engine.llm_engine import LLMEngine
+    from servebench.engine.model_runner import SampledTokens
 
 REPO = Path(__file__).resolve().parents[1]
 LINEAR_CHUNK = 128  # tokens per sequence in `linear` points: long enough to be matmul-bound, attention ~0
@@ -232,7 +233,7 @@ class Profiler:
         runner_execute = self.runner.execute
         spent: list[tuple[float, float]] = []  # (execute s, mean decode context) of each loop step
 
-        def timed_execute(out: SchedulerOutput) -> list[int]:
+        def timed_execute(out: SchedulerOutput) -> SampledTokens:
             t0 = time.perf_counter()
             sampled = runner_execute(out)
             elapsed = time.perf_counter() - t0

@@ -125,6 +125,33 @@ def test_preemption_matches_hf(tiny_llama_dir, mode, async_scheduling):
     assert llm.engine.stats.num_free_blocks == 16
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_logprobs_match_hf(tiny_llama_dir, async_scheduling):
+    """Prompt and sampled-token logprobs equal HF's log-softmax, with prompts cut in chunks, preempted
+    (recompute) and sharing a prefix with an earlier request in the prefix cache."""
+    llm = LLM(model=str(tiny_llama_dir), dtype="float32", device="cpu", max_model_len=256,
+              num_gpu_blocks_override=16, preemption_mode="recompute", enable_chunked_prefill=True,
+              max_num_batched_tokens=16, enable_prefix_caching=True, async_scheduling=async_scheduling)
+    llm.generate(PREFIX_PROMPTS[:1], GREEDY, use_tqdm=False)
+    params = SamplingParams(temperature=0.0, max_tokens=40, logprobs=2, prompt_logprobs=1)
+    outs = llm.generate(PROMPTS + PREFIX_PROMPTS[1:], params, use_tqdm=False)
+    assert llm.engine.stats.num_preemptions > 0
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    for out in outs:
+        completion = out.outputs[0]
+        ids = out.prompt_token_ids + completion.token_ids
+        with torch.no_grad():
+            logprobs = hf(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+        want = logprobs.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+        assert out.prompt_logprobs[0] is None
+        positions = out.prompt_logprobs[1:] + completion.logprobs
+        got = [p[t].logprob for p, t in zip(positions, ids[1:], strict=True)]
+        torch.testing.assert_close(torch.tensor(got), want, atol=1e-4, rtol=0)
+        assert all(p[t].rank == 1 for p, t in zip(completion.logprobs, completion.token_ids))  # greedy
+        sampled = got[len(out.prompt_token_ids) - 1:]
+        assert completion.cumulative_logprob == pytest.approx(sum(sampled), abs=1e-4)
+
+
 def test_sampling_example_runs_and_is_recorded(tiny_llama_dir):
     llm = LLM(model=str(tiny_llama_dir), dtype="float32")
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0.8, top_p=0.95, max_tokens=100))

@@ -138,6 +138,32 @@ def test_abort_frees_blocks_at_once():
     assert sched.recorder.requests_table()["finish_reason"] == ["abort"]
 
 
+def test_request_preempted_with_its_first_token_in_flight_is_not_shed():
+    """Async scheduling schedules step k + 1 before step k's tokens are known. A request preempted then is
+    past its TTFT SLO, but its first token exists: it stays, and ends with real tokens only (shedding it
+    returned the in-flight placeholder, -1, as a token)."""
+    cfg = SchedulerConfig(max_model_len=32, max_num_batched_tokens=64, shed_ttft_ms=500,
+                          preemption_mode="recompute")
+    sched = Scheduler(cfg, CacheConfig(block_size=16, enable_prefix_caching=False), 2)
+    reqs = [make(16, "a"), make(16, "b", base=100)]
+    for req in reqs:
+        sched.add_request(req, 0.0)
+    first = sched.schedule(0.0)
+    sched.advance(first)  # both first tokens in flight
+    second = sched.schedule(1.0)  # one block left for two decodes: one is preempted, 1 s after arrival
+    assert second.preempted and not second.shed
+    sched.resolve(first, [7, 7], 1.0)
+    sched.advance(second)
+    t, prev = 2.0, second
+    while sched.has_unfinished_requests():
+        out = sched.schedule(t)
+        sched.resolve(prev, [7] * len(prev.requests), t)
+        sched.advance(out)
+        t, prev = t + 1, out
+    assert sched.num_shed == 0
+    assert [r.output_token_ids for r in reqs] == [[7] * 4] * 2
+
+
 def test_unknown_policy_name_is_a_clear_error():
     with pytest.raises(ValueError, match="scheduler.queue_policy: unknown value 'sjf'"):
         Scheduler(SchedulerConfig(queue_policy="sjf", max_model_len=16), CacheConfig(), 8)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 import time
@@ -13,6 +14,7 @@ import numpy as np
 import openai
 import pytest
 import uvicorn
+from servebench.engine import sampler as sampler_module
 from servebench.engine.config import EngineArgs
 from servebench.engine.server.api import build_app
 from servebench.workbench.metrics import REQUEST_COLUMNS, summarize
@@ -228,12 +230,41 @@ BAD_INPUTS = [  # (route, JSON body or raw bytes, the param the error names)
     ("completions", {"prompt": "Hello", "top_p": 0}, "top_p"),
     ("completions", {"prompt": "Hello", "top_p": 1.5}, "top_p"),
     ("completions", {"prompt": "Hello", "max_tokens": 0}, "max_tokens"),
-    ("completions", {"prompt": "Hello", "n": 2}, "n"),
+    ("completions", {"prompt": "Hello", "n": 0}, "n"),
     ("completions", {"prompt": "Hello", "seed": 2**70}, "seed"),
+    ("completions", {"prompt": "Hello", "seed": -(2**63) - 1}, "seed"),
+    ("completions", {"prompt": "Hello", "top_k": 2**63, "top_p": 0.5}, "top_k"),
+    ("completions", {"prompt": "Hello", "top_k": -2}, "top_k"),
+    ("completions", {"prompt": "Hello", "max_tokens": "5"}, "max_tokens"),  # strict types: no coercion
+    ("completions", {"prompt": "Hello", "temperature": "0.5"}, "temperature"),
+    ("completions", {"prompt": "Hello", "stream": 1}, "stream"),
+    ("completions", b'{"prompt": "Hello", "temperature": 1e999}', "temperature"),
+    ("completions", {"prompt": "Hello", "stop": ""}, "stop"),
+    ("completions", {"prompt": "Hello", "stop": ["a", ""]}, "stop"),
+    ("completions", {"prompt": "Hello", "logprobs": 21}, "logprobs"),
+    ("completions", {"prompt": "Hello", "n": 2, "best_of": 1}, "best_of"),
+    ("completions", {"prompt": "Hello", "best_of": 2, "stream": True}, "best_of"),
+    ("completions", {"prompt": "Hello", "suffix": "!"}, "suffix"),
+    ("completions", {"prompt": "Hello", "frequency_penalty": 0.5}, "frequency_penalty"),
+    ("completions", {"prompt": "Hello", "logit_bias": {"5": 1}}, "logit_bias"),
+    ("completions", {"prompt": "Hello", "response_format": {"type": "json_object"}}, "response_format"),
+    ("completions", {"prompt": "Hello", "some_new_field": 1}, "some_new_field"),
+    ("completions", b'{"prompt": "ab\\ud800cd"}', None),  # a lone surrogate
+    ("completions", b'{"prompt": "ab\xff"}', None),  # invalid UTF-8
     ("chat/completions", {"model": MODEL}, "messages"),
     ("chat/completions", {"messages": []}, "messages"),
     ("chat/completions", {"messages": [{"content": "hi"}]}, "messages"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi", "tool_calls": []}]}, "messages"),
+    ("chat/completions", b'{"messages": [{"role": "user", "content": "ab\\udc00"}]}', None),
     ("chat/completions", {"messages": CHAT, "max_tokens": 250}, "max_tokens"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "Hello there " * 200}]}, "messages"),
+    ("chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}}, "response_format"),
+    ("chat/completions", {"messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {}}},
+     "response_format"),
+    ("chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}, "tools"),
+    ("chat/completions", {"messages": CHAT, "top_logprobs": 2}, "top_logprobs"),
+    ("chat/completions", {"messages": CHAT, "logprobs": 1}, "logprobs"),
+    ("chat/completions", {"messages": CHAT, "echo": True}, "echo"),
 ]
 
 
@@ -259,9 +290,12 @@ def test_api_key(tiny_llama_dir) -> None:
     server, _ = start(tiny_llama_dir, api_key="secret")
     try:
         body = {"prompt": "Hello", "max_tokens": 2}
-        for headers in ({}, {"Authorization": "Bearer wrong"}):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer secrets"}):
             resp = httpx.post(server.url + "/v1/completions", json=body, headers=headers)
-            assert resp.status_code == 401 and resp.json()["error"]["message"]
+            assert resp.status_code == 401 and resp.json()["error"]["type"] == "AuthenticationError"
+            # The key is checked before the body is read: a malformed body without the key is a 401 too.
+            resp = httpx.post(server.url + "/v1/completions", content=b'{"prompt": ', headers=headers)
+            assert resp.status_code == 401
         assert httpx.get(server.url + "/health").status_code == 200
         good = openai.OpenAI(base_url=server.url + "/v1", api_key="secret", max_retries=0)
         assert good.completions.create(model=MODEL, prompt="Hello", max_tokens=2).usage.completion_tokens == 2
@@ -271,17 +305,41 @@ def test_api_key(tiny_llama_dir) -> None:
         server.stop()
 
 
+def assert_internal_error(error: dict) -> None:
+    """A 500's body names an error id to look up in the server log, never the internal exception."""
+    assert error["code"] == 500 and error["type"] == "InternalServerError"
+    assert "error id" in error["message"] and "secret" not in error["message"]
+
+
+def sse_events(lines: list[str]) -> list[dict | str]:
+    return [line[6:] if line == "data: [DONE]" else json.loads(line[6:]) for line in lines if line]
+
+
 def test_engine_failure_fails_requests_and_health(tiny_llama_dir) -> None:
     server, engine = start(tiny_llama_dir)
+    step = engine.step
+
+    def slow_step() -> list:
+        time.sleep(0.005)
+        return step()
 
     def broken_step() -> list:
-        raise RuntimeError("device lost")
+        raise RuntimeError("secret: device lost")
 
-    engine.step = broken_step
+    engine.step = slow_step
+    body = {"prompt": "Hello", "max_tokens": 200, "ignore_eos": True, "stream": True}
     try:
-        for _ in range(2):  # the request in flight, then a new one
-            resp = httpx.post(server.url + "/v1/completions", json={"prompt": "Hello"})
-            assert resp.status_code == 500 and "device lost" in resp.json()["error"]["message"]
+        with httpx.stream("POST", server.url + "/v1/completions", json=body) as resp:
+            lines = resp.iter_lines()
+            assert next(lines).startswith("data: {")
+            engine.step = broken_step
+            events = sse_events(list(lines))
+        # The stream cut mid-way ends with an error event, then [DONE].
+        assert events[-1] == "[DONE]" and "error" in events[-2]
+        assert_internal_error(events[-2]["error"])
+        resp = httpx.post(server.url + "/v1/completions", json={"prompt": "Hello"})
+        assert resp.status_code == 500
+        assert_internal_error(resp.json()["error"])
         assert httpx.get(server.url + "/health").status_code == 503
     finally:
         server.stop()
@@ -299,6 +357,154 @@ def test_models_health_version_metrics(url, client) -> None:
                  "vllm:time_to_first_token_seconds_count", "vllm:inter_token_latency_seconds_count",
                  "vllm:e2e_request_latency_seconds_count", "vllm:request_queue_time_seconds_count"):
         assert f'{name}{{model_name="{MODEL}"' in text, name
+
+
+def test_failing_inputs_are_refused_or_fail_alone_and_the_engine_serves_on(served, monkeypatch) -> None:
+    """The inputs that used to kill the engine loop get 400s; a step that still fails because of one request
+    (forced here) fails that request alone; greedy output is the same before and after."""
+    server, _ = served
+    greedy_body = {"model": MODEL, "prompt": PROMPTS[2], "max_tokens": 12, "temperature": 0}
+    url = server.url + "/v1/completions"
+    before = httpx.post(url, json=greedy_body).json()["choices"][0]["text"]
+    poison = [({"prompt": "Hello", "top_k": 2**63, "top_p": 0.5}, "top_k"),
+              ({"prompt": "Hello", "top_k": 10**6, "temperature": 0.7}, "top_k")]
+    for body, param in poison:
+        resp = httpx.post(url, json=body)
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == param
+    for raw in (b'{"prompt": "ab\\ud800cd"}', b'{"prompt": "ab\xffcd"}'):
+        with httpx.Client() as http:  # the same keep-alive connection serves on after the 400
+            assert http.post(url, content=raw).status_code == 400
+            assert http.post(url, json=greedy_body).json()["choices"][0]["text"] == before
+
+    real = sampler_module._top_k_top_p
+
+    def failing(logits, top_k, top_p):  # a sampling failure that only requests with top_k=13 cause
+        if (top_k == 13).any():
+            raise RuntimeError("secret: sampler crashed")
+        return real(logits, top_k, top_p)
+
+    monkeypatch.setattr(sampler_module, "_top_k_top_p", failing)
+    neighbour = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 200, "ignore_eos": True, "top_p": 0.9,
+                 "seed": 1, "stream": True}
+    with httpx.stream("POST", url, json=neighbour) as stream:
+        lines = stream.iter_lines()
+        assert next(lines).startswith("data: {")  # the neighbour runs: the failing request joins its batch
+        resp = httpx.post(url, json={"prompt": "Hello", "top_k": 13, "top_p": 0.5, "max_tokens": 5})
+        assert resp.status_code == 500
+        assert_internal_error(resp.json()["error"])
+        resp = httpx.post(url, json={"prompt": "Hello", "top_k": 13, "stream": True})
+        assert resp.status_code == 500  # failed before its stream began
+        assert_internal_error(resp.json()["error"])
+        real_of = sampler_module.Logprobs.of
+
+        def failing_of(logits, chosen, k):  # as if 7 logprobs of a long prompt ran out of memory
+            if k == 7:
+                raise RuntimeError("secret: out of memory")
+            return real_of(logits, chosen, k)
+
+        monkeypatch.setattr(sampler_module.Logprobs, "of", staticmethod(failing_of))
+        for echo in (False, True):  # the sampled tokens' logprobs fail; with echo, the prompt's too
+            resp = httpx.post(url, json={"prompt": "Hello", "logprobs": 7, "echo": echo, "temperature": 0})
+            assert resp.status_code == 500
+            assert_internal_error(resp.json()["error"])
+        events = sse_events(list(lines))
+    assert events[-1] == "[DONE]" and all("error" not in e for e in events[:-1])
+    assert sum(1 for e in events[:-1] if e["choices"]) == 199  # the neighbour's other 199 tokens
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert httpx.post(url, json=greedy_body).json()["choices"][0]["text"] == before
+
+
+def test_errors_are_openai_error_objects(url) -> None:
+    for method, path, status in [("GET", "/v1/nope", 404), ("GET", "/v1/completions", 405),
+                                 ("DELETE", "/v1/models", 405)]:
+        resp = httpx.request(method, url + path)
+        assert resp.status_code == status
+        error = resp.json()["error"]
+        assert error["code"] == status and error["message"] and error["type"].endswith("Error")
+
+
+def test_body_size_limit(url) -> None:
+    """Bodies over the limit (default 1 MiB for this max_model_len) are refused before they are parsed."""
+    for content in (b'{"prompt": "' + b"a" * (2 << 20) + b'"}',
+                    iter([b'{"prompt": "', b"a" * (2 << 20), b'"}'])):  # chunked: no content-length
+        resp = httpx.post(url + "/v1/completions", content=content)
+        assert resp.status_code == 413 and resp.json()["error"]["type"] == "RequestTooLargeError"
+    assert httpx.get(url + "/health").status_code == 200
+
+
+# ---- logprobs, echo, n and best_of -------------------------------------------------------------------------
+
+def test_completion_logprobs_match_llm_generate(client, llm) -> None:
+    want = llm.generate(PROMPTS[1], greedy(logprobs=3), use_tqdm=False)[0].outputs[0]
+    resp = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=12, temperature=0, logprobs=3)
+    lp = resp.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(want.token_ids)
+    tok = llm.get_tokenizer()
+    assert lp.tokens == [tok.decode([t]) for t in want.token_ids]
+    chosen = [want.logprobs[i][t].logprob for i, t in enumerate(want.token_ids)]
+    assert lp.token_logprobs == pytest.approx(chosen, abs=1e-4)
+    for token, top in zip(lp.tokens, lp.top_logprobs):
+        assert max(top, key=top.get) == token  # greedy: the chosen token is the likeliest
+    assert sum(lp.token_logprobs) == pytest.approx(want.cumulative_logprob, abs=1e-3)
+
+
+def test_echo_with_prompt_logprobs_scores_a_continuation(client, llm) -> None:
+    """What evaluation harnesses call: echo + logprobs + max_tokens=1 over context + continuation token ids.
+    The continuation's prompt logprobs equal those the model gave its tokens when it generated them."""
+    ids = llm.get_tokenizer().encode(PROMPTS[2])
+    gen = llm.generate({"prompt_token_ids": ids}, greedy(max_tokens=6, logprobs=1), use_tqdm=False)[0]
+    cont = gen.outputs[0].token_ids[:5]
+    resp = client.completions.create(model=MODEL, prompt=[ids + cont], max_tokens=1, temperature=0,
+                                     logprobs=1, echo=True)
+    choice = resp.choices[0]
+    lp = choice.logprobs
+    assert choice.text.startswith(llm.get_tokenizer().decode(ids + cont))
+    assert len(lp.token_logprobs) == len(ids) + len(cont) + 1 and lp.token_logprobs[0] is None
+    want = [gen.outputs[0].logprobs[i][t].logprob for i, t in enumerate(cont)]
+    assert lp.token_logprobs[len(ids):len(ids) + len(cont)] == pytest.approx(want, abs=1e-4)
+    for token, top in zip(lp.tokens[len(ids):-1], lp.top_logprobs[len(ids):-1]):
+        assert max(top, key=top.get) == token  # the continuation is greedy
+    assert resp.usage.prompt_tokens == len(ids) + len(cont)
+
+
+def test_chat_logprobs(client) -> None:
+    resp = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, temperature=0,
+                                          logprobs=True, top_logprobs=3)
+    content = resp.choices[0].logprobs.content
+    assert len(content) == resp.usage.completion_tokens
+    for entry in content:
+        assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs),
+                                                                 reverse=True)
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].token == entry.token  # greedy
+        assert entry.bytes == list(entry.token.encode())
+    stream = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, temperature=0,
+                                            logprobs=True, stream=True)
+    streamed = [e.token for c in stream if c.choices and c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content]
+    assert streamed == [e.token for e in content]
+
+
+def test_n_choices_batched_prompts_and_best_of(client) -> None:
+    kw = {"model": MODEL, "max_tokens": 8, "temperature": 1.0, "seed": 7, "extra_body": {"ignore_eos": True}}
+    resp = client.completions.create(prompt=PROMPTS[:2], n=3, **kw)
+    assert [c.index for c in resp.choices] == list(range(6))
+    assert len({c.text for c in resp.choices[:3]}) > 1  # the choices of a prompt differ
+    assert resp.usage.completion_tokens == 6 * 8
+    single = client.completions.create(prompt=PROMPTS[1], n=3, **kw)
+    assert [c.text for c in single.choices] == [c.text for c in resp.choices[3:]]
+    stream = client.completions.create(prompt=PROMPTS[1], n=3, stream=True, **kw)
+    texts = ["", "", ""]
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts == [c.text for c in single.choices]
+    # best_of: of the same 3 candidates, the one the model finds likeliest.
+    scored = client.completions.create(prompt=PROMPTS[1], n=3, logprobs=0, **kw)
+    best = max(scored.choices, key=lambda c: sum(c.logprobs.token_logprobs))
+    picked = client.completions.create(prompt=PROMPTS[1], n=1, best_of=3, **kw)
+    assert [c.text for c in picked.choices] == [best.text] and picked.choices[0].logprobs is None
+    chat = client.chat.completions.create(messages=CHAT, n=2, **kw)
+    assert [c.index for c in chat.choices] == [0, 1] and chat.usage.completion_tokens == 16
 
 
 # ---- the benchmark client ----------------------------------------------------------------------------------

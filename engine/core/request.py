@@ -18,6 +18,7 @@ class RequestStatus(enum.IntEnum):
     FINISHED_ABORTED = 6
     FINISHED_REJECTED = 7  # prompt longer than max_model_len (or empty)
     FINISHED_SHED = 8  # dropped by admission control: waiting queue full or TTFT SLO already missed
+    FINISHED_ERROR = 9  # its step failed because of it (e.g. its sampling parameters); the others went on
 
     @property
     def finished(self) -> bool:
@@ -34,6 +35,7 @@ FINISH_REASON = {
     RequestStatus.FINISHED_ABORTED: "abort",
     RequestStatus.FINISHED_REJECTED: "rejected",
     RequestStatus.FINISHED_SHED: "shed",
+    RequestStatus.FINISHED_ERROR: "error",
 }
 
 

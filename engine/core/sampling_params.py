@@ -16,6 +16,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     seed: int | None = None
+    logprobs: int | None = None  # the sampled token's log-probability and this many of the most likely
+    prompt_logprobs: int | None = None  # the same for every prompt token (what `echo` needs)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -31,6 +33,12 @@ class SamplingParams:
             raise ValueError(f"top_k must be -1, 0 (disabled) or positive, got {self.top_k}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:  # torch.Generator's range
+            raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
 
     @property
     def greedy(self) -> bool:

@@ -107,6 +107,8 @@ class Scheduler:
             req = self.requests.get(rid)
             if req is not None:
                 self._dequeue(req)
+                if req.all_token_ids[-1] == PENDING:  # its token in flight (async) is never resolved
+                    req.all_token_ids.pop()
                 self._finish(req, status, now)
 
     def _dequeue(self, req: Request) -> None:
@@ -323,7 +325,9 @@ class Scheduler:
         per_token = self.config.recompute_s_per_token or 0.0
         while waiting:
             req = waiting.peek()
-            if req.first_token_time is not None:
+            # A request preempted while its first token was in flight (async scheduling) is not late: that
+            # token is already computed, and shedding it would return the PENDING placeholder as a token.
+            if req.first_token_time is not None or req.all_token_ids[-1] == PENDING:
                 return
             prefill_s = (req.num_prompt_tokens - req.num_computed_tokens) * per_token
             if now - req.arrival_time + prefill_s <= limit:
@@ -376,6 +380,8 @@ class Scheduler:
         tokens_iter = sampled if sampled is not None else repeat(0)
         finished = []
         for req, n, tok in zip(out.requests, out.num_scheduled_tokens, tokens_iter):
+            if req.status.finished:  # ended since this step was scheduled (abort, a failed sample)
+                continue
             computed = req.num_computed_tokens + n
             req.num_computed_tokens = computed
             tokens = req.all_token_ids
@@ -393,8 +399,6 @@ class Scheduler:
                 status = RequestStatus.FINISHED_STOPPED
             else:
                 continue
-            if req.status >= RequestStatus.FINISHED_STOPPED:
-                continue  # aborted after this step was scheduled
             if tok != req.eos_token_id and status == RequestStatus.FINISHED_STOPPED:
                 req.stop_reason = tok
             finished.append((req, status))

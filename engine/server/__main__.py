@@ -26,6 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes")
     p.add_argument("--served-model-name", default=None, help="the API's model name (default: --model)")
+    p.add_argument("--max-request-body-bytes", type=int, default=None,
+                   help="larger bodies get 413 (default: 32 bytes a token of max-model-len, >= 1 MiB)")
     # Every EngineArgs field becomes a flag under vLLM's spelling (--max-model-len, --enable-prefix-caching
     # and --no-enable-prefix-caching, ...).
     hints = typing.get_type_hints(EngineArgs)
@@ -57,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
             engine = LLMEngine(EngineArgs(**fields))
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         raise SystemExit(f"servebench-serve: error: {e}") from None
-    app = build_app(engine, args.served_model_name or args.model, args.model, args.api_key)
+    app = build_app(engine, args.served_model_name or args.model, args.model, args.api_key,
+                    args.max_request_body_bytes)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 

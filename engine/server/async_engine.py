@@ -8,24 +8,36 @@ loop in one callback. Concurrent HTTP requests therefore meet in the scheduler's
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from servebench.engine.core.sampling_params import SamplingParams
+from servebench.engine.outputs import PositionLogprobs
 from servebench.engine.server.metrics import ServerMetrics
+
+logger = logging.getLogger(__name__)
+
+
+class RequestFailed(RuntimeError):
+    """The engine ended this request with an error (its step failed because of it); the others went on."""
 
 
 @dataclass(slots=True)
 class Update:
-    """One request's state after a step, copied out of the engine thread (cumulative text)."""
+    """One request's state after a step, copied out of the engine thread (cumulative text, tokens, ...)."""
 
     text: str
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_tokens: int | None
     finish_reason: str | None
+    token_ids: list[int]
+    logprobs: list[PositionLogprobs] | None = None
+    cumulative_logprob: float | None = None
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -93,6 +105,7 @@ class AsyncEngine:
                 if updates:  # and then reads /metrics finds the gauges up to date
                     self._loop.call_soon_threadsafe(self._dispatch, updates)
         except Exception as e:  # the engine is broken: fail every open request, /health turns 503
+            logger.exception("the engine loop died")
             self.error = RuntimeError(f"the engine loop died: {e!r}")
             self._loop.call_soon_threadsafe(self._fail_all, self.error)
 
@@ -121,10 +134,10 @@ class AsyncEngine:
             return
         self._live[request_id] = _Seen()
 
-    def _step(self) -> list[tuple[str, Update]]:
+    def _step(self) -> list[tuple[str, Update | Exception]]:
         return [(o.request_id, self._observe(o)) for o in self.engine.step() if o.request_id in self._live]
 
-    def _observe(self, out) -> Update:
+    def _observe(self, out) -> Update | Exception:
         """Count the step's tokens and latencies from the engine's own lifecycle times."""
         completion, times, metrics = out.outputs[0], out.metrics, self.metrics
         n, seen = len(completion.token_ids), self._live[out.request_id]
@@ -140,7 +153,11 @@ class AsyncEngine:
         if reason is not None:
             del self._live[out.request_id]
             metrics.record_finish(reason, times.finish_time - times.arrival_time, times.time_in_queue)
-        return Update(completion.text, len(out.prompt_token_ids), n, out.num_cached_tokens, reason)
+        if reason == "error":
+            return RequestFailed(f"the engine failed on request {out.request_id} (see the server log)")
+        return Update(completion.text, len(out.prompt_token_ids), n, out.num_cached_tokens, reason,
+                      completion.token_ids, completion.logprobs, completion.cumulative_logprob,
+                      out.prompt_logprobs)
 
     def _record_engine(self) -> None:
         s = self.engine.stats
