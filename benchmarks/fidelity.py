@@ -1,11 +1,13 @@
-"""Simulator fidelity: the same workloads on the engine (H100) and on the simulator with the H100 profiles.
+"""Simulator fidelity: the same workloads on the engine (H200) and on the simulator with the H200 profiles.
 
-    python benchmarks/fidelity.py gpu        # on the GPU: engine run folders under reports/fidelity/
+    python benchmarks/fidelity.py gpu        # on the GPU: engine run folders under reports/fidelity_h200/
     python benchmarks/fidelity.py compare    # CPU: simulate the same, write reports/fidelity.{json,md}
     python benchmarks/fidelity.py gpu --tiny --device cpu --runs /tmp/f   # CPU smoke test, tiny model
 
-`gpu` needs no Hydra or SimPy: configs are composed from conf/*.yaml here. Engine runs that share the engine's
-knobs reuse one loaded model (`LLMEngine.reset` between runs). `compare` reruns the simulator on each engine
+`gpu` needs no Hydra or SimPy: configs are composed from conf/*.yaml here. Cases have a role: `calibration`
+(the step-time model may be fitted on them), `heldout` (judged; each runs twice, `engine` and `engine_rerun`,
+for the engine's own spread) and `sweep` (the policy ranking). Consecutive runs that share the engine's knobs
+reuse one loaded model (`LLMEngine.reset` between runs). `compare` reruns the simulator on each engine
 run's own resolved config with `backend.step_time=profile` and the engine's KV block count, and compares
 p50/p99 TTFT, TPOT and E2E, output throughput, preemptions and prefix-cache hit rate; per-step terms (decode,
 prefill, mixed steps and the host gap) tell which part of the step-time model is off.
@@ -32,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 if TYPE_CHECKING:
     from servebench.workbench.runs import Run
 CONF = REPO / "conf"
-RUNS = REPO / "reports" / "fidelity"
+RUNS = REPO / "reports" / "fidelity_h200"  # engine run folders: <case>/{engine,engine_rerun,sim}
 SWEEP = "sweep"  # case-name prefix of the policy sweep
 # metric -> (summary key, target |relative error|; None: reported only)
 METRICS = {
@@ -51,37 +53,57 @@ class Case:
     workload: str
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted keys: workload.request_rate, ...
     what: str = ""
+    role: str = "heldout"  # calibration (fitted on) | heldout (judged; run twice) | sweep (ranked)
 
 
+ROLES = ("calibration", "heldout", "sweep")
 SHAREGPT = {"workload.output_len": {"dist": "lognormal", "median": 129, "sigma": 0.99, "max": 1000}}
-SMALL_KV = {"cache.num_gpu_blocks_override": 300, "workload.num_requests": 150, "workload.request_rate": 40}
+ASYNC = {"backend.async_scheduling": True}
 CASES = [
-    Case("sharegpt_light", "sharegpt", {"workload.num_requests": 80, "workload.request_rate": 4},
-         "ShareGPT prompts, Poisson 4 req/s (light)"),
-    Case("sharegpt_saturated", "sharegpt", {"workload.num_requests": 500, "workload.request_rate": 60},
-         "ShareGPT prompts, Poisson 60 req/s (near saturation: ~max_num_seqs running)"),
-    Case("sharegpt_overloaded", "sharegpt", {"workload.num_requests": 500, "workload.request_rate": 150},
-         "ShareGPT prompts, Poisson 150 req/s (overloaded)"),
-    Case("azure_code", "azure_code", {"workload.duration_s": 200, "workload.time_scale": 0.2},
-         "Azure 2023 code trace, its first 200 s at 5x speed (bursty, long prompts, short outputs)"),
-    Case("mt_bench_prefix", "mt_bench", {"workload.request_rate": 8, "cache.enable_prefix_caching": True},
-         "MT-Bench 2 turns (turn 2 shares turn 1 + answer), Poisson 8 req/s, prefix caching on"),
-    Case("preempt_recompute", "sharegpt", {**SMALL_KV, "scheduler.preemption_mode": "recompute"},
-         "ShareGPT 40 req/s on a 4,800-token KV cache (300 blocks), recompute preemption"),
-    Case("preempt_swap", "sharegpt", {**SMALL_KV, "scheduler.preemption_mode": "swap"},
-         "ShareGPT 40 req/s on a 4,800-token KV cache (300 blocks), swap preemption"),
+    Case("cal_sharegpt_poisson", "sharegpt", {"workload.num_requests": 300, "workload.request_rate": 25},
+         "ShareGPT prompts, Poisson 25 req/s", "calibration"),
+    Case("cal_conv_window", "azure_conv", {"workload.duration_s": 60, "workload.time_scale": 0.25},
+         "Azure 2023 conv trace, its first 60 s at 4x speed (the issue's conversation window)",
+         "calibration"),
+    Case("cal_sharegpt_async", "sharegpt",
+         {"workload.num_requests": 300, "workload.request_rate": 60, **ASYNC},
+         "ShareGPT prompts, Poisson 60 req/s, async scheduling", "calibration"),
+    Case("ho_code_burst_async", "azure_code",
+         {"workload.duration_s": 60, "workload.time_scale": 0.2, **ASYNC},
+         "Azure 2023 code trace, its first 60 s at 5x speed (bursty, long prompts), async scheduling"),
+    Case("ho_sharegpt_bursty_nochunk", "sharegpt",
+         {"workload.num_requests": 300, "workload.request_rate": 40, "workload.cv": 3.0,
+          "scheduler.enable_chunked_prefill": False},
+         "ShareGPT prompts, 40 req/s in bursts (Gamma gaps, CV 3), chunked prefill off"),
+    Case("ho_kv_pressure", "sharegpt",
+         {"workload.num_requests": 200, "workload.request_rate": 40, "cache.num_gpu_blocks_override": 400},
+         "ShareGPT 40 req/s on a 6,400-token KV cache (400 blocks), recompute preemption"),
+    Case("ho_mt_bench_prefix_async", "mt_bench",
+         {"workload.request_rate": 16, "workload.cv": 2.0, "cache.enable_prefix_caching": True, **ASYNC},
+         "MT-Bench 2 turns (turn 2 shares turn 1 + answer), 16 req/s (CV 2), prefix caching, async"),
+    Case("ho_long_prompts", "synthetic",
+         {"workload.num_requests": 100, "workload.request_rate": 10,
+          "workload.input_len": {"dist": "uniform", "min": 1024, "max": 3072},
+          "workload.output_len": {"dist": "uniform", "min": 32, "max": 256}},
+         "synthetic long prompts (1-3k tokens), 10 req/s Poisson: prefill-heavy mixed steps"),
+    Case("ho_sharegpt_overload_async", "sharegpt",
+         {"workload.num_requests": 500, "workload.request_rate": 120, **ASYNC},
+         "ShareGPT prompts, Poisson 120 req/s (overloaded: batches of up to 256), async scheduling"),
 ] + [
-    Case(f"{SWEEP}_chunked_{'on' if c else 'off'}_seqs{n}", "sharegpt",
-         {"workload.num_requests": 300, "workload.request_rate": 100, "scheduler.enable_chunked_prefill": c,
-          "scheduler.max_num_seqs": n},
-         f"policy sweep on ShareGPT at 100 req/s: chunked prefill {'on' if c else 'off'}, max_num_seqs {n}")
-    for c in (True, False) for n in (64, 256)
+    Case(f"sweep_chunked_{'on' if c else 'off'}_seqs{n}_{mode}", "sharegpt",
+         {"workload.num_requests": 250, "workload.request_rate": 50, "cache.num_gpu_blocks_override": 1000,
+          "scheduler.enable_chunked_prefill": c, "scheduler.max_num_seqs": n,
+          "scheduler.preemption_mode": mode},
+         f"policy sweep, ShareGPT 50 req/s on 1,000 KV blocks: chunked prefill {'on' if c else 'off'}, "
+         f"max_num_seqs {n}, {mode} preemption", "sweep")
+    for c in (True, False) for n in (32, 128) for mode in ("recompute", "swap")
 ]
 TINY = {"model": "tiny_llama", "backend.dtype": "float32", "workload.num_requests": 12,
         "workload.request_rate": 40}
-TINY_CASES = ("sharegpt_light", "mt_bench_prefix", "preempt_recompute", "preempt_swap",
-              f"{SWEEP}_chunked_on_seqs64", f"{SWEEP}_chunked_off_seqs64")
+TINY_CASES = ("cal_sharegpt_poisson", "cal_sharegpt_async", "ho_kv_pressure", "ho_mt_bench_prefix_async",
+              "sweep_chunked_on_seqs32_swap", "sweep_chunked_off_seqs128_recompute")
 TINY_KV = {"cache.num_gpu_blocks_override": 40}  # 640 tokens: preemption at once on the tiny model
+RERUN = "engine_rerun"  # the second engine run of a held-out case, beside `engine`: the engine's own spread
 
 
 # ---- configs without Hydra ----
@@ -113,15 +135,15 @@ def compose(groups: dict[str, str], overrides: dict[str, Any]) -> dict[str, Any]
     return cfg
 
 
-def case_config(case: Case, model: str, device: str, tiny: bool) -> dict[str, Any]:
-    groups = {"backend": "engine", "model": "tiny_llama" if tiny else model, "hardware": "h100_80g",
+def case_config(case: Case, model: str, hardware: str, device: str, tiny: bool) -> dict[str, Any]:
+    groups = {"backend": "engine", "model": "tiny_llama" if tiny else model, "hardware": hardware,
               "workload": case.workload}
     over = {**(SHAREGPT if case.workload == "sharegpt" else {}), **case.overrides, "backend.device": device,
             "report": False, "progress": False}
     if tiny:
         over |= {k: v for k, v in TINY.items() if k != "model"}
         over |= TINY_KV if "cache.num_gpu_blocks_override" in case.overrides else {}
-    return compose(groups, over) | {"fidelity_case": case.what}
+    return compose(groups, over) | {"fidelity_case": case.what, "fidelity_role": case.role}
 
 
 def engine_key(cfg: dict[str, Any]) -> str:
@@ -132,31 +154,39 @@ def engine_key(cfg: dict[str, Any]) -> str:
 
 # ---- gpu: the engine runs ----
 
-def run_gpu(runs: Path, model: str, device: str, tiny: bool, budget_s: float, only: list[str] | None) -> None:
+def engine_runs(cases: list[Case]) -> list[tuple[Case, str]]:
+    """(case, run folder name) in the order they run: by role, a held-out case twice in a row (its rerun
+    measures the engine's own spread); within a role, cases sharing an engine's knobs are not reordered."""
+    return [(c, folder) for role in ROLES for c in cases if c.role == role
+            for folder in (("engine", RERUN) if role == "heldout" else ("engine",))]
+
+
+def run_gpu(runs: Path, model: str, hardware: str, device: str, tiny: bool, budget_s: float,
+            only: list[str] | None, roles: list[str]) -> None:
     from servebench.workbench.engine_backend import build_engine
     from servebench.workbench.experiment import run_experiment
 
     t0 = time.perf_counter()
-    cases = [c for c in CASES if (not tiny or c.name in TINY_CASES) and (not only or c.name in only)]
-    configs = [(c, case_config(c, model, device, tiny)) for c in cases]
-    configs.sort(key=lambda cc: engine_key(cc[1]))  # stable: case order within one engine
+    cases = [c for c in CASES if c.role in roles and (not tiny or c.name in TINY_CASES)
+             and (not only or c.name in only)]
     engine, key = None, None
-    for case, cfg in configs:
+    for case, folder in engine_runs(cases):
         if time.perf_counter() - t0 > budget_s:
-            _log(f"{case.name}: skipped, budget of {budget_s:.0f} s spent")
+            _log(f"{case.name}/{folder}: skipped, budget of {budget_s:.0f} s spent")
             continue
+        cfg = case_config(case, model, hardware, device, tiny)
         try:
             if engine_key(cfg) != key:
                 engine = key = None
                 _free_gpu()
                 engine, key = build_engine(cfg), engine_key(cfg)
                 _log(f"engine ready ({case.name}'s knobs), {time.perf_counter() - t0:.0f} s")
-            s = run_experiment(cfg, runs / case.name / "engine", engine=engine)
-            _log(f"{case.name}: {s['num_finished']} requests, {s['duration_s']:.1f} s, "
+            s = run_experiment(cfg, runs / case.name / folder, engine=engine)
+            _log(f"{case.name}/{folder}: {s['num_finished']} requests, {s['duration_s']:.1f} s, "
                  f"p50 TTFT {s['median_ttft_ms']:.1f} ms, p50 TPOT {s['median_tpot_ms']:.2f} ms, "
                  f"{s['num_preemptions']} preemptions; total {time.perf_counter() - t0:.0f} s")
         except Exception:  # one failed case must not cost the others
-            _log(f"{case.name}: FAILED\n{traceback.format_exc()}")
+            _log(f"{case.name}/{folder}: FAILED\n{traceback.format_exc()}")
             engine = key = None
 
 
@@ -431,9 +461,11 @@ def main(argv: list[str] | None = None) -> None:
     g = sub.add_parser("gpu", help="engine runs (on the GPU)")
     g.add_argument("--runs", type=Path, default=RUNS)
     g.add_argument("--model", default="llama2_7b", help="conf/model name")
+    g.add_argument("--hardware", default="h200", help="conf/hardware name the runs record")
     g.add_argument("--device", default="auto")
     g.add_argument("--tiny", action="store_true", help="tiny model, few requests: a CPU smoke test")
-    g.add_argument("--budget-s", type=float, default=330, help="skip the cases left after this many seconds")
+    g.add_argument("--budget-s", type=float, default=480, help="skip the runs left after this many seconds")
+    g.add_argument("--roles", nargs="*", choices=ROLES, default=list(ROLES), help="which cases to run")
     g.add_argument("--only", nargs="*", help="case names")
     c = sub.add_parser("compare", help="simulate the same workloads and write the report (CPU)")
     c.add_argument("--runs", type=Path, default=RUNS)
@@ -441,7 +473,7 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--profile-root", type=Path, default=None, help="default: data/profiles")
     a = p.parse_args(argv)
     if a.cmd == "gpu":
-        run_gpu(a.runs, a.model, a.device, a.tiny, a.budget_s, a.only)
+        run_gpu(a.runs, a.model, a.hardware, a.device, a.tiny, a.budget_s, a.only, a.roles)
     else:
         compare(a.runs, a.out, a.profile_root)
 

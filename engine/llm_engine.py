@@ -165,6 +165,7 @@ class LLMEngine:
         if self._in_flight is not None:
             prev, tokens = self._in_flight
             sampled = tokens.tolist()
+            prev.device_s = tokens.device_s
             now = self.now()
             self.scheduler.resolve(prev, sampled, now)
             outputs += self._collect(prev, now, final_only)

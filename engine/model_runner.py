@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from servebench.engine.config import EngineArgs, ModelConfig
 from servebench.engine.core.config import SchedulerConfig
+from servebench.engine.core.graphs import graph_batch_sizes, padded_graph_batch
 from servebench.engine.core.request import PENDING, Request
 from servebench.engine.core.scheduler_output import SchedulerOutput
 from servebench.engine.loader import load_model
@@ -22,12 +24,6 @@ GiB = 1 << 30
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def graph_batch_sizes(max_num_seqs: int) -> list[int]:
-    """1, 2, 4, 8, ... and max_num_seqs itself: a decode batch runs in the smallest graph that holds it."""
-    sizes = [1 << i for i in range(max_num_seqs.bit_length()) if 1 << i < max_num_seqs]
-    return [*sizes, max_num_seqs]
 
 
 def _lengths(lists: list[list[int]]) -> np.ndarray:
@@ -65,19 +61,20 @@ class SampledTokens:
     rows: list[int]  # indices into SchedulerOutput.requests of the requests that sampled
     num_requests: int
     done: torch.cuda.Event | None
+    began: torch.cuda.Event | None = None  # recorded before the forward: `device_s` runs from it to `done`
 
     @classmethod
-    def start(cls, tokens: torch.Tensor | None, rows: list[int], num_requests: int,
-              device: torch.device) -> SampledTokens:
+    def start(cls, tokens: torch.Tensor | None, rows: list[int], num_requests: int, device: torch.device,
+              began: torch.cuda.Event | None = None) -> SampledTokens:
         if device.type != "cuda":
             return cls(tokens, rows, num_requests, None)
         host = None
         if tokens is not None:
             host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             host.copy_(tokens, non_blocking=True)
-        done = torch.cuda.Event()
+        done = torch.cuda.Event(enable_timing=began is not None)
         done.record()  # also when nothing sampled: the step's measured duration covers its GPU work
-        return cls(host, rows, num_requests, done)
+        return cls(host, rows, num_requests, done, began)
 
     def tolist(self) -> list[int]:
         """The token of request i at i (-1: none)."""
@@ -88,6 +85,14 @@ class SampledTokens:
             for i, tok in zip(self.rows, self.host.tolist()):
                 sampled[i] = tok
         return sampled
+
+    @property
+    def device_s(self) -> float:
+        """Seconds the device spent on the step's forward and sampling, once `tolist` returned (NaN without
+        a CUDA device). Events time the stream: a step queued behind the previous one starts when it ends."""
+        if self.began is None:
+            return math.nan
+        return self.began.elapsed_time(self.done) / 1e3
 
 
 class GraphInputs:
@@ -139,6 +144,7 @@ class ModelRunner:
         self.cpu_cache = self._allocate(self.num_cpu_blocks, swap=True)
         self._bind_cache(self.kv_cache[0], self.kv_cache[1])
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graph_sizes: list[int] = []  # sorted keys of `graphs`
         self._turn = 0  # which pinned host twin of the graph inputs the next replay fills
         self._last_sampled: tuple[list[Request], list[int], torch.Tensor] | None = None
         if self.device.type == "cuda" and not args.enforce_eager:
@@ -212,22 +218,29 @@ class ModelRunner:
     # ---- one step -----------------------------------------------------------------
     def execute(self, out: SchedulerOutput) -> list[int]:
         """Swap, run the step's forward and sample; the token of `out.requests[i]` is at i (-1: none)."""
-        return self.launch(out).tolist()
+        launched = self.launch(out)
+        sampled = launched.tolist()
+        out.device_s = launched.device_s
+        return sampled
 
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput) -> SampledTokens:
         """`execute` without waiting for the device: the host can schedule the next step meanwhile. Input
         tokens still PENDING are the previous launch's sampled tokens, gathered on the device."""
         self._swap(out)
-        tokens, rows = None, []
+        tokens, rows, began = None, [], None
         if out.requests:
             batch = self._prepare(out)
             rows = batch.sample_rows
-            logits = self._forward(batch)
+            out.graph_batch = self._graph_batch(batch)
+            if self.device.type == "cuda":
+                began = torch.cuda.Event(enable_timing=True)
+                began.record()
+            logits = self._forward(batch, out.graph_batch)
             if rows:
                 tokens = self.sampler(logits, [out.requests[i] for i in rows])
                 self._last_sampled = (out.requests, rows, tokens)
-        return SampledTokens.start(tokens, rows, len(out.requests), self.device)
+        return SampledTokens.start(tokens, rows, len(out.requests), self.device, began)
 
     def _prepare(self, out: SchedulerOutput) -> HostBatch:
         token_ids, starts, tables, rows, pending = [], [], [], [], []
@@ -286,12 +299,17 @@ class ModelRunner:
             query_start_loc=qsl.astype(np.int32), max_query_len=int(lens.max()), sample_rows=rows,
             logits_index=qsl[1:][rows] - 1)
 
-    def _forward(self, batch: HostBatch) -> torch.Tensor:
+    def _graph_batch(self, batch: HostBatch) -> int:
+        """The captured batch a decode-only step replays in; 0: the step runs eagerly."""
+        if batch.max_query_len != 1:
+            return 0
+        return padded_graph_batch(self.graph_sizes, len(batch.seq_lens))
+
+    def _forward(self, batch: HostBatch, graph_batch: int) -> torch.Tensor:
         """Logits [len(batch.sample_rows), vocab] (float32) of the rows that sample."""
-        n = len(batch.seq_lens)
-        if batch.max_query_len == 1 and self.graphs and n <= max(self.graphs):
-            logits = self._replay(batch)
-            return logits if len(batch.sample_rows) == n else logits[batch.logits_index]
+        if graph_batch:
+            logits = self._replay(batch, graph_batch)
+            return logits if len(batch.sample_rows) == len(batch.seq_lens) else logits[batch.logits_index]
         return self._run_eager(batch)
 
     def _run_eager(self, batch: HostBatch) -> torch.Tensor:
@@ -344,6 +362,7 @@ class ModelRunner:
                     forward()
                 pool = graph.pool()
                 self.graphs[size] = graph
+        self.graph_sizes = sizes
         torch.cuda.synchronize()
 
     def _pad_graph_rows(self, h: GraphInputs, start: int, end: int) -> None:
@@ -360,9 +379,8 @@ class ModelRunner:
         self.graph_inputs.buffer[:end].copy_(h.buffer[:end], non_blocking=True)
         self._host_uploaded[turn].record()
 
-    def _replay(self, batch: HostBatch) -> torch.Tensor:
+    def _replay(self, batch: HostBatch, size: int) -> torch.Tensor:
         n = len(batch.seq_lens)
-        size = min(s for s in self.graphs if s >= n)
         turn = self._turn = self._turn ^ 1
         self._host_uploaded[turn].synchronize()  # its last copy has left: long done unless the GPU lags
         h = self.graph_hosts[turn]

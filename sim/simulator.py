@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import simpy
+from servebench.engine.core.graphs import padded_graph_batch
 from servebench.engine.core.request import Request
 from servebench.engine.core.scheduler import Scheduler
 from servebench.engine.core.scheduler_output import SchedulerOutput
@@ -39,6 +40,8 @@ class Simulation:
     nothing runnable the engine loop sleeps until the next arrival. Output
     tokens are placeholders; lengths come from each request's max_tokens.
     Subclasses (sim.cluster) run several engines and override `route`.
+    `graph_sizes`: the CUDA-graph batches the engine captures (engine.core.graphs); a decode-only step records
+    the one it pads to, as the engine's runner does. None: eager.
     """
 
     def __init__(
@@ -47,10 +50,12 @@ class Simulation:
         step_time: StepTimeModel,
         requests: Iterable[Request],
         on_finished: Callable[[int], None] | None = None,
+        graph_sizes: list[int] | None = None,
     ) -> None:
         self.env = simpy.Environment()
         self.engines = [Engine(scheduler, step_time)]
         self.on_finished = on_finished
+        self.graph_sizes = graph_sizes or []
         self._requests: Iterator[Request] = iter(requests)
         self._arrivals_done = False
 
@@ -94,7 +99,7 @@ class Simulation:
 
     def _engine_loop(self, engine: Engine) -> Iterator[simpy.Event]:
         env, scheduler, predict, stages = self.env, engine.scheduler, engine.step_time.predict, engine.stages
-        on_finished = self.on_finished
+        on_finished, graph_sizes = self.on_finished, self.graph_sizes
         while True:
             out = scheduler.schedule(env.now)
             if not out.requests:
@@ -110,10 +115,13 @@ class Simulation:
                 yield engine.wake
                 engine.wake = None
                 continue
+            if graph_sizes and out.total_num_scheduled_tokens == len(out.requests):  # one token each
+                out.graph_batch = padded_graph_batch(graph_sizes, len(out.requests))
+            out.device_s = step_s = predict(out)
             if stages is None:
-                yield env.timeout(predict(out))
+                yield env.timeout(step_s)
             else:
-                yield from self._through_stages(stages, predict(out))
+                yield from self._through_stages(stages, step_s)
             finished = scheduler.update(out, None, env.now)
             if finished and on_finished:
                 on_finished(len(finished))

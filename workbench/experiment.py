@@ -181,7 +181,8 @@ def simulate(cfg: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, Any, dict
     step_times = [with_terms(base, t) for t in terms]
     requests = iter_requests(workload, model.vocab_size, mm.image_tokens or 0)
     with _progress(cfg, len(workload)) as bar:
-        sim = ClusterSimulation(replicas, step_times, requests, make_router(deployment.router), bar.update)
+        sim = ClusterSimulation(replicas, step_times, requests, make_router(deployment.router), bar.update,
+                                _graph_sizes(cfg["backend"], sched_cfg))
         end_s = sim.run()
     schedulers = [s for replica in replicas for s in replica]
     info = {
@@ -211,6 +212,13 @@ def simulate(cfg: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, Any, dict
         adapter_of = dict(zip(workload["request_id"], workload["lora_id"], strict=True))
         requests_df["lora_id"] = requests_df["request_id"].map(adapter_of)
     return requests_df, steps_df, itl, info
+
+
+def _graph_sizes(backend: dict[str, Any], sched_cfg: SchedulerConfig) -> list[int] | None:
+    """The CUDA-graph batches the engine would capture: none with backend.enforce_eager."""
+    from servebench.engine.core.graphs import graph_batch_sizes
+
+    return None if backend.get("enforce_eager", False) else graph_batch_sizes(sched_cfg.max_num_seqs)
 
 
 def _feature_terms(quant_term: QuantizationTerm | None, lora: LoRA, encoder: VisionEncoder | None,
