@@ -49,6 +49,12 @@ TRACE_STEP_COLUMNS = STEP_COLUMNS + STEP_SHAPE_COLUMNS
 NAN = float("nan")
 
 
+def prefill_attention(chunks: list[tuple[int, int]]) -> float:
+    """Attention work of prefill chunks: a chunk of n new tokens after c cached ones attends n (c + n / 2)
+    (query, key) pairs (causal within the chunk)."""
+    return sum(n * (c + n / 2) for n, c in chunks)
+
+
 def _or_nan(x: float | None) -> float:
     return NAN if x is None else x
 

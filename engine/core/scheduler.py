@@ -21,7 +21,7 @@ from servebench.engine.core.encoder_cache import EncoderCache
 from servebench.engine.core.kv_cache_manager import KVCacheManager
 from servebench.engine.core.lora import LoRASlots
 from servebench.engine.core.policies import make_preemption, make_queue, make_victim_policy
-from servebench.engine.core.recorder import NAN, TraceRecorder
+from servebench.engine.core.recorder import NAN, TraceRecorder, prefill_attention
 from servebench.engine.core.request import PENDING, Request, RequestStatus
 from servebench.engine.core.scheduler_output import SchedulerOutput
 
@@ -430,7 +430,7 @@ class Scheduler:
                 len(out.preempted),
                 out.prefix_hit_tokens,
                 len(out.prefill_chunks),
-                sum(n * (c + n / 2) for n, c in out.prefill_chunks),
+                prefill_attention(out.prefill_chunks),
                 out.decode_context_tokens,
                 out.decode_context_max,
                 out.graph_batch,
