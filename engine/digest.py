@@ -14,7 +14,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MEASURED = ("engine", "kernels")  # folders whose code sets a step's time
-NOT_MEASURED = ("engine/server",)  # the HTTP front end: no part of a step
+NOT_MEASURED = ("engine/server", "engine/digest.py")  # the HTTP front end and this file: no part of a step
+KNOWN_STALE = "known_stale"  # a meta key whose value says why a profile is kept although the code changed
 
 
 def measured_files(root: Path = REPO) -> list[Path]:
@@ -47,3 +48,16 @@ def source_digest(root: Path = REPO) -> str:
         h.update(path.relative_to(root).as_posix().encode() + b"\0")
         h.update(code_only(path.read_text()).encode() + b"\0")
     return h.hexdigest()[:16]
+
+
+def stale_warning(what: str, meta: dict) -> str | None:
+    """One line when `meta` (a profile's meta.json, a calibration's meta) records other code than this
+    checkout's, or none; None when they match."""
+    recorded, current = meta.get("source_digest"), source_digest()
+    if recorded == current:
+        return None
+    known = f" (known: {meta[KNOWN_STALE]})" if KNOWN_STALE in meta else ""
+    if recorded is None:
+        return f"{what} records no source digest: it may not describe this engine's code{known}"
+    return (f"{what} measured engine code {recorded}, this checkout's is {current}: re-profile and "
+            f"recalibrate for the changed code{known}")
