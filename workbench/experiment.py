@@ -182,12 +182,14 @@ def simulate(cfg: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, Any, dict
     requests = iter_requests(workload, model.vocab_size, mm.image_tokens or 0)
     with _progress(cfg, len(workload)) as bar:
         sim = ClusterSimulation(replicas, step_times, requests, make_router(deployment.router), bar.update,
-                                _graph_sizes(cfg["backend"], sched_cfg))
+                                _graph_sizes(cfg["backend"], sched_cfg),
+                                cfg["backend"].get("async_scheduling", False))
         end_s = sim.run()
     schedulers = [s for replica in replicas for s in replica]
     info = {
         "backend": "sim",
         "step_time_model": step_time_note,
+        "step_time_stale": _stale(base),
         "quantization": quant.note(hw),
         "num_gpu_blocks": blocks,
         "num_cpu_blocks": cpu_blocks,
@@ -212,6 +214,22 @@ def simulate(cfg: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, Any, dict
         adapter_of = dict(zip(workload["request_id"], workload["lora_id"], strict=True))
         requests_df["lora_id"] = requests_df["request_id"].map(adapter_of)
     return requests_df, steps_df, itl, info
+
+
+def _stale(step_time: Any) -> str | None:
+    """One line, also printed, when the profile or calibration the step times come from measured other
+    engine code than this checkout's (engine.digest); None when it matches or no engine data is used."""
+    meta = getattr(step_time, "meta", None)
+    if meta is None:
+        return None
+    import sys
+
+    from servebench.engine.digest import stale_warning
+
+    warning = stale_warning(str(step_time.folder), meta)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    return warning
 
 
 def _graph_sizes(backend: dict[str, Any], sched_cfg: SchedulerConfig) -> list[int] | None:
@@ -300,7 +318,8 @@ def _fill_step_costs(sched_cfg: SchedulerConfig, step_time: Any, swap_s_per_bloc
 
 def _step_time_model(kind: str, model: ModelSpec, hw: HardwareSpec, par: ParallelSpec, block_size: int,
                      engine_profiles: str | None = None) -> tuple[StepTimeModel, str]:
-    """auto: the engine's own profiles of this model and card, else Vidur's, else the roofline."""
+    """auto: the calibration of this model and card, else its engine profiles, else Vidur's, else the
+    roofline."""
     from servebench.sim.step_time import make_step_time_model
 
     def build(name: str) -> StepTimeModel:
@@ -308,11 +327,12 @@ def _step_time_model(kind: str, model: ModelSpec, hw: HardwareSpec, par: Paralle
 
     if kind != "auto":
         return build(kind), kind
-    try:
-        st = build("profile")
-        return st, f"profile ({st.folder})"
-    except ValueError as e:
-        why = f"no engine profile: {e}"
+    for name in ("calibrated", "profile"):
+        try:
+            st = build(name)
+            return st, f"{name} ({st.folder})"
+        except ValueError as e:
+            why = f"no engine profile: {e}"
     try:
         return build("vidur"), f"vidur ({why})"
     except ValueError as e:
