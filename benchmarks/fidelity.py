@@ -57,51 +57,55 @@ class Case:
 
 
 ROLES = ("calibration", "heldout", "sweep")
+CHUNKING = {True: "on (256-token budget)", False: "off"}
 SHAREGPT = {"workload.output_len": {"dist": "lognormal", "median": 129, "sigma": 0.99, "max": 1000}}
 ASYNC = {"backend.async_scheduling": True}
 CASES = [
-    Case("cal_sharegpt_poisson", "sharegpt", {"workload.num_requests": 300, "workload.request_rate": 25},
+    Case("cal_sharegpt_poisson", "sharegpt", {"workload.num_requests": 250, "workload.request_rate": 25},
          "ShareGPT prompts, Poisson 25 req/s", "calibration"),
-    Case("cal_conv_window", "azure_conv", {"workload.duration_s": 60, "workload.time_scale": 0.25},
-         "Azure 2023 conv trace, its first 60 s at 4x speed (the issue's conversation window)",
+    Case("cal_conv_window", "azure_conv", {"workload.duration_s": 45, "workload.time_scale": 0.25},
+         "Azure 2023 conv trace, its first 45 s at 4x speed (the issue's conversation window)",
          "calibration"),
     Case("cal_sharegpt_async", "sharegpt",
-         {"workload.num_requests": 300, "workload.request_rate": 60, **ASYNC},
+         {"workload.num_requests": 250, "workload.request_rate": 60, **ASYNC},
          "ShareGPT prompts, Poisson 60 req/s, async scheduling", "calibration"),
     Case("ho_code_burst_async", "azure_code",
-         {"workload.duration_s": 60, "workload.time_scale": 0.2, **ASYNC},
-         "Azure 2023 code trace, its first 60 s at 5x speed (bursty, long prompts), async scheduling"),
+         {"workload.duration_s": 90, "workload.time_scale": 0.2, **ASYNC},
+         "Azure 2023 code trace, its first 90 s at 5x speed (bursty, long prompts), async scheduling"),
     Case("ho_sharegpt_bursty_nochunk", "sharegpt",
-         {"workload.num_requests": 300, "workload.request_rate": 40, "workload.cv": 3.0,
+         {"workload.num_requests": 250, "workload.request_rate": 40, "workload.cv": 3.0,
           "scheduler.enable_chunked_prefill": False},
          "ShareGPT prompts, 40 req/s in bursts (Gamma gaps, CV 3), chunked prefill off"),
     Case("ho_kv_pressure", "sharegpt",
-         {"workload.num_requests": 200, "workload.request_rate": 40, "cache.num_gpu_blocks_override": 400},
+         {"workload.num_requests": 150, "workload.request_rate": 40, "cache.num_gpu_blocks_override": 400},
          "ShareGPT 40 req/s on a 6,400-token KV cache (400 blocks), recompute preemption"),
     Case("ho_mt_bench_prefix_async", "mt_bench",
-         {"workload.request_rate": 16, "workload.cv": 2.0, "cache.enable_prefix_caching": True, **ASYNC},
+         {"workload.num_requests": 120, "workload.request_rate": 16, "workload.cv": 2.0,
+          "cache.enable_prefix_caching": True, **ASYNC},
          "MT-Bench 2 turns (turn 2 shares turn 1 + answer), 16 req/s (CV 2), prefix caching, async"),
     Case("ho_long_prompts", "synthetic",
-         {"workload.num_requests": 100, "workload.request_rate": 10,
+         {"workload.num_requests": 80, "workload.request_rate": 10,
           "workload.input_len": {"dist": "uniform", "min": 1024, "max": 3072},
           "workload.output_len": {"dist": "uniform", "min": 32, "max": 256}},
          "synthetic long prompts (1-3k tokens), 10 req/s Poisson: prefill-heavy mixed steps"),
     Case("ho_sharegpt_overload_async", "sharegpt",
-         {"workload.num_requests": 500, "workload.request_rate": 120, **ASYNC},
+         {"workload.num_requests": 400, "workload.request_rate": 120, **ASYNC},
          "ShareGPT prompts, Poisson 120 req/s (overloaded: batches of up to 256), async scheduling"),
 ] + [
+    # KV pressure in every configuration, so the preemption mode always matters; chunked prefill with a
+    # 256-token budget against whole prompts (budget max_model_len), so the chunking does too
     Case(f"sweep_chunked_{'on' if c else 'off'}_seqs{n}_{mode}", "sharegpt",
-         {"workload.num_requests": 250, "workload.request_rate": 50, "cache.num_gpu_blocks_override": 1000,
-          "scheduler.enable_chunked_prefill": c, "scheduler.max_num_seqs": n,
-          "scheduler.preemption_mode": mode},
-         f"policy sweep, ShareGPT 50 req/s on 1,000 KV blocks: chunked prefill {'on' if c else 'off'}, "
+         {"workload.num_requests": 120, "workload.request_rate": 40, "cache.num_gpu_blocks_override": 330,
+          "scheduler.enable_chunked_prefill": c, "scheduler.max_num_batched_tokens": 256 if c else None,
+          "scheduler.max_num_seqs": n, "scheduler.preemption_mode": mode},
+         f"policy sweep, ShareGPT 40 req/s on 330 KV blocks: chunked prefill {CHUNKING[c]}, "
          f"max_num_seqs {n}, {mode} preemption", "sweep")
-    for c in (True, False) for n in (32, 128) for mode in ("recompute", "swap")
+    for c in (True, False) for n in (24, 128) for mode in ("recompute", "swap")
 ]
 TINY = {"model": "tiny_llama", "backend.dtype": "float32", "workload.num_requests": 12,
         "workload.request_rate": 40}
 TINY_CASES = ("cal_sharegpt_poisson", "cal_sharegpt_async", "ho_kv_pressure", "ho_mt_bench_prefix_async",
-              "sweep_chunked_on_seqs32_swap", "sweep_chunked_off_seqs128_recompute")
+              "sweep_chunked_on_seqs24_swap", "sweep_chunked_off_seqs128_recompute")
 TINY_KV = {"cache.num_gpu_blocks_override": 40}  # 640 tokens: preemption at once on the tiny model
 RERUN = "engine_rerun"  # the second engine run of a held-out case, beside `engine`: the engine's own spread
 
