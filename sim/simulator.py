@@ -143,10 +143,13 @@ class Simulation:
             if stages is None:
                 yield env.timeout(pre + device)
             else:
-                yield env.timeout(pre)
+                if pre:
+                    yield env.timeout(pre)
                 yield from self._through_stages(stages, device)
             self._finished(scheduler.update(out, None, env.now))
-            yield env.timeout(host.post(out))
+            post = host.post(out)
+            if post:  # no event for no host time: most runs price it inside the step, or not at all
+                yield env.timeout(post)
 
     def _async_loop(self, engine: Engine) -> Iterator[simpy.Event]:
         """LLMEngine.step, async: schedule and launch step k+1 (queued on the device behind step k), wait for
