@@ -1,4 +1,4 @@
-"""Simulator fidelity: the same workloads on the engine (H200) and on the simulator with the H200 profiles.
+"""Simulator fidelity: the same workloads on the engine (H200) and on the simulator calibrated on it.
 
     python benchmarks/fidelity.py gpu        # on the GPU: engine run folders under reports/fidelity_h200/
     python benchmarks/fidelity.py compare    # CPU: simulate the same, write reports/fidelity.{json,md}
@@ -8,9 +8,11 @@
 (the step-time model may be fitted on them), `heldout` (judged; each runs twice, `engine` and `engine_rerun`,
 for the engine's own spread) and `sweep` (the policy ranking). Consecutive runs that share the engine's knobs
 reuse one loaded model (`LLMEngine.reset` between runs). `compare` reruns the simulator on each engine
-run's own resolved config with `backend.step_time=profile` and the engine's KV block count, and compares
-p50/p99 TTFT, TPOT and E2E, output throughput, preemptions and prefix-cache hit rate; per-step terms (decode,
-prefill, mixed steps and the host gap) tell which part of the step-time model is off.
+run's own resolved config (`--step-time`, default auto: the calibration where there is one; the engine's KV
+block count, sync or async scheduling, CUDA graphs), and compares p50/p99 TTFT, TPOT and E2E, output
+throughput, preemptions and prefix-cache hit rate, beside the engine's own spread; per-step terms (decode,
+prefill, mixed steps and the host gap) tell which part of the step-time model is off; the sweep's orders by
+p50 E2E etc. are compared by Kendall's tau.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ time depends on (engine.core.recorder.STEP_SHAPE_COLUMNS); the engine's CUDA eve
 device time (`device_s`) and the host's work before it (`duration_s - device_s`) and after it (the next
 step's `host_gap_s`, sync scheduling). The profile grid in --out (engine.profile's steps.csv), when there,
 adds points the runs lack (long contexts, big batches). Each term is a least-squares coefficient of relative
-error, no cost negative; a second pass drops steps the first fit misses by far (GC pauses, stalls).
+error, no cost negative; later passes drop steps the fit misses by far (GC pauses, stalls).
 Writes <out>/calibration.json and prints the per-step error, by kind of step, on the fit and on --heldout.
 Without a CUDA device (the CPU engine) a step's whole duration is its device time and `pre` stays 0.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -112,11 +113,15 @@ def _profile_row(r: object, graph_sizes: list[int]) -> dict:
 
 def fit_relative(x: np.ndarray, t: np.ndarray) -> np.ndarray:
     """Coefficients of x minimising the relative error against t, none negative (a negative one is held at
-    0 and the rest refitted), then refitted without the rows missed by more than OUTLIER x the median."""
-    keep = np.ones(len(t), dtype=bool)
-    for _ in range(2):
-        coef = _nonnegative(x[keep] / t[keep, None], np.ones(keep.sum()))
-        miss = np.abs(x @ coef / t - 1)
+    0 and the rest refitted). The errors are relative to the model's prediction, refined over a few passes
+    (relative to the noisy observations they would pull the fit low), and each pass leaves out the rows
+    missed by more than OUTLIER x the median miss."""
+    keep, scale = np.ones(len(t), dtype=bool), t.astype(float)
+    floor = 1e-3 * float(np.median(t))
+    for _ in range(4):
+        coef = _nonnegative(x[keep] / scale[keep, None], t[keep] / scale[keep])
+        scale = np.maximum(x @ coef, floor)
+        miss = np.abs(t / scale - 1)
         keep = miss <= OUTLIER * max(float(np.median(miss)), 1e-3)
     return coef
 
@@ -315,7 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cal = calibrate(a.runs, a.out, a.heldout, profile)
     except (ValueError, OSError) as e:
-        raise SystemExit(f"workbench-calibrate: error: {e}") from None
+        print(f"workbench-calibrate: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(f"wrote {a.out / CALIBRATION_FILE}\n{report(cal)}")
 
 
