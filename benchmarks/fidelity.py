@@ -287,8 +287,8 @@ def step_groups(steps: pd.DataFrame) -> dict[str, pd.Series]:
 
 
 def step_periods(steps: pd.DataFrame) -> pd.Series:
-    """Start-to-start time of each step followed at once by another (the engine loop was busy): the step and
-    the host work after it, which is what the simulator's predicted step stands for."""
+    """Start-to-start time of each step followed at once by another (the loop was busy): the step and the
+    host work after it, on the engine and in the simulator's loop alike."""
     period = np.append(np.diff(steps["start_s"].to_numpy()), np.nan)
     busy = (steps["num_running"] + steps["num_waiting"]).to_numpy() > 0
     return pd.Series(np.where(busy, period, np.nan), index=steps.index)
@@ -297,7 +297,7 @@ def step_periods(steps: pd.DataFrame) -> pd.Series:
 def step_terms(engine_steps: pd.DataFrame, sim_steps: pd.DataFrame) -> dict[str, Any]:
     """Median step period by kind of step, engine against simulator: the step-time model's term that is off
     shows as the kind whose periods differ (the workload and scheduler are the same on both sides)."""
-    e_period, s_period = step_periods(engine_steps), sim_steps["duration_s"]
+    e_period, s_period = step_periods(engine_steps), step_periods(sim_steps)
     e_groups, s_groups = step_groups(engine_steps), step_groups(sim_steps)
     terms = {}
     for name, e_sel in e_groups.items():
