@@ -104,3 +104,17 @@ def test_async_scheduling_hides_host_work_behind_the_device(tmp_path):
     assert overlapped["step_time_stale"] and "measured engine code test" in overlapped["step_time_stale"]
     steps = pd.read_parquet(tmp_path / "run_True_0.003" / "steps.parquet")
     assert (steps["host_gap_s"].dropna() < 0).mean() > 0.5  # scheduled while the previous step ran
+
+
+def test_calibrate_names_the_file_of_an_unusable_run(tmp_path, capsys):
+    from servebench.sim.calibrate import main
+    from servebench.workbench.runs import write_run
+
+    steps = pd.DataFrame({"step": [0], "duration_s": [0.01]})  # recorded before the step shape columns
+    write_run(tmp_path / "old", pd.DataFrame({"request_id": ["a"]}), steps, {"backend": "engine"})
+    write_run(tmp_path / "sim", pd.DataFrame({"request_id": ["a"]}), steps, {"backend": "sim"})
+    for folder, message in (("old", "steps.parquet: no column 'num_prefill_chunks'"),
+                            ("sim", "backend='sim'; calibrate on engine runs")):
+        with pytest.raises(SystemExit) as e:
+            main([str(tmp_path / folder), "--out", str(tmp_path / "cal")])
+        assert e.value.code == 2 and message in capsys.readouterr().err
