@@ -103,6 +103,7 @@ def _profile_row(r: object, graph_sizes: list[int]) -> dict:
     decode_only = not chunks
     return {"num_prefill_tokens": sum(n for n, _ in chunks), "num_decode_tokens": b,
             "num_prefill_chunks": len(chunks), "prefill_attention": prefill_attention(chunks),
+            "prefill_context_sum": sum(c for _, c in chunks),
             "decode_context_sum": b * int(r.context), "decode_context_max": int(r.max_context),
             "graph_batch": padded_graph_batch(graph_sizes, b) if decode_only else 0,
             "swap_in_blocks": 0, "swap_out_blocks": 0, "device_s": r.median_s, "duration_s": r.median_s,
@@ -169,16 +170,19 @@ def fit_graph(rows: pd.DataFrame) -> tuple[list[int], list[float], float, float,
     return sizes, np.cumsum(coef[:n]).tolist(), *(float(c) for c in coef[n:])
 
 
-def fit_eager(rows: pd.DataFrame) -> tuple[list[int], list[float], float, float, float, float]:
-    """linear(T) at its knots (non-decreasing), attention_s, eager_kv_s, seq_s and the profile offset, on
-    eager steps."""
+EAGER_TERMS = ("prefill_attention", "prefill_context_sum", "num_prefill_chunks", "decode_context_sum", "seqs",
+               "profile")  # the columns of attention_s, prefill_kv_s, chunk_s, eager_kv_s, seq_s, the offset
+
+
+def fit_eager(rows: pd.DataFrame) -> tuple[list[int], list[float], list[float]]:
+    """linear(T) at its knots (non-decreasing), and the coefficients of EAGER_TERMS, on eager steps."""
     tokens = rows["tokens"].to_numpy(float)
     knots = _knots(tokens)
-    terms = rows[["prefill_attention", "decode_context_sum", "seqs", "profile"]].to_numpy(float)
+    terms = rows[list(EAGER_TERMS)].to_numpy(float)
     x = np.column_stack([_rising(tokens, knots), terms])
     coef = fit_relative(x, rows["device_s"].to_numpy(float))
     n = len(knots)
-    return knots, np.cumsum(coef[:n]).tolist(), *(float(c) for c in coef[n:])
+    return knots, np.cumsum(coef[:n]).tolist(), [float(c) for c in coef[n:]]
 
 
 def fit_device(steps: pd.DataFrame, swap_s: float) -> DeviceTerms:
@@ -187,9 +191,9 @@ def fit_device(steps: pd.DataFrame, swap_s: float) -> DeviceTerms:
     if eager.empty:
         raise ValueError("no eager steps (prefill or mixed) to fit: calibrate on runs that prefill")
     sizes, graph_s, kv, tail, offset = fit_graph(graph) if len(graph) else ([1], [0.0], 0.0, 0.0, 0.0)
-    knots, linear_s, attention, eager_kv, seq, eager_offset = fit_eager(eager)
-    return DeviceTerms(sizes, graph_s, kv, tail, knots, linear_s, attention, eager_kv, seq, swap_s,
-                       max(offset, eager_offset))
+    knots, linear_s, (attention, prefill_kv, chunk, eager_kv, seq, eager_offset) = fit_eager(eager)
+    return DeviceTerms(sizes, graph_s, kv, tail, knots, linear_s, attention, prefill_kv, chunk, eager_kv, seq,
+                       swap_s, max(offset, eager_offset))
 
 
 def fit_host(steps: pd.DataFrame, device: DeviceTerms, measured: bool) -> HostTerms:
@@ -246,9 +250,10 @@ def fit(steps: pd.DataFrame, profile: pd.DataFrame | None, swap_s: float) -> Cal
 # ---- errors ----
 
 def predicted_device(cal: Calibration, steps: pd.DataFrame) -> np.ndarray:
-    return np.array([cal.device_time(int(r.graph_batch), int(r.tokens), int(r.seqs), r.prefill_attention,
-                                     int(r.decode_context_sum), int(r.decode_context_max), int(r.swapped))
-                     for r in steps.itertuples(index=False)])
+    rows = steps.itertuples(index=False)
+    return np.array([cal.device_time(int(r.graph_batch), int(r.tokens), int(r.seqs), int(r.num_prefill_chunks),
+                                     r.prefill_attention, int(r.prefill_context_sum), int(r.decode_context_sum),
+                                     int(r.decode_context_max), int(r.swapped)) for r in rows])
 
 
 def predicted_duration(cal: Calibration, steps: pd.DataFrame, measured: bool = True) -> np.ndarray:

@@ -5,14 +5,15 @@ A step's device time (first kernel to sampled tokens, as the engine's CUDA event
     decode-only step replayed in the CUDA graph of batch g:
         graph_s[g] + graph_kv_s * C + graph_tail_s * C_max
     any other step (eager: prefill chunks, mixed, or a decode batch larger than every graph):
-        linear(T) + attention_s * A + eager_kv_s * C + seq_s * S
+        linear(T) + attention_s * A + prefill_kv_s * P + chunk_s * N + eager_kv_s * C + seq_s * S
     + swap_s * (blocks swapped in and out)
 
 T: tokens scheduled, S: sequences, A: prefill attention work (engine.core.recorder.prefill_attention),
-C: decode context tokens, C_max: the longest decode context. graph_s[g]: one cost per captured graph (weights
-read once, g padded rows), linear between the graph sizes fitted; linear(T): the token-linear part (matmuls,
-norms, LM head), piecewise linear between `knots`; *_kv_s: the KV read per context token; graph_tail_s: the
-longest sequence's last attention wave (its split programs finish after the others).
+P: cached tokens the prefill chunks read, N: prefill chunks, C: decode context tokens, C_max: the longest.
+graph_s[g]: one cost per captured graph (weights read once, g padded rows), linear between the graph sizes
+fitted; linear(T): the token-linear part (matmuls, norms, LM head), piecewise linear between `knots`;
+*_kv_s: the KV read per context token; graph_tail_s: the longest sequence's last attention wave (its split
+programs finish after the others); chunk_s: a chunk's fixed cost (its attention launch, its sampling).
 
 The host's time per step, which sim.simulator places on the timeline (in sync scheduling it adds to every
 step; in async scheduling it overlaps the device and shows only where it is the longer):
@@ -52,6 +53,8 @@ class DeviceTerms:
     knots: list[int]  # tokens, sorted
     linear_s: list[float]  # linear(T) at each knot
     attention_s: float  # per prefill attention token pair
+    prefill_kv_s: float  # per cached token a prefill chunk reads
+    chunk_s: float  # per prefill chunk (its attention launch, its sampling if it ends the prompt)
     eager_kv_s: float  # per decode context token in an eager step
     seq_s: float  # per sequence in an eager step (its rows of the inputs, its sampling)
     swap_s: float  # per KV block swapped
@@ -82,15 +85,15 @@ class Calibration:
     host: HostTerms
     meta: dict = field(default_factory=dict)  # what it was fitted on, its errors, the source digest
 
-    def device_time(self, graph_batch: int, tokens: int, seqs: int, attention: float, context: int,
-                    longest: int, swapped: int) -> float:
+    def device_time(self, graph_batch: int, tokens: int, seqs: int, chunks: int, attention: float,
+                    cached: int, context: int, longest: int, swapped: int) -> float:
         d = self.device
         if graph_batch:
             t = interpolate(d.graph_batches, d.graph_s, graph_batch) + d.graph_kv_s * context + (
                 d.graph_tail_s * longest)
         else:
             t = interpolate(d.knots, d.linear_s, tokens) + d.attention_s * attention + (
-                d.eager_kv_s * context + d.seq_s * seqs)
+                d.prefill_kv_s * cached + d.chunk_s * chunks + d.eager_kv_s * context + d.seq_s * seqs)
         return t + d.swap_s * swapped
 
     def save(self, path: Path) -> None:
@@ -119,7 +122,8 @@ class CalibratedStepTime:
         self.sources = {"all": str(folder / CALIBRATION_FILE)}
 
     def predict(self, out: SchedulerOutput) -> float:
+        chunks = out.prefill_chunks
         return self.calibration.device_time(
-            out.graph_batch, out.total_num_scheduled_tokens, len(out.requests),
-            prefill_attention(out.prefill_chunks), out.decode_context_tokens, out.decode_context_max,
-            len(out.swap_in) + len(out.swap_out))
+            out.graph_batch, out.total_num_scheduled_tokens, len(out.requests), len(chunks),
+            prefill_attention(chunks), sum(c for _, c in chunks), out.decode_context_tokens,
+            out.decode_context_max, len(out.swap_in) + len(out.swap_out))

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 from servebench.engine.core.graphs import graph_batch_sizes, padded_graph_batch
-from servebench.sim.calibrate import FIRST_STEPS, _derived, fit, step_errors
+from servebench.sim.calibrate import FIRST_STEPS, _derived, fit, predicted_device, step_errors
 from servebench.sim.calibrated import CALIBRATION_FILE, Calibration, DeviceTerms, HostTerms, interpolate
 from servebench.workbench.experiment import run_experiment
 
@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 TRUTH = Calibration(
     DeviceTerms(graph_batches=[1, 2, 4, 8, 16], graph_s=[4e-3, 4.1e-3, 4.3e-3, 4.6e-3, 5.2e-3],
                 graph_kv_s=2e-8, graph_tail_s=1e-7, knots=[1, 128, 512, 2048],
-                linear_s=[5e-3, 8e-3, 15e-3, 45e-3], attention_s=4e-11, eager_kv_s=3e-8, seq_s=2e-5,
-                swap_s=0.0),
+                linear_s=[5e-3, 8e-3, 15e-3, 45e-3], attention_s=4e-11, prefill_kv_s=1e-7, chunk_s=5e-5,
+                eager_kv_s=3e-8, seq_s=2e-5, swap_s=0.0),
     HostTerms(pre_s=3e-4, pre_seq_s=1e-5, pre_token_s=1e-7, post_s=2e-4, post_seq_s=5e-6))
 
 
@@ -37,15 +37,14 @@ def synthetic_steps(cal: Calibration, n: int, seed: int) -> pd.DataFrame:
         rows.append({"step": FIRST_STEPS + i, "num_prefill_tokens": sum(m for m, _ in chunks),
                      "num_decode_tokens": b, "num_prefill_chunks": len(chunks),
                      "prefill_attention": sum(m * (c + m / 2) for m, c in chunks),
+                     "prefill_context_sum": sum(c for _, c in chunks),
                      "decode_context_sum": int(contexts.sum()),
                      "decode_context_max": int(contexts.max(initial=0)),
                      "graph_batch": padded_graph_batch(sizes, b) if graph else 0,
                      "swap_in_blocks": 0, "swap_out_blocks": 0, "num_running": 1, "num_waiting": 0})
     steps = _derived(pd.DataFrame(rows).assign(run="synthetic", async_=False, profile=0.0))
     h = cal.host
-    steps["device_s"] = [cal.device_time(int(r.graph_batch), int(r.tokens), int(r.seqs), r.prefill_attention,
-                                         int(r.decode_context_sum), int(r.decode_context_max), 0)
-                         for r in steps.itertuples(index=False)]
+    steps["device_s"] = predicted_device(cal, steps)
     steps["duration_s"] = steps["device_s"] + h.pre_s + h.pre_seq_s * steps["seqs"] + h.pre_token_s * steps[
         "tokens"]
     steps["host_gap_s"] = (h.post_s + h.post_seq_s * steps["seqs"]).shift(1)
@@ -55,7 +54,8 @@ def synthetic_steps(cal: Calibration, n: int, seed: int) -> pd.DataFrame:
 def test_fit_recovers_known_terms_from_synthetic_steps():
     cal = fit(synthetic_steps(TRUTH, 3000, seed=0), None, 0.0)
     d, t = cal.device, TRUTH.device
-    for name in ("graph_kv_s", "graph_tail_s", "attention_s", "eager_kv_s", "seq_s"):
+    scalars = ("graph_kv_s", "graph_tail_s", "attention_s", "prefill_kv_s", "chunk_s", "eager_kv_s", "seq_s")
+    for name in scalars:
         assert getattr(d, name) == pytest.approx(getattr(t, name), rel=1e-3), name
     assert d.graph_batches == t.graph_batches
     assert d.graph_s == pytest.approx(t.graph_s, rel=1e-4)

@@ -35,6 +35,7 @@ STEP_COLUMNS = (
 STEP_SHAPE_COLUMNS = (
     "num_prefill_chunks",
     "prefill_attention",  # sum over prefill chunks of n (c + n / 2): n new tokens after c cached ones
+    "prefill_context_sum",  # sum over prefill chunks of c: cached tokens whose KV the chunks read
     "decode_context_sum",
     "decode_context_max",
     "graph_batch",  # padded CUDA-graph batch of a decode-only step; 0: eager

@@ -431,6 +431,7 @@ class Scheduler:
                 out.prefix_hit_tokens,
                 len(out.prefill_chunks),
                 prefill_attention(out.prefill_chunks),
+                sum(c for _, c in out.prefill_chunks),
                 out.decode_context_tokens,
                 out.decode_context_max,
                 out.graph_batch,
