@@ -250,10 +250,12 @@ def fit(steps: pd.DataFrame, profile: pd.DataFrame | None, swap_s: float) -> Cal
 # ---- errors ----
 
 def predicted_device(cal: Calibration, steps: pd.DataFrame) -> np.ndarray:
-    rows = steps.itertuples(index=False)
-    return np.array([cal.device_time(int(r.graph_batch), int(r.tokens), int(r.seqs), int(r.num_prefill_chunks),
-                                     r.prefill_attention, int(r.prefill_context_sum), int(r.decode_context_sum),
-                                     int(r.decode_context_max), int(r.swapped)) for r in rows])
+    def one(r: object) -> float:
+        return cal.device_time(int(r.graph_batch), int(r.tokens), int(r.seqs), int(r.num_prefill_chunks),
+                               r.prefill_attention, int(r.prefill_context_sum), int(r.decode_context_sum),
+                               int(r.decode_context_max), int(r.swapped))
+
+    return np.array([one(r) for r in steps.itertuples(index=False)])
 
 
 def predicted_duration(cal: Calibration, steps: pd.DataFrame, measured: bool = True) -> np.ndarray:
