@@ -243,11 +243,26 @@ def compare(runs: Path, out: Path, profile_root: Path | None = None, step_time: 
         cases[folder.parent.name] = case_result(engine, load_run(sim_dir), other)
     if not cases:
         raise SystemExit(f"fidelity: error: no engine runs under {runs} (*/engine/summary.json)")
-    result = {"cases": cases, "sweep": sweep_ranking(cases)}
+    result = {"cases": cases, "sweep": sweep_ranking(cases), "calibrations": calibrations(runs, profile_root)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "fidelity.json").write_text(json.dumps(_rounded(result), indent=2, allow_nan=False) + "\n")
     write_markdown(result, runs, out)
     return result
+
+
+def calibrations(runs: Path, profile_root: Path | None) -> dict[str, Any]:
+    """Per-step errors (fit and held out) of the calibrations the simulated runs could use."""
+    from servebench.sim.calibrated import CALIBRATION_FILE
+    from servebench.sim.profile_step_time import DEFAULT_PROFILE_ROOT
+
+    found = {}
+    for summary in runs.glob("*/engine/summary.json"):
+        cfg = json.loads(summary.read_text())["config"]
+        path = Path(profile_root or DEFAULT_PROFILE_ROOT) / cfg["hardware"]["name"] / cfg["model"]["name"]
+        if (path / CALIBRATION_FILE).is_file():
+            meta = json.loads((path / CALIBRATION_FILE).read_text()).get("meta", {})
+            found[str(path / CALIBRATION_FILE)] = {k: meta.get(k) for k in ("fit_error", "heldout_error")}
+    return found
 
 
 def case_result(engine: Run, sim: Run, rerun: Run | None) -> dict[str, Any]:
@@ -365,6 +380,8 @@ INTRO = ("Each workload ran on the engine (`backend=engine`) and on the simulato
 
 
 def write_markdown(result: dict[str, Any], runs: Path, out: Path) -> None:
+    from servebench.sim.calibrate import error_table
+
     lines = ["# Simulator fidelity against the engine", "",
              INTRO, "", *_summary_lines(result)]
     for name, case in result["cases"].items():
@@ -400,6 +417,11 @@ def write_markdown(result: dict[str, Any], runs: Path, out: Path) -> None:
                   "`attention.csv`), on two of these workloads' request lists. There is no A100 engine here, "
                   "so neither simulator has ground truth on that card. Its table (reasons for the differences"
                   " are given there):", "", *table, ""]
+    for path, meta in result["calibrations"].items():
+        lines += [f"## Per-step error of the calibration ({path})", "",
+                  "Each step's relative error (sync runs: its duration; async runs: its device time), by "
+                  "kind, on the calibration runs and on held-out runs (workbench-calibrate --heldout).", "",
+                  *error_table(meta), ""]
     if result["sweep"]:
         lines += ["## Policy sweep ranking", "",
                   "| ranked by | engine (best first) | sim | Kendall tau |", "|---|---|---|---|"]

@@ -307,13 +307,14 @@ def _digest(folders: list[Path]) -> str | None:
     return digests.pop() if len(digests) == 1 else None
 
 
-def report(cal: Calibration) -> str:
-    lines = ["| steps | kind | n | p50 |error| | p90 |error| |", "|---|---|---|---|---|"]
+def error_table(meta: dict) -> list[str]:
+    """A calibration's per-step errors (its meta's fit_error and heldout_error) as markdown table lines."""
+    lines = ["| steps | kind | n | p50 abs. error | p90 abs. error |", "|---|---|---|---|---|"]
     for name in ("fit_error", "heldout_error"):
-        for kind, e in cal.meta.get(name, {}).items():
+        for kind, e in (meta.get(name) or {}).items():
             lines.append(f"| {name.removesuffix('_error')} | {kind} | {e['steps']} | {e['p50']:.1%} | "
                          f"{e['p90']:.1%} |")
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -329,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError) as e:
         print(f"workbench-calibrate: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(f"wrote {a.out / CALIBRATION_FILE}\n{report(cal)}")
+    print("\n".join([f"wrote {a.out / CALIBRATION_FILE}", *error_table(cal.meta)]))
 
 
 if __name__ == "__main__":
