@@ -12,6 +12,8 @@
 #   PYTHON (default python3).
 #   --tiny: the same on the CPU with the tiny model (a smoke test of this script: ~2 minutes).
 # No Hydra, OmegaConf or SimPy needed: the engine runs compose their configs from conf/*.yaml themselves.
+# Profiles and runs record the digest of the engine and kernel code they measured (engine/digest.py): run this
+# on the code that will be committed with them (merge first), or tests/test_profile_digest.py marks them stale.
 set -u
 part=${1:?usage: OUT=DIR bash benchmarks/gpu_fidelity.sh profiles|runs [--tiny]}
 tiny=${2:-}
