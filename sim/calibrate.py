@@ -28,7 +28,8 @@ from servebench.sim.calibrated import CALIBRATION_FILE, Calibration, DeviceTerms
 
 FIRST_STEPS = 4  # steps after start priced by their own term, left out of the other fits
 KNOTS = (1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)  # candidate knots of linear(T)
-OUTLIER = 5.0  # a step the first fit misses by this many median absolute errors is left out of the second
+OUTLIER = 5.0  # a step a pass misses by this many times the median miss is left out of the next pass
+GOAL = {"p50": 0.03, "p90": 0.08}  # per-step |relative error| a calibration should stay within, each kind
 KINDS = ("decode", "prefill", "mixed")
 
 
@@ -290,7 +291,10 @@ def calibrate(runs: list[Path], out: Path, heldout: list[Path], profile: Path | 
     steps = pd.concat([run_steps(f) for f in folders], ignore_index=True)
     grid, swap_s = profile_steps(profile) if profile is not None else (None, 0.0)
     cal = fit(steps, grid, swap_s)
-    cal.meta |= {"runs": [str(f) for f in folders], "profile": str(profile) if profile else None,
+    config = json.loads((folders[0] / "summary.json").read_text()).get("config", {})
+    cal.meta |= {"model": config.get("model", {}).get("name"),
+                 "hardware": config.get("hardware", {}).get("name"), "runs": [str(f) for f in folders],
+                 "profile": str(profile) if profile else None,
                  "source_digest": _digest(folders), "fit_error": step_errors(cal, steps)}
     if heldout:
         held = run_folders(heldout)
@@ -309,11 +313,13 @@ def _digest(folders: list[Path]) -> str | None:
 
 def error_table(meta: dict) -> list[str]:
     """A calibration's per-step errors (its meta's fit_error and heldout_error) as markdown table lines."""
-    lines = ["| steps | kind | n | p50 abs. error | p90 abs. error |", "|---|---|---|---|---|"]
+    lines = ["| steps | kind | n | p50 abs. error | p90 abs. error | within 3 % / 8 % |",
+             "|---|---|---|---|---|---|"]
     for name in ("fit_error", "heldout_error"):
         for kind, e in (meta.get(name) or {}).items():
+            within = all(e[q] <= goal for q, goal in GOAL.items())
             lines.append(f"| {name.removesuffix('_error')} | {kind} | {e['steps']} | {e['p50']:.1%} | "
-                         f"{e['p90']:.1%} |")
+                         f"{e['p90']:.1%} | {'yes' if within else '**no**'} |")
     return lines
 
 
