@@ -26,6 +26,11 @@ rm -f "$WORK/engine/report.md"
 "$BIN/workbench-report" "$WORK/engine"
 test -s "$WORK/engine/report.md"
 
+step "workbench-calibrate on the engine run"
+"$BIN/workbench-calibrate" "$WORK/engine" --out "$WORK/calibration" >"$WORK/calibrate.log" 2>&1 \
+    || { cat "$WORK/calibrate.log"; exit 1; }
+test -s "$WORK/calibration/calibration.json"
+
 step "servebench-serve answers a completion"
 PORT=$("$BIN/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 "$BIN/servebench-serve" --model tiny_llama --load-format dummy --port "$PORT" >"$WORK/server.log" 2>&1 &

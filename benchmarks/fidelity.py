@@ -1,14 +1,18 @@
-"""Simulator fidelity: the same workloads on the engine (H100) and on the simulator with the H100 profiles.
+"""Simulator fidelity: the same workloads on the engine (H200) and on the simulator calibrated on it.
 
-    python benchmarks/fidelity.py gpu        # on the GPU: engine run folders under reports/fidelity/
+    python benchmarks/fidelity.py gpu        # on the GPU: engine run folders under reports/fidelity_h200/
     python benchmarks/fidelity.py compare    # CPU: simulate the same, write reports/fidelity.{json,md}
     python benchmarks/fidelity.py gpu --tiny --device cpu --runs /tmp/f   # CPU smoke test, tiny model
 
-`gpu` needs no Hydra or SimPy: configs are composed from conf/*.yaml here. Engine runs that share the engine's
-knobs reuse one loaded model (`LLMEngine.reset` between runs). `compare` reruns the simulator on each engine
-run's own resolved config with `backend.step_time=profile` and the engine's KV block count, and compares
-p50/p99 TTFT, TPOT and E2E, output throughput, preemptions and prefix-cache hit rate; per-step terms (decode,
-prefill, mixed steps and the host gap) tell which part of the step-time model is off.
+`gpu` needs no Hydra or SimPy: configs are composed from conf/*.yaml here. Cases have a role: `calibration`
+(the step-time model may be fitted on them), `heldout` (judged; each runs twice, `engine` and `engine_rerun`,
+for the engine's own spread) and `sweep` (the policy ranking). Consecutive runs that share the engine's knobs
+reuse one loaded model (`LLMEngine.reset` between runs). `compare` reruns the simulator on each engine
+run's own resolved config (`--step-time`, default auto: the calibration where there is one; the engine's KV
+block count, sync or async scheduling, CUDA graphs), and compares p50/p99 TTFT, TPOT and E2E, output
+throughput, preemptions and prefix-cache hit rate, beside the engine's own spread; per-step terms (decode,
+prefill, mixed steps and the host gap) tell which part of the step-time model is off; the sweep's orders by
+p50 E2E etc. are compared by Kendall's tau.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 if TYPE_CHECKING:
     from servebench.workbench.runs import Run
 CONF = REPO / "conf"
-RUNS = REPO / "reports" / "fidelity"
+RUNS = REPO / "reports" / "fidelity_h200"  # engine run folders: <case>/{engine,engine_rerun,sim}
 SWEEP = "sweep"  # case-name prefix of the policy sweep
 # metric -> (summary key, target |relative error|; None: reported only)
 METRICS = {
@@ -51,37 +55,61 @@ class Case:
     workload: str
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted keys: workload.request_rate, ...
     what: str = ""
+    role: str = "heldout"  # calibration (fitted on) | heldout (judged; run twice) | sweep (ranked)
 
 
+ROLES = ("calibration", "heldout", "sweep")
+CHUNKING = {True: "on (256-token budget)", False: "off"}
 SHAREGPT = {"workload.output_len": {"dist": "lognormal", "median": 129, "sigma": 0.99, "max": 1000}}
-SMALL_KV = {"cache.num_gpu_blocks_override": 300, "workload.num_requests": 150, "workload.request_rate": 40}
+ASYNC = {"backend.async_scheduling": True}
 CASES = [
-    Case("sharegpt_light", "sharegpt", {"workload.num_requests": 80, "workload.request_rate": 4},
-         "ShareGPT prompts, Poisson 4 req/s (light)"),
-    Case("sharegpt_saturated", "sharegpt", {"workload.num_requests": 500, "workload.request_rate": 60},
-         "ShareGPT prompts, Poisson 60 req/s (near saturation: ~max_num_seqs running)"),
-    Case("sharegpt_overloaded", "sharegpt", {"workload.num_requests": 500, "workload.request_rate": 150},
-         "ShareGPT prompts, Poisson 150 req/s (overloaded)"),
-    Case("azure_code", "azure_code", {"workload.duration_s": 200, "workload.time_scale": 0.2},
-         "Azure 2023 code trace, its first 200 s at 5x speed (bursty, long prompts, short outputs)"),
-    Case("mt_bench_prefix", "mt_bench", {"workload.request_rate": 8, "cache.enable_prefix_caching": True},
-         "MT-Bench 2 turns (turn 2 shares turn 1 + answer), Poisson 8 req/s, prefix caching on"),
-    Case("preempt_recompute", "sharegpt", {**SMALL_KV, "scheduler.preemption_mode": "recompute"},
-         "ShareGPT 40 req/s on a 4,800-token KV cache (300 blocks), recompute preemption"),
-    Case("preempt_swap", "sharegpt", {**SMALL_KV, "scheduler.preemption_mode": "swap"},
-         "ShareGPT 40 req/s on a 4,800-token KV cache (300 blocks), swap preemption"),
+    Case("cal_sharegpt_poisson", "sharegpt", {"workload.num_requests": 250, "workload.request_rate": 25},
+         "ShareGPT prompts, Poisson 25 req/s", "calibration"),
+    Case("cal_conv_window", "azure_conv", {"workload.duration_s": 45, "workload.time_scale": 0.25},
+         "Azure 2023 conv trace, its first 45 s at 4x speed (the issue's conversation window)",
+         "calibration"),
+    Case("cal_sharegpt_async", "sharegpt",
+         {"workload.num_requests": 250, "workload.request_rate": 60, **ASYNC},
+         "ShareGPT prompts, Poisson 60 req/s, async scheduling", "calibration"),
+    Case("ho_code_burst_async", "azure_code",
+         {"workload.duration_s": 90, "workload.time_scale": 0.2, **ASYNC},
+         "Azure 2023 code trace, its first 90 s at 5x speed (bursty, long prompts), async scheduling"),
+    Case("ho_sharegpt_bursty_nochunk", "sharegpt",
+         {"workload.num_requests": 250, "workload.request_rate": 40, "workload.cv": 3.0,
+          "scheduler.enable_chunked_prefill": False},
+         "ShareGPT prompts, 40 req/s in bursts (Gamma gaps, CV 3), chunked prefill off"),
+    Case("ho_kv_pressure", "sharegpt",
+         {"workload.num_requests": 150, "workload.request_rate": 40, "cache.num_gpu_blocks_override": 400},
+         "ShareGPT 40 req/s on a 6,400-token KV cache (400 blocks), recompute preemption"),
+    Case("ho_mt_bench_prefix_async", "mt_bench",
+         {"workload.num_requests": 120, "workload.request_rate": 16, "workload.cv": 2.0,
+          "cache.enable_prefix_caching": True, **ASYNC},
+         "MT-Bench 2 turns (turn 2 shares turn 1 + answer), 16 req/s (CV 2), prefix caching, async"),
+    Case("ho_long_prompts", "synthetic",
+         {"workload.num_requests": 80, "workload.request_rate": 10,
+          "workload.input_len": {"dist": "uniform", "min": 1024, "max": 3072},
+          "workload.output_len": {"dist": "uniform", "min": 32, "max": 256}},
+         "synthetic long prompts (1-3k tokens), 10 req/s Poisson: prefill-heavy mixed steps"),
+    Case("ho_sharegpt_overload_async", "sharegpt",
+         {"workload.num_requests": 400, "workload.request_rate": 120, **ASYNC},
+         "ShareGPT prompts, Poisson 120 req/s (overloaded: batches of up to 256), async scheduling"),
 ] + [
-    Case(f"{SWEEP}_chunked_{'on' if c else 'off'}_seqs{n}", "sharegpt",
-         {"workload.num_requests": 300, "workload.request_rate": 100, "scheduler.enable_chunked_prefill": c,
-          "scheduler.max_num_seqs": n},
-         f"policy sweep on ShareGPT at 100 req/s: chunked prefill {'on' if c else 'off'}, max_num_seqs {n}")
-    for c in (True, False) for n in (64, 256)
+    # KV pressure in every configuration, so the preemption mode always matters; chunked prefill with a
+    # 256-token budget against whole prompts (budget max_model_len), so the chunking does too
+    Case(f"sweep_chunked_{'on' if c else 'off'}_seqs{n}_{mode}", "sharegpt",
+         {"workload.num_requests": 120, "workload.request_rate": 40, "cache.num_gpu_blocks_override": 330,
+          "scheduler.enable_chunked_prefill": c, "scheduler.max_num_batched_tokens": 256 if c else None,
+          "scheduler.max_num_seqs": n, "scheduler.preemption_mode": mode},
+         f"policy sweep, ShareGPT 40 req/s on 330 KV blocks: chunked prefill {CHUNKING[c]}, "
+         f"max_num_seqs {n}, {mode} preemption", "sweep")
+    for c in (True, False) for n in (24, 128) for mode in ("recompute", "swap")
 ]
 TINY = {"model": "tiny_llama", "backend.dtype": "float32", "workload.num_requests": 12,
         "workload.request_rate": 40}
-TINY_CASES = ("sharegpt_light", "mt_bench_prefix", "preempt_recompute", "preempt_swap",
-              f"{SWEEP}_chunked_on_seqs64", f"{SWEEP}_chunked_off_seqs64")
+TINY_CASES = ("cal_sharegpt_poisson", "cal_sharegpt_async", "ho_kv_pressure", "ho_mt_bench_prefix_async",
+              "sweep_chunked_on_seqs24_swap", "sweep_chunked_off_seqs128_recompute")
 TINY_KV = {"cache.num_gpu_blocks_override": 40}  # 640 tokens: preemption at once on the tiny model
+RERUN = "engine_rerun"  # the second engine run of a held-out case, beside `engine`: the engine's own spread
 
 
 # ---- configs without Hydra ----
@@ -113,15 +141,15 @@ def compose(groups: dict[str, str], overrides: dict[str, Any]) -> dict[str, Any]
     return cfg
 
 
-def case_config(case: Case, model: str, device: str, tiny: bool) -> dict[str, Any]:
-    groups = {"backend": "engine", "model": "tiny_llama" if tiny else model, "hardware": "h100_80g",
+def case_config(case: Case, model: str, hardware: str, device: str, tiny: bool) -> dict[str, Any]:
+    groups = {"backend": "engine", "model": "tiny_llama" if tiny else model, "hardware": hardware,
               "workload": case.workload}
     over = {**(SHAREGPT if case.workload == "sharegpt" else {}), **case.overrides, "backend.device": device,
             "report": False, "progress": False}
     if tiny:
         over |= {k: v for k, v in TINY.items() if k != "model"}
         over |= TINY_KV if "cache.num_gpu_blocks_override" in case.overrides else {}
-    return compose(groups, over) | {"fidelity_case": case.what}
+    return compose(groups, over) | {"fidelity_case": case.what, "fidelity_role": case.role}
 
 
 def engine_key(cfg: dict[str, Any]) -> str:
@@ -132,31 +160,39 @@ def engine_key(cfg: dict[str, Any]) -> str:
 
 # ---- gpu: the engine runs ----
 
-def run_gpu(runs: Path, model: str, device: str, tiny: bool, budget_s: float, only: list[str] | None) -> None:
+def engine_runs(cases: list[Case]) -> list[tuple[Case, str]]:
+    """(case, run folder name) in the order they run: by role, a held-out case twice in a row (its rerun
+    measures the engine's own spread); within a role, cases sharing an engine's knobs are not reordered."""
+    return [(c, folder) for role in ROLES for c in cases if c.role == role
+            for folder in (("engine", RERUN) if role == "heldout" else ("engine",))]
+
+
+def run_gpu(runs: Path, model: str, hardware: str, device: str, tiny: bool, budget_s: float,
+            only: list[str] | None, roles: list[str]) -> None:
     from servebench.workbench.engine_backend import build_engine
     from servebench.workbench.experiment import run_experiment
 
     t0 = time.perf_counter()
-    cases = [c for c in CASES if (not tiny or c.name in TINY_CASES) and (not only or c.name in only)]
-    configs = [(c, case_config(c, model, device, tiny)) for c in cases]
-    configs.sort(key=lambda cc: engine_key(cc[1]))  # stable: case order within one engine
+    cases = [c for c in CASES if c.role in roles and (not tiny or c.name in TINY_CASES)
+             and (not only or c.name in only)]
     engine, key = None, None
-    for case, cfg in configs:
+    for case, folder in engine_runs(cases):
         if time.perf_counter() - t0 > budget_s:
-            _log(f"{case.name}: skipped, budget of {budget_s:.0f} s spent")
+            _log(f"{case.name}/{folder}: skipped, budget of {budget_s:.0f} s spent")
             continue
+        cfg = case_config(case, model, hardware, device, tiny)
         try:
             if engine_key(cfg) != key:
                 engine = key = None
                 _free_gpu()
                 engine, key = build_engine(cfg), engine_key(cfg)
                 _log(f"engine ready ({case.name}'s knobs), {time.perf_counter() - t0:.0f} s")
-            s = run_experiment(cfg, runs / case.name / "engine", engine=engine)
-            _log(f"{case.name}: {s['num_finished']} requests, {s['duration_s']:.1f} s, "
+            s = run_experiment(cfg, runs / case.name / folder, engine=engine)
+            _log(f"{case.name}/{folder}: {s['num_finished']} requests, {s['duration_s']:.1f} s, "
                  f"p50 TTFT {s['median_ttft_ms']:.1f} ms, p50 TPOT {s['median_tpot_ms']:.2f} ms, "
                  f"{s['num_preemptions']} preemptions; total {time.perf_counter() - t0:.0f} s")
         except Exception:  # one failed case must not cost the others
-            _log(f"{case.name}: FAILED\n{traceback.format_exc()}")
+            _log(f"{case.name}/{folder}: FAILED\n{traceback.format_exc()}")
             engine = key = None
 
 
@@ -179,53 +215,82 @@ def _log(msg: str) -> None:
 
 # ---- compare: the simulator on the same workloads ----
 
-def sim_config(engine_summary: dict[str, Any], profile_root: Path | None) -> dict[str, Any]:
-    """The engine run's own config on the simulator: profile step times, the engine's KV block count."""
+def sim_config(engine_summary: dict[str, Any], profile_root: Path | None, step_time: str) -> dict[str, Any]:
+    """The engine run's own config on the simulator: the engine's KV block count, scheduling mode (sync or
+    async) and CUDA graphs (none on a CPU engine)."""
     cfg = copy.deepcopy(engine_summary["config"])
-    cfg["backend"] = {"name": "sim", "step_time": "profile", "profile_root": str(profile_root) if profile_root
-                      else None}
+    engine = cfg["backend"]
+    eager = engine.get("enforce_eager", False) or engine_summary.get("device") == "cpu"
+    cfg["backend"] = {"name": "sim", "step_time": step_time, "enforce_eager": eager,
+                      "async_scheduling": engine.get("async_scheduling", False),
+                      "profile_root": str(profile_root) if profile_root else None}
     cfg["cache"]["num_gpu_blocks_override"] = engine_summary["num_gpu_blocks"]
     cfg |= {"report": False, "progress": False}
     return cfg
 
 
-def compare(runs: Path, out: Path, profile_root: Path | None = None) -> dict[str, Any]:
+def compare(runs: Path, out: Path, profile_root: Path | None = None, step_time: str = "auto"
+            ) -> dict[str, Any]:
     from servebench.workbench.experiment import run_experiment
     from servebench.workbench.runs import load_run
 
     cases = {}
     for folder in sorted(p.parent for p in runs.glob("*/engine/summary.json")):
-        engine = load_run(folder)
-        engine_summary = json.loads((folder / "summary.json").read_text())
-        sim_dir = folder.parent / "sim"
-        run_experiment(sim_config(engine_summary, profile_root), sim_dir)
-        cases[folder.parent.name] = case_result(engine, load_run(sim_dir))
+        engine, sim_dir, rerun = load_run(folder), folder.parent / "sim", folder.parent / RERUN
+        summary = engine.summary | {"config": engine.config}
+        run_experiment(sim_config(summary, profile_root, step_time), sim_dir)
+        other = load_run(rerun) if (rerun / "summary.json").is_file() else None
+        cases[folder.parent.name] = case_result(engine, load_run(sim_dir), other)
     if not cases:
         raise SystemExit(f"fidelity: error: no engine runs under {runs} (*/engine/summary.json)")
-    result = {"cases": cases, "sweep": sweep_ranking(cases)}
+    result = {"cases": cases, "sweep": sweep_ranking(cases), "calibrations": calibrations(runs, profile_root)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "fidelity.json").write_text(json.dumps(_rounded(result), indent=2, allow_nan=False) + "\n")
     write_markdown(result, runs, out)
     return result
 
 
-def case_result(engine: Run, sim: Run) -> dict[str, Any]:
+def calibrations(runs: Path, profile_root: Path | None) -> dict[str, Any]:
+    """Per-step errors (fit and held out) of the calibrations the simulated runs could use."""
+    from servebench.sim.calibrated import CALIBRATION_FILE
+    from servebench.sim.profile_step_time import DEFAULT_PROFILE_ROOT
+
+    found = {}
+    for summary in runs.glob("*/engine/summary.json"):
+        cfg = json.loads(summary.read_text())["config"]
+        path = Path(profile_root or DEFAULT_PROFILE_ROOT) / cfg["hardware"]["name"] / cfg["model"]["name"]
+        if (path / CALIBRATION_FILE).is_file():
+            meta = json.loads((path / CALIBRATION_FILE).read_text()).get("meta", {})
+            found[str(path / CALIBRATION_FILE)] = {k: meta.get(k) for k in ("fit_error", "heldout_error")}
+    return found
+
+
+def case_result(engine: Run, sim: Run, rerun: Run | None) -> dict[str, Any]:
+    """Each metric's simulator error, the engine's own spread (its rerun against it) and whether the error is
+    within the target, or within the spread where that is larger."""
     metrics = {}
     for name, (key, target) in METRICS.items():
         e, s = engine.summary.get(key), sim.summary.get(key)
-        err = (s - e) / e if _finite(e) and _finite(s) and e else None
-        metrics[name] = {"engine": e, "sim": s, "rel_error": err, "target": target,
-                         "met": None if target is None or err is None else abs(err) <= target}
-    return {"what": engine.config.get("fidelity_case", ""), "metrics": metrics,
-            "step_terms": step_terms(engine.steps, sim.steps),
+        spread = _rel(rerun.summary.get(key), e) if rerun else None
+        spread = None if spread is None else abs(spread)
+        err = _rel(s, e)
+        allowed = None if target is None else max(target, spread or 0.0)
+        metrics[name] = {"engine": e, "sim": s, "rel_error": err, "engine_spread": spread, "target": target,
+                         "met": None if allowed is None or err is None else abs(err) <= allowed}
+    return {"what": engine.config.get("fidelity_case", ""), "role": engine.config.get("fidelity_role", ""),
+            "metrics": metrics, "step_terms": step_terms(engine.steps, sim.steps),
             "step_time_model": sim.summary.get("step_time_model"),
+            "step_time_stale": sim.summary.get("step_time_stale"),
             "num_steps_outside_profile": sim.summary.get("num_steps_outside_profile"),
             "summaries": {b: {key: r.summary.get(key) for key, _ in METRICS.values()}
                           for b, r in (("engine", engine), ("sim", sim))}}
 
 
+def _rel(x: Any, ref: Any) -> float | None:
+    return (x - ref) / ref if _finite(x) and _finite(ref) and ref else None
+
+
 BATCH_BINS = (0, 8, 32, 128, 100_000)
-RERUNS = "_reruns"  # under the runs folder: other engine runs of some cases (see _reproducibility_lines)
 
 
 def step_groups(steps: pd.DataFrame) -> dict[str, pd.Series]:
@@ -237,8 +302,8 @@ def step_groups(steps: pd.DataFrame) -> dict[str, pd.Series]:
 
 
 def step_periods(steps: pd.DataFrame) -> pd.Series:
-    """Start-to-start time of each step followed at once by another (the engine loop was busy): the step and
-    the host work after it, which is what the simulator's predicted step stands for."""
+    """Start-to-start time of each step followed at once by another (the loop was busy): the step and the
+    host work after it, on the engine and in the simulator's loop alike."""
     period = np.append(np.diff(steps["start_s"].to_numpy()), np.nan)
     busy = (steps["num_running"] + steps["num_waiting"]).to_numpy() > 0
     return pd.Series(np.where(busy, period, np.nan), index=steps.index)
@@ -247,7 +312,7 @@ def step_periods(steps: pd.DataFrame) -> pd.Series:
 def step_terms(engine_steps: pd.DataFrame, sim_steps: pd.DataFrame) -> dict[str, Any]:
     """Median step period by kind of step, engine against simulator: the step-time model's term that is off
     shows as the kind whose periods differ (the workload and scheduler are the same on both sides)."""
-    e_period, s_period = step_periods(engine_steps), sim_steps["duration_s"]
+    e_period, s_period = step_periods(engine_steps), step_periods(sim_steps)
     e_groups, s_groups = step_groups(engine_steps), step_groups(sim_steps)
     terms = {}
     for name, e_sel in e_groups.items():
@@ -263,14 +328,25 @@ def step_terms(engine_steps: pd.DataFrame, sim_steps: pd.DataFrame) -> dict[str,
 
 
 def sweep_ranking(cases: dict[str, Any]) -> dict[str, Any]:
+    """The sweep's configurations best first by each of SWEEP_RANK_BY, engine and simulator, and Kendall's
+    tau between the two orders (1: the same order)."""
     sweep = {k: v for k, v in cases.items() if k.startswith(SWEEP)}
     if len(sweep) < 2:
         return {}
     out = {}
     for key in SWEEP_RANK_BY:
-        order = {b: sorted(sweep, key=lambda c: sweep[c]["summaries"][b][key]) for b in ("engine", "sim")}
-        out[key] = {**order, "same_order": order["engine"] == order["sim"]}
+        values = {b: [sweep[c]["summaries"][b][key] for c in sweep] for b in ("engine", "sim")}
+        order = {b: sorted(sweep, key=lambda c, b=b: sweep[c]["summaries"][b][key]) for b in values}
+        out[key] = {**order, "same_order": order["engine"] == order["sim"],
+                    "kendall_tau": kendall_tau(values["engine"], values["sim"])}
     return out
+
+
+def kendall_tau(a: list[float], b: list[float]) -> float:
+    """(concordant - discordant pairs) / all pairs; ties count as neither."""
+    pairs = [(i, j) for i in range(len(a)) for j in range(i + 1, len(a))]
+    score = sum(np.sign(a[i] - a[j]) * np.sign(b[i] - b[j]) for i, j in pairs)
+    return float(score / len(pairs))
 
 
 def _finite(x: Any) -> bool:
@@ -294,21 +370,33 @@ def _rounded(x: Any) -> Any:
 
 # ---- the report ----
 
+INTRO = ("Each workload ran on the engine (`backend=engine`) and on the simulator with the engine's "
+         "own step times (`backend.step_time=auto`: the calibration of this model and card where there "
+         "is one, else its profile; same config, KV block count, sync or async scheduling). Relative "
+         "error = (sim - engine) / engine. Targets: p50 within 3 %, p99 within 8 %, throughput within "
+         "2 %, or within the engine's own spread (a held-out case's second engine run against its "
+         "first) where that is larger. Calibration cases were fitted on; held-out and sweep cases "
+         "were not.")
+
+
 def write_markdown(result: dict[str, Any], runs: Path, out: Path) -> None:
+    from servebench.sim.calibrate import error_table
+
     lines = ["# Simulator fidelity against the engine", "",
-             "Each workload ran on the engine (`backend=engine`) and on the simulator with the engine's own "
-             "profiles (`backend.step_time=profile`, same config, same KV block count). Relative error = "
-             "(sim - engine) / engine. Targets: p50 within 3 %, p99 within 8 %, throughput within 2 %.", "",
-             *_summary_lines(result), *_reproducibility_lines(result, runs / RERUNS)]
+             INTRO, "", *_summary_lines(result)]
     for name, case in result["cases"].items():
-        lines += [f"## {name}", "", f"Step-time model: {case['step_time_model']}; steps outside the profile: "
-                  f"{case['num_steps_outside_profile']}.", "",
-                  "| metric | engine | sim | rel. error | target | met |", "|---|---|---|---|---|---|"]
+        lines += [f"## {name} ({case['role']})", "", case["what"], "",
+                  f"Step-time model: {case['step_time_model']}; steps outside the profile: "
+                  f"{case['num_steps_outside_profile']}." + (f" **{case['step_time_stale']}**"
+                                                              if case["step_time_stale"] else ""), "",
+                  "| metric | engine | sim | rel. error | engine spread | target | met |",
+                  "|---|---|---|---|---|---|---|"]
         for metric, m in case["metrics"].items():
             target = f"{m['target']:.0%}" if m["target"] is not None else ""
             met = {True: "yes", False: "**no**", None: ""}[m["met"]]
+            spread = "" if m["engine_spread"] is None else f"{m['engine_spread']:.1%}"
             lines.append(f"| {metric} | {_fmt(m['engine'])} | {_fmt(m['sim'])} | {_pct(m['rel_error'])} | "
-                         f"{target} | {met} |")
+                         f"{spread} | {target} | {met} |")
         lines += ["", "Step periods (median ms) by kind of step:", "",
                   "| steps | engine n | sim n | engine ms | sim ms | rel. error |",
                   "|---|---|---|---|---|---|"]
@@ -329,50 +417,29 @@ def write_markdown(result: dict[str, Any], runs: Path, out: Path) -> None:
                   "`attention.csv`), on two of these workloads' request lists. There is no A100 engine here, "
                   "so neither simulator has ground truth on that card. Its table (reasons for the differences"
                   " are given there):", "", *table, ""]
+    for path, meta in result["calibrations"].items():
+        lines += [f"## Per-step error of the calibration ({path})", "",
+                  "Each step's relative error (sync runs: its duration; async runs: its device time), by "
+                  "kind, on the calibration runs and on held-out runs (workbench-calibrate --heldout).", "",
+                  *error_table(meta), ""]
     if result["sweep"]:
-        lines += ["## Policy sweep ranking", "", "| ranked by | engine (best first) | sim | same order |",
-                  "|---|---|---|---|"]
+        lines += ["## Policy sweep ranking", "",
+                  "| ranked by | engine (best first) | sim | Kendall tau |", "|---|---|---|---|"]
         for key, r in result["sweep"].items():
-            lines.append(f"| {key} | {', '.join(r['engine'])} | {', '.join(r['sim'])} | {r['same_order']} |")
+            lines.append(f"| {key} | {', '.join(r['engine'])} | {', '.join(r['sim'])} | "
+                         f"{r['kendall_tau']:.2f} |")
     (out / "fidelity.md").write_text("\n".join(lines) + "\n")
 
 
 def _summary_lines(result: dict[str, Any]) -> list[str]:
-    rows, met_all, total_all = [], 0, 0
+    rows, met, total = [], {}, {}
     for name, case in result["cases"].items():
         judged = [m["met"] for m in case["metrics"].values() if m["met"] is not None]
-        met_all, total_all = met_all + sum(judged), total_all + len(judged)
-        rows.append(f"| {name} | {sum(judged)} / {len(judged)} |")
-    return [f"Targets met: {met_all} of {total_all}.", "", "| case | targets met |", "|---|---|", *rows, ""]
-
-
-def _reproducibility_lines(result: dict[str, Any], reruns: Path) -> list[str]:
-    """The engine against itself: reruns of some cases (`<reruns>/<label>/<case>_summary.json`, other runs of
-    the same workloads) as relative differences from the committed engine run, beside the simulator's error.
-    A target tighter than the engine's own spread cannot be met by any step-time model."""
-    labels = sorted(p.name for p in reruns.glob("*") if p.is_dir())
-    if not labels:
-        return []
-    header = f"| case | metric | {' | '.join(labels)} | simulator |"
-    lines = ["## The engine against itself", "",
-             "Other engine runs of the same workloads (folders under `reports/fidelity/_reruns/`: "
-             "`h100_run1` ran before `gc.freeze()` was added to the engine, on another H100; `h200_run3` ran "
-             "the committed code on an H200), as relative differences from the committed engine run, beside "
-             "the simulator's error against that run.", "",
-             header, "|---|---|" + "---|" * (len(labels) + 1)]
-    for name, case in result["cases"].items():
-        reruns_of = {lb: reruns / lb / f"{name}_summary.json" for lb in labels}
-        if not any(p.is_file() for p in reruns_of.values()):
-            continue
-        others = {lb: json.loads(p.read_text()) if p.is_file() else {} for lb, p in reruns_of.items()}
-        for metric, m in case["metrics"].items():
-            if m["target"] is None:
-                continue
-            key, e = METRICS[metric][0], m["engine"]
-            diffs = [_pct((o[key] - e) / e) if _finite(o.get(key)) and _finite(e) and e else ""
-                     for o in others.values()]
-            lines.append(f"| {name} | {metric} | {' | '.join(diffs)} | {_pct(m['rel_error'])} |")
-    return [*lines, ""]
+        role = case["role"]
+        met[role], total[role] = met.get(role, 0) + sum(judged), total.get(role, 0) + len(judged)
+        rows.append(f"| {name} | {role} | {sum(judged)} / {len(judged)} |")
+    counts = "; ".join(f"{role or 'unlabelled'} cases {met[role]} of {total[role]}" for role in total)
+    return [f"Targets met: {counts}.", "", "| case | role | targets met |", "|---|---|---|", *rows, ""]
 
 
 def _misses(case: dict[str, Any]) -> list[str]:
@@ -431,19 +498,22 @@ def main(argv: list[str] | None = None) -> None:
     g = sub.add_parser("gpu", help="engine runs (on the GPU)")
     g.add_argument("--runs", type=Path, default=RUNS)
     g.add_argument("--model", default="llama2_7b", help="conf/model name")
+    g.add_argument("--hardware", default="h200", help="conf/hardware name the runs record")
     g.add_argument("--device", default="auto")
     g.add_argument("--tiny", action="store_true", help="tiny model, few requests: a CPU smoke test")
-    g.add_argument("--budget-s", type=float, default=330, help="skip the cases left after this many seconds")
+    g.add_argument("--budget-s", type=float, default=480, help="skip the runs left after this many seconds")
+    g.add_argument("--roles", nargs="*", choices=ROLES, default=list(ROLES), help="which cases to run")
     g.add_argument("--only", nargs="*", help="case names")
     c = sub.add_parser("compare", help="simulate the same workloads and write the report (CPU)")
     c.add_argument("--runs", type=Path, default=RUNS)
     c.add_argument("--out", type=Path, default=REPO / "reports")
     c.add_argument("--profile-root", type=Path, default=None, help="default: data/profiles")
+    c.add_argument("--step-time", default="auto", help="backend.step_time of the simulator runs")
     a = p.parse_args(argv)
     if a.cmd == "gpu":
-        run_gpu(a.runs, a.model, a.device, a.tiny, a.budget_s, a.only)
+        run_gpu(a.runs, a.model, a.hardware, a.device, a.tiny, a.budget_s, a.only, a.roles)
     else:
-        compare(a.runs, a.out, a.profile_root)
+        compare(a.runs, a.out, a.profile_root, a.step_time)
 
 
 if __name__ == "__main__":

@@ -185,6 +185,7 @@ class LLMEngine:
         if self._in_flight is not None:
             prev, result = self._in_flight
             sampled = result.tolist()
+            prev.device_s = result.device_s
             now = self.now()
             outputs += self._fail(prev, result, now)
             self.scheduler.resolve(prev, sampled, now)

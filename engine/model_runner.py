@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from servebench.engine.config import EngineArgs, ModelConfig
 from servebench.engine.core.config import SchedulerConfig
+from servebench.engine.core.graphs import graph_batch_sizes, padded_graph_batch
 from servebench.engine.core.request import PENDING, Request
 from servebench.engine.core.scheduler_output import SchedulerOutput
 from servebench.engine.loader import load_model
@@ -23,12 +25,6 @@ GiB = 1 << 30
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def graph_batch_sizes(max_num_seqs: int) -> list[int]:
-    """1, 2, 4, 8, ... and max_num_seqs itself: a decode batch runs in the smallest graph that holds it."""
-    sizes = [1 << i for i in range(max_num_seqs.bit_length()) if 1 << i < max_num_seqs]
-    return [*sizes, max_num_seqs]
 
 
 def _lengths(lists: list[list[int]]) -> np.ndarray:
@@ -72,19 +68,21 @@ class SampledTokens:
     sampled_logprobs: Logprobs | None  # of the sampled tokens, for the requests that asked
     prompt: list[tuple[int, int, Logprobs]]  # (request index, first position of its chunk, its scores)
     failures: dict[int, Exception]  # request index -> why its part of the step failed (the rest went on)
+    began: torch.cuda.Event | None = None  # recorded before the forward: `device_s` runs from it to `done`
 
     @classmethod
     def start(cls, sampled: SamplerOutput | None, rows: list[int], num_requests: int, device: torch.device,
-              prompt: list[tuple[int, int, Logprobs]], failures: dict[int, Exception]) -> SampledTokens:
+              prompt: list[tuple[int, int, Logprobs]], failures: dict[int, Exception],
+              began: torch.cuda.Event | None = None) -> SampledTokens:
         tokens, logprobs = (None, None) if sampled is None else (sampled.tokens, sampled.logprobs)
         if device.type != "cuda":
             return cls(tokens, rows, num_requests, None, logprobs, prompt, failures)
         host = None if tokens is None else _to_host(tokens)
         logprobs = None if logprobs is None else logprobs.map(_to_host)
         prompt = [(i, start, lp.map(_to_host)) for i, start, lp in prompt]
-        done = torch.cuda.Event()
+        done = torch.cuda.Event(enable_timing=began is not None)
         done.record()  # also when nothing sampled: the step's measured duration covers its GPU work
-        return cls(host, rows, num_requests, done, logprobs, prompt, failures)
+        return cls(host, rows, num_requests, done, logprobs, prompt, failures, began)
 
     def wait(self) -> None:
         if self.done is not None:
@@ -111,6 +109,14 @@ class SampledTokens:
         """(request index, p, logprobs of its prompt tokens p + 1, p + 2, ...) for this step's chunks."""
         return [(i, start, lp.tolist([requests[i].sampling_params.prompt_logprobs] * len(lp.ranks)))
                 for i, start, lp in self.prompt]
+
+    @property
+    def device_s(self) -> float:
+        """Seconds the device spent on the step's forward and sampling, once `wait` returned (NaN without
+        a CUDA device). Events time the stream: a step queued behind the previous one starts when it ends."""
+        if self.began is None:
+            return math.nan
+        return self.began.elapsed_time(self.done) / 1e3
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
@@ -168,6 +174,7 @@ class ModelRunner:
         self.cpu_cache = self._allocate(self.num_cpu_blocks, swap=True)
         self._bind_cache(self.kv_cache[0], self.kv_cache[1])
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graph_sizes: list[int] = []  # sorted keys of `graphs`
         self._turn = 0  # which pinned host twin of the graph inputs the next replay fills
         self._last_sampled: tuple[list[Request], list[int], torch.Tensor] | None = None
         if self.device.type == "cuda" and not args.enforce_eager:
@@ -243,6 +250,7 @@ class ModelRunner:
         """Swap, run the step's forward and sample, and wait for the device (the step is done on return)."""
         result = self.launch(out)
         result.wait()
+        out.device_s = result.device_s
         return result
 
     @torch.inference_mode()
@@ -250,17 +258,21 @@ class ModelRunner:
         """`execute` without waiting for the device: the host can schedule the next step meanwhile. Input
         tokens still PENDING are the previous launch's sampled tokens, gathered on the device."""
         self._swap(out)
-        sampled, rows, prompt, failures = None, [], [], {}
+        sampled, rows, prompt, failures, began = None, [], [], {}, None
         if out.requests:
             batch = self._prepare(out)
             rows = batch.sample_rows
-            logits = self._forward(batch)
+            out.graph_batch = self._graph_batch(batch)
+            if self.device.type == "cuda":
+                began = torch.cuda.Event(enable_timing=True)
+                began.record()
+            logits = self._forward(batch, out.graph_batch)
             if rows:
                 sampled = self.sampler(logits[:len(rows)], [out.requests[i] for i in rows])
                 self._last_sampled = (out.requests, rows, sampled.tokens)
                 failures = {rows[j]: e for j, e in sampled.failed.items()}
             prompt = self._prompt_logprobs(out, batch, logits[len(rows):], failures)
-        return SampledTokens.start(sampled, rows, len(out.requests), self.device, prompt, failures)
+        return SampledTokens.start(sampled, rows, len(out.requests), self.device, prompt, failures, began)
 
     def _prompt_logprobs(self, out: SchedulerOutput, batch: HostBatch, logits: torch.Tensor,
                          failures: dict[int, Exception]) -> list[tuple[int, int, Logprobs]]:
@@ -341,12 +353,17 @@ class ModelRunner:
             query_start_loc=qsl.astype(np.int32), max_query_len=int(lens.max()), sample_rows=rows,
             logits_index=qsl[1:][rows] - 1)
 
-    def _forward(self, batch: HostBatch) -> torch.Tensor:
+    def _graph_batch(self, batch: HostBatch) -> int:
+        """The captured batch a decode-only step replays in; 0: eager (prompt logprobs run eagerly too)."""
+        if batch.max_query_len != 1 or batch.prompt_rows:
+            return 0
+        return padded_graph_batch(self.graph_sizes, len(batch.seq_lens))
+
+    def _forward(self, batch: HostBatch, graph_batch: int) -> torch.Tensor:
         """Logits (float32) of the rows that sample, then of `batch.prompt_rows` (eager only)."""
-        n = len(batch.seq_lens)
-        if batch.max_query_len == 1 and self.graphs and n <= max(self.graphs) and not batch.prompt_rows:
-            logits = self._replay(batch)
-            return logits if len(batch.sample_rows) == n else logits[batch.logits_index]
+        if graph_batch:
+            logits = self._replay(batch, graph_batch)
+            return logits if len(batch.sample_rows) == len(batch.seq_lens) else logits[batch.logits_index]
         return self._run_eager(batch)
 
     def _run_eager(self, batch: HostBatch) -> torch.Tensor:
@@ -400,6 +417,7 @@ class ModelRunner:
                     forward()
                 pool = graph.pool()
                 self.graphs[size] = graph
+        self.graph_sizes = sizes
         torch.cuda.synchronize()
 
     def _pad_graph_rows(self, h: GraphInputs, start: int, end: int) -> None:
@@ -416,9 +434,8 @@ class ModelRunner:
         self.graph_inputs.buffer[:end].copy_(h.buffer[:end], non_blocking=True)
         self._host_uploaded[turn].record()
 
-    def _replay(self, batch: HostBatch) -> torch.Tensor:
+    def _replay(self, batch: HostBatch, size: int) -> torch.Tensor:
         n = len(batch.seq_lens)
-        size = min(s for s in self.graphs if s >= n)
         turn = self._turn = self._turn ^ 1
         self._host_uploaded[turn].synchronize()  # its last copy has left: long done unless the GPU lags
         h = self.graph_hosts[turn]

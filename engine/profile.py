@@ -16,7 +16,8 @@ blocks from a `KVCacheManager` over the engine's cache. Dummy weights (`load_for
   the execute time of those loop steps and their mean context (the loop's forward against the isolated one);
 - `swap_out` / `swap_in`: copying KV blocks between the GPU and the pinned swap space.
 Writes `<out>/<model>/{steps.csv, cpu.csv, meta.json}`; meta.json records card, driver, torch, triton, date,
-model shape and engine knobs. One model's full grid takes 1-3 minutes on an H100.
+model shape, engine knobs and `source_digest` (engine.digest: the engine and kernel code measured). One
+model's full grid takes 1-3 minutes on an H100.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from servebench.engine.core.kv_cache_manager import KVCacheManager
 from servebench.engine.core.request import Request
 from servebench.engine.core.sampling_params import SamplingParams
 from servebench.engine.core.scheduler_output import SchedulerOutput
+from servebench.engine.digest import source_digest
 from servebench.engine.dummy import resolve_model
 
 if TYPE_CHECKING:
@@ -330,6 +332,8 @@ def profile(model: str, out: Path, grid: Grid, device: str = "auto", dtype: str 
                    "num_gpu_blocks": runner.num_gpu_blocks, "cuda_graphs": bool(runner.graphs),
                    "max_num_batched_tokens": args.max_num_batched_tokens},
         "grid": dataclasses.asdict(grid), "wall_s": round(time.perf_counter() - t0, 1),
+        # the code measured: the simulator warns, and tests/test_profile_digest.py fails, once it changes
+        "source_digest": source_digest(),
     }
     (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     _log(f"{name}: wrote {folder} in {meta['wall_s']} s")

@@ -119,8 +119,10 @@ class ClusterSimulation(Simulation):
         requests: Iterable[Request],
         router: RoundRobin | LeastOutstanding | PrefixAware,
         on_finished: Callable[[int], None] | None = None,
+        graph_sizes: list[int] | None = None,
+        async_scheduling: bool = False,
     ) -> None:
-        super().__init__(replicas[0][0], step_times[0], requests, on_finished)
+        super().__init__(replicas[0][0], step_times[0], requests, on_finished, graph_sizes, async_scheduling)
         self.replicas = [
             Replica(self._engines(schedulers, step_time))
             for schedulers, step_time in zip(replicas, step_times, strict=True)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import simpy
+from servebench.engine.core.graphs import padded_graph_batch
 from servebench.engine.core.request import Request
 from servebench.engine.core.scheduler import Scheduler
 from servebench.engine.core.scheduler_output import SchedulerOutput
@@ -15,6 +16,24 @@ from servebench.engine.core.scheduler_output import SchedulerOutput
 
 class StepTimeModel(Protocol):
     def predict(self, out: SchedulerOutput) -> float: ...
+
+
+class HostModel(Protocol):
+    """The engine loop's host work around a step's device time (sim.calibrated.HostTerms)."""
+
+    def pre(self, out: SchedulerOutput, step: int) -> float: ...  # schedule, inputs, launch
+
+    def post(self, out: SchedulerOutput) -> float: ...  # update, detokenize, outputs, loop
+
+
+class NoHost:
+    """For step-time models that price the host's work inside the step, or leave it out."""
+
+    def pre(self, out: SchedulerOutput, step: int) -> float:
+        return 0.0
+
+    def post(self, out: SchedulerOutput) -> float:
+        return 0.0
 
 
 @dataclass(slots=True, eq=False)
@@ -26,6 +45,10 @@ class Engine:
     step_time: StepTimeModel
     stages: list[simpy.Resource] | None = None
     wake: simpy.Event | None = None
+    host: HostModel = field(default_factory=NoHost)
+
+    def __post_init__(self) -> None:
+        self.host = getattr(self.step_time, "host", None) or self.host
 
     def notify(self) -> None:
         if self.wake is not None and not self.wake.triggered:
@@ -39,6 +62,10 @@ class Simulation:
     nothing runnable the engine loop sleeps until the next arrival. Output
     tokens are placeholders; lengths come from each request's max_tokens.
     Subclasses (sim.cluster) run several engines and override `route`.
+    `graph_sizes`: the CUDA-graph batches the engine captures (engine.core.graphs); a decode-only step records
+    the one it pads to, as the engine's runner does. None: eager. A step-time model with a `host`
+    (sim.calibrated) prices the loop's host work apart from the device's, and `async_scheduling` overlaps the
+    two as the engine's async loop does; without one, async and sync scheduling give the same timeline.
     """
 
     def __init__(
@@ -47,10 +74,14 @@ class Simulation:
         step_time: StepTimeModel,
         requests: Iterable[Request],
         on_finished: Callable[[int], None] | None = None,
+        graph_sizes: list[int] | None = None,
+        async_scheduling: bool = False,
     ) -> None:
         self.env = simpy.Environment()
         self.engines = [Engine(scheduler, step_time)]
         self.on_finished = on_finished
+        self.graph_sizes = graph_sizes or []
+        self.async_scheduling = async_scheduling
         self._requests: Iterator[Request] = iter(requests)
         self._arrivals_done = False
 
@@ -93,30 +124,88 @@ class Simulation:
             engine.notify()
 
     def _engine_loop(self, engine: Engine) -> Iterator[simpy.Event]:
-        env, scheduler, predict, stages = self.env, engine.scheduler, engine.step_time.predict, engine.stages
-        on_finished = self.on_finished
+        if not self.async_scheduling:
+            yield from self._sync_loop(engine)
+        elif engine.stages is not None:
+            raise ValueError("backend.async_scheduling with pipeline parallelism is not simulated")
+        else:
+            yield from self._async_loop(engine)
+
+    def _sync_loop(self, engine: Engine) -> Iterator[simpy.Event]:
+        """LLMEngine.step, sync: schedule, the host prepares and launches, the device runs, the host takes
+        the tokens (the step ends), then updates and collects outputs before the next schedule."""
+        env, scheduler, host, stages = self.env, engine.scheduler, engine.host, engine.stages
+        while True:
+            out = yield from self._schedule(engine, can_idle=True)
+            if out is None:
+                return
+            pre, device = host.pre(out, scheduler.num_steps), self._price(engine, out)
+            if stages is None:
+                yield env.timeout(pre + device)
+            else:
+                if pre:
+                    yield env.timeout(pre)
+                yield from self._through_stages(stages, device)
+            self._finished(scheduler.update(out, None, env.now))
+            post = host.post(out)
+            if post:  # no event for no host time: most runs price it inside the step, or not at all
+                yield env.timeout(post)
+
+    def _async_loop(self, engine: Engine) -> Iterator[simpy.Event]:
+        """LLMEngine.step, async: schedule and launch step k+1 (queued on the device behind step k), wait for
+        step k's tokens, resolve them; the host's work overlaps the device's and shows where it is longer."""
+        env, scheduler, host = self.env, engine.scheduler, engine.host
+        in_flight: tuple[SchedulerOutput, float] | None = None  # launched step, when its device work ends
+        device_free = 0.0
+        while True:
+            out = yield from self._schedule(engine, can_idle=in_flight is None)
+            if out is None and in_flight is None:
+                return
+            launched = None
+            if out is not None:
+                yield env.timeout(host.pre(out, scheduler.num_steps))
+                device_free = max(env.now, device_free) + self._price(engine, out)
+                launched = (out, device_free)
+            if in_flight is not None:
+                prev, end = in_flight
+                yield env.timeout(max(end - env.now, 0.0))
+                self._finished(scheduler.resolve(prev, [0] * len(prev.requests), env.now))
+                yield env.timeout(host.post(prev))
+            if launched is not None:
+                scheduler.advance(out)
+            in_flight = launched
+
+    def _schedule(self, engine: Engine, can_idle: bool) -> Iterator[simpy.Event]:
+        """The next batch; None when there is none and either nothing is left (can_idle) or a step is still
+        in flight (not can_idle). With nothing runnable and can_idle, sleeps until an arrival."""
+        env, scheduler = self.env, engine.scheduler
         while True:
             out = scheduler.schedule(env.now)
-            if not out.requests:
-                if out.preempted:
-                    continue  # a request preempted itself; it is readmitted at once
-                if scheduler.num_waiting:
-                    raise RuntimeError(
-                        "the scheduler admitted nothing with an idle engine and requests waiting"
-                    )
-                if self._arrivals_done and not scheduler.has_unfinished_requests():
-                    return
-                engine.wake = env.event()
-                yield engine.wake
-                engine.wake = None
-                continue
-            if stages is None:
-                yield env.timeout(predict(out))
-            else:
-                yield from self._through_stages(stages, predict(out))
-            finished = scheduler.update(out, None, env.now)
-            if finished and on_finished:
-                on_finished(len(finished))
+            if out.requests:
+                return out
+            if out.preempted:
+                continue  # a request preempted itself; it is readmitted at once
+            if not can_idle:
+                return None
+            if scheduler.num_waiting:
+                raise RuntimeError("the scheduler admitted nothing with an idle engine and requests waiting")
+            if self._arrivals_done and not scheduler.has_unfinished_requests():
+                return None
+            engine.wake = env.event()
+            yield engine.wake
+            engine.wake = None
+
+    def _price(self, engine: Engine, out: SchedulerOutput) -> float:
+        """The step's device time; a decode-only step first pads to its CUDA graph, as the engine does."""
+        sizes = self.graph_sizes
+        if sizes and out.total_num_scheduled_tokens == len(out.requests):  # one token each
+            out.graph_batch = padded_graph_batch(sizes, len(out.requests))
+        out.device_s = engine.step_time.predict(out)
+        return out.device_s
+
+    def _finished(self, finished: list[Request]) -> None:
+        if finished and self.on_finished:
+            self.on_finished(len(finished))
 
     def _through_stages(self, stages: list[simpy.Resource], duration: float) -> Iterator[simpy.Event]:
         """One micro-batch through the pipeline: each stage holds it for duration / P, then hands it on

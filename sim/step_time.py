@@ -416,8 +416,9 @@ def make_step_time_model(
     profile_root: Path | str = DEFAULT_PROFILE_ROOT,
     engine_profile_root: Path | str | None = None,
 ) -> RooflineStepTime:
-    """`kind`: 'roofline' (any model/device), 'vidur' (needs Vidur's profiles for the model, device and tp)
-    or 'profile' (the engine's own: `engine_profile_root`/<hardware>/<model>, default data/profiles)."""
+    """`kind`: 'roofline' (any model/device), 'vidur' (needs Vidur's profiles for the model, device and tp),
+    'profile' (the engine's own: `engine_profile_root`/<hardware>/<model>, default data/profiles) or
+    'calibrated' (sim.calibrated: the calibration.json workbench-calibrate wrote in that folder)."""
     if kind == "roofline":
         return RooflineStepTime(model, hw, parallel, block_size)
     if kind == "vidur":
@@ -427,4 +428,12 @@ def make_step_time_model(
         from servebench.sim.profile_step_time import ProfileStepTime
 
         return ProfileStepTime(model, hw, parallel, block_size, engine_profile_root or ENGINE_PROFILES)
-    raise ValueError(f"unknown step-time model {kind!r}: choose 'roofline', 'vidur' or 'profile'")
+    if kind == "calibrated":
+        from servebench.sim.calibrated import CalibratedStepTime
+        from servebench.sim.profile_step_time import DEFAULT_PROFILE_ROOT as ENGINE_PROFILES
+        from servebench.sim.profile_step_time import profile_dir
+
+        if parallel.tensor_parallel_size * parallel.pipeline_parallel_size > 1:
+            raise ValueError("a calibration is of one GPU; tensor/pipeline parallelism needs roofline")
+        return CalibratedStepTime(profile_dir(model, hw, engine_profile_root or ENGINE_PROFILES))
+    raise ValueError(f"unknown step-time model {kind!r}: choose roofline, vidur, profile or calibrated")

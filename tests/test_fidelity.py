@@ -1,5 +1,6 @@
-"""Issue 5 on the CPU: the profiler's tables, the profile step-time model, and the fidelity benchmark end to
-end with a tiny model; the committed H100 comparison reproduces from its engine run folders."""
+"""On the CPU: the profiler's tables, the profile step-time model, and the fidelity benchmark end to end with
+a tiny model (engine runs, workbench-calibrate on them, the comparison); the committed comparison reproduces
+from its engine run folders."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import yaml
 from servebench.engine.core.scheduler_output import SchedulerOutput
 from servebench.engine.profile import GRIDS, profile
+from servebench.sim.calibrate import main as calibrate_main
 from servebench.sim.specs import ParallelSpec, hardware_spec, model_spec
 from servebench.sim.step_time import make_step_time_model
 
@@ -27,19 +29,19 @@ def spec(group: str, name: str) -> dict:
 @pytest.fixture(scope="module")
 def profile_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("profiles")
-    profile("tiny_llama", root / "h100_80g", GRIDS["tiny"], device="cpu", dtype="float32", swap_space=0.01)
+    profile("tiny_llama", root / "h200", GRIDS["tiny"], device="cpu", dtype="float32", swap_space=0.01)
     return root
 
 
 def tiny_model(root: Path):
-    m, h = model_spec(spec("model", "tiny_llama")), hardware_spec(spec("hardware", "h100_80g"))
+    m, h = model_spec(spec("model", "tiny_llama")), hardware_spec(spec("hardware", "h200"))
     return make_step_time_model("profile", m, h, ParallelSpec(), 16, engine_profile_root=root)
 
 
 def test_profiler_writes_tables_with_versions(profile_root):
-    folder = profile_root / "h100_80g" / "tiny_llama"
+    folder = profile_root / "h200" / "tiny_llama"
     meta = json.loads((folder / "meta.json").read_text())
-    for key in ("card", "torch", "triton", "date", "hf_config", "engine"):
+    for key in ("card", "torch", "triton", "date", "hf_config", "engine", "source_digest"):
         assert key in meta, key
     steps = (folder / "steps.csv").read_text()
     for kind in ("linear", "prefill", "decode", "mixed", "swap_out", "swap_in"):
@@ -62,8 +64,8 @@ def test_profile_model_interpolates_inside_and_falls_back_outside(profile_root):
 
 
 def test_profile_of_another_shape_is_refused_with_the_file(profile_root, tmp_path):
-    folder = tmp_path / "h100_80g" / "tiny_llama"
-    shutil.copytree(profile_root / "h100_80g" / "tiny_llama", folder)
+    folder = tmp_path / "h200" / "tiny_llama"
+    shutil.copytree(profile_root / "h200" / "tiny_llama", folder)
     meta = json.loads((folder / "meta.json").read_text())
     meta["hf_config"]["hidden_size"] = 128
     (folder / "meta.json").write_text(json.dumps(meta))
@@ -73,31 +75,44 @@ def test_profile_of_another_shape_is_refused_with_the_file(profile_root, tmp_pat
         tiny_model(tmp_path / "nowhere")
 
 
-def test_fidelity_tiny_end_to_end_and_reproducible(profile_root, tmp_path):
+def test_fidelity_tiny_end_to_end_calibrated_and_reproducible(profile_root, tmp_path):
     runs = tmp_path / "runs"
-    fidelity.run_gpu(runs, "tiny_llama", "cpu", tiny=True, budget_s=120,
-                     only=["sharegpt_light", "preempt_swap"])
-    for case in ("sharegpt_light", "preempt_swap"):
-        assert (runs / case / "engine" / "summary.json").is_file(), case
-    fidelity.compare(runs, tmp_path / "a", profile_root)
-    fidelity.compare(runs, tmp_path / "b", profile_root)
+    fidelity.run_gpu(runs, "tiny_llama", "h200", "cpu", tiny=True, budget_s=120,
+                     only=["cal_sharegpt_poisson", "ho_kv_pressure"], roles=list(fidelity.ROLES))
+    for run in ("cal_sharegpt_poisson/engine", "ho_kv_pressure/engine", "ho_kv_pressure/engine_rerun"):
+        assert (runs / run / "summary.json").is_file(), run
+    folder = profile_root / "h200" / "tiny_llama"
+    calibrate_main([str(runs / "cal_sharegpt_poisson"), "--out", str(folder),
+                    "--heldout", str(runs / "ho_kv_pressure")])
+    calibration = json.loads((folder / "calibration.json").read_text())
+    assert {"fit_error", "heldout_error", "source_digest"} <= set(calibration["meta"])
+    fidelity.compare(runs, tmp_path / "a", profile_root, "calibrated")
+    fidelity.compare(runs, tmp_path / "b", profile_root, "calibrated")
     first = json.loads((tmp_path / "a" / "fidelity.json").read_text())
     assert first == json.loads((tmp_path / "b" / "fidelity.json").read_text())
-    case = first["cases"]["preempt_swap"]
-    assert case["step_time_model"] == "profile"
+    case = first["cases"]["ho_kv_pressure"]
+    assert case["step_time_model"] == "calibrated" and case["role"] == "heldout"
     assert case["metrics"]["num_preemptions"]["engine"] > 0
+    assert case["metrics"]["p50_e2el_ms"]["engine_spread"] is not None
     assert set(case["metrics"]) == set(fidelity.METRICS)
     report = (tmp_path / "a" / "fidelity.md").read_text()
-    assert "## sharegpt_light" in report
-    assert (tmp_path / "a" / "fidelity" / "sharegpt_light_cdf.png").is_file()
+    assert "## ho_kv_pressure (heldout)" in report
+    assert (tmp_path / "a" / "fidelity" / "cal_sharegpt_poisson_cdf.png").is_file()
+
+
+def test_kendall_tau():
+    assert fidelity.kendall_tau([1, 2, 3], [10, 20, 30]) == 1.0
+    assert fidelity.kendall_tau([1, 2, 3], [30, 20, 10]) == -1.0
+    assert fidelity.kendall_tau([1, 2, 3, 4], [1, 2, 4, 3]) == pytest.approx(4 / 6)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (REPO / "reports" / "fidelity.json").is_file(), reason="no committed H100 comparison")
+@pytest.mark.skipif(not (fidelity.RUNS.is_dir() and (REPO / "reports" / "fidelity.json").is_file()),
+                    reason="no committed comparison")
 def test_committed_fidelity_json_reproduces_from_the_engine_runs(tmp_path):
     runs = tmp_path / "runs"
-    for summary in (REPO / "reports" / "fidelity").glob("*/engine/summary.json"):
-        shutil.copytree(summary.parent, runs / summary.parent.parent.name / "engine")
+    for summary in fidelity.RUNS.glob("*/engine*/summary.json"):
+        shutil.copytree(summary.parent, runs / summary.parent.parent.name / summary.parent.name)
     fidelity.compare(runs, tmp_path)
     expected = json.loads((REPO / "reports" / "fidelity.json").read_text())
     assert json.loads((tmp_path / "fidelity.json").read_text()) == expected

@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 from servebench.engine.core.request import Request
 from servebench.engine.core.sampling_params import SamplingParams
+from servebench.engine.digest import source_digest
 from servebench.workbench.experiment import cache_config, scheduler_config
 from servebench.workbench.workloads import MIN_TOKEN_ID, iter_requests, load_workload
 
@@ -78,6 +79,7 @@ def _replay(cfg: dict[str, Any], engine: Any) -> tuple[pd.DataFrame, pd.DataFram
         "backend": "engine",
         "device": str(engine.runner.device),
         **_device_names(engine.runner.device),
+        "source_digest": source_digest(),  # the engine and kernel code that ran (engine.digest)
         "num_gpu_blocks": engine.runner.num_gpu_blocks,
         "num_cpu_blocks": engine.runner.num_cpu_blocks,
         "num_steps": engine.scheduler.num_steps,

@@ -182,13 +182,16 @@ def simulate(cfg: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, Any, dict
     step_times = [with_terms(base, t) for t in terms]
     requests = iter_requests(workload, model.vocab_size, mm.image_tokens or 0)
     with Progress(len(workload), "simulating", cfg.get("progress", True)) as bar:
-        sim = ClusterSimulation(replicas, step_times, requests, make_router(deployment.router), bar.update)
+        sim = ClusterSimulation(replicas, step_times, requests, make_router(deployment.router), bar.update,
+                                _graph_sizes(cfg["backend"], sched_cfg),
+                                cfg["backend"].get("async_scheduling", False))
         end_s = sim.run()
     schedulers = [s for replica in replicas for s in replica]
     info = {
         "backend": "sim",
         "step_time_model": step_time_name,
         "step_time_reason": step_time_reason,
+        "step_time_stale": _stale(base),
         "quantization": quant.note(hw),
         "num_gpu_blocks": blocks,
         "num_cpu_blocks": cpu_blocks,
@@ -222,6 +225,29 @@ def _num_truncated(requests: pd.DataFrame, workload: pd.DataFrame) -> int:
     asked = requests["request_id"].map(workload.set_index("request_id")["output_tokens"])
     done = requests["finish_reason"].astype(str) == "length"
     return int((done & (requests["output_tokens"] < asked)).sum())
+
+
+def _stale(step_time: Any) -> str | None:
+    """One line, also printed, when the profile or calibration the step times come from measured other
+    engine code than this checkout's (engine.digest); None when it matches or no engine data is used."""
+    meta = getattr(step_time, "meta", None)
+    if meta is None:
+        return None
+    import sys
+
+    from servebench.engine.digest import stale_warning
+
+    warning = stale_warning(str(step_time.folder), meta)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    return warning
+
+
+def _graph_sizes(backend: dict[str, Any], sched_cfg: SchedulerConfig) -> list[int] | None:
+    """The CUDA-graph batches the engine would capture: none with backend.enforce_eager."""
+    from servebench.engine.core.graphs import graph_batch_sizes
+
+    return None if backend.get("enforce_eager", False) else graph_batch_sizes(sched_cfg.max_num_seqs)
 
 
 def _feature_terms(quant_term: QuantizationTerm | None, lora: LoRA, encoder: VisionEncoder | None,
@@ -303,8 +329,8 @@ def _fill_step_costs(sched_cfg: SchedulerConfig, step_time: Any, swap_s_per_bloc
 
 def _step_time_model(kind: str, model: ModelSpec, hw: HardwareSpec, par: ParallelSpec, block_size: int,
                      engine_profiles: str | None = None) -> tuple[StepTimeModel, str, str]:
-    """The model, its name and why it was chosen. auto: the engine's own profiles of this model and card,
-    else Vidur's, else the roofline."""
+    """The model, its name and why it was chosen. auto: the calibration of this model and card, else its
+    engine profiles, else Vidur's, else the roofline."""
     from servebench.sim.step_time import make_step_time_model
 
     def build(name: str) -> StepTimeModel:
@@ -312,11 +338,12 @@ def _step_time_model(kind: str, model: ModelSpec, hw: HardwareSpec, par: Paralle
 
     if kind != "auto":
         return build(kind), kind, f"backend.step_time={kind}"
-    try:
-        st = build("profile")
-        return st, "profile", f"the engine's profiles in {st.folder}"
-    except ValueError as e:
-        why = f"no engine profile: {e}"
+    for name in ("calibrated", "profile"):
+        try:
+            st = build(name)
+            return st, name, f"the engine's {name} step times in {st.folder}"
+        except ValueError as e:
+            why = f"no engine {name} step times: {e}"
     try:
         return build("vidur"), "vidur", why
     except ValueError as e:

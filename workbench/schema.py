@@ -42,16 +42,17 @@ class CacheGroup(CacheConfig):
 @dataclass(slots=True)
 class Backend:
     """Every backend's keys: an experiment that sweeps `backend: sim,engine` sets engine keys the
-    simulator ignores."""
+    simulator ignores (it reads enforce_eager and async_scheduling: the loop and graph padding it models)."""
     name: str = "sim"
     # sim
     step_time: str = "auto"
     profile_root: str | None = None
+    # engine and sim
+    enforce_eager: bool = False
+    async_scheduling: bool = False
     # engine
     model_path: str | None = None
     dtype: str = "auto"
-    enforce_eager: bool = False
-    async_scheduling: bool = False
     device: str = "auto"
     seed: int = 0
     warmup: bool = True

@@ -30,7 +30,30 @@ STEP_COLUMNS = (
     "num_preempted",
     "prefix_hit_tokens",
 )
+# What a step's time depends on, beside the token counts above (README, "Trace schema"); the step-time
+# calibration (sim.calibrate) fits on these. Written by every backend that runs the shared scheduler.
+STEP_SHAPE_COLUMNS = (
+    "num_prefill_chunks",
+    "prefill_attention",  # sum over prefill chunks of n (c + n / 2): n new tokens after c cached ones
+    "prefill_context_sum",  # sum over prefill chunks of c: cached tokens whose KV the chunks read
+    "decode_context_sum",
+    "decode_context_max",
+    "graph_batch",  # padded CUDA-graph batch of a decode-only step; 0: eager
+    "swap_in_blocks",
+    "swap_out_blocks",
+    # from the previous step's end to when this step was scheduled (NaN for the first step); negative with
+    # async scheduling while the next step is scheduled as the previous one runs
+    "host_gap_s",
+    "device_s",  # the device's time for the forward and sampling (CUDA events; NaN on CPU)
+)
+TRACE_STEP_COLUMNS = STEP_COLUMNS + STEP_SHAPE_COLUMNS
 NAN = float("nan")
+
+
+def prefill_attention(chunks: list[tuple[int, int]]) -> float:
+    """Attention work of prefill chunks: a chunk of n new tokens after c cached ones attends n (c + n / 2)
+    (query, key) pairs (causal within the chunk)."""
+    return sum(n * (c + n / 2) for n, c in chunks)
 
 
 def _or_nan(x: float | None) -> float:
@@ -69,7 +92,7 @@ class TraceRecorder:
         return _columns((*REQUEST_COLUMNS, "priority"), self.request_rows)
 
     def steps_table(self) -> dict[str, list]:
-        return _columns(STEP_COLUMNS, self.step_rows)
+        return _columns(TRACE_STEP_COLUMNS, self.step_rows)
 
 
 def _columns(names: tuple[str, ...], rows: list[tuple]) -> dict[str, list]:

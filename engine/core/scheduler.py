@@ -21,7 +21,7 @@ from servebench.engine.core.encoder_cache import EncoderCache
 from servebench.engine.core.kv_cache_manager import KVCacheManager
 from servebench.engine.core.lora import LoRASlots
 from servebench.engine.core.policies import make_preemption, make_queue, make_victim_policy
-from servebench.engine.core.recorder import TraceRecorder
+from servebench.engine.core.recorder import NAN, TraceRecorder, prefill_attention
 from servebench.engine.core.request import PENDING, Request, RequestStatus
 from servebench.engine.core.scheduler_output import SchedulerOutput
 
@@ -74,7 +74,7 @@ class Scheduler:
         self.num_shed = 0
         self.num_preemptions = 0
         self.num_steps = 0
-        self._last_resolved = 0.0  # async scheduling: when the previous step's tokens became known
+        self._last_step_end = NAN  # when the previous step's tokens became known (update or resolve ran)
 
     # ---- requests in and out -------------------------------------------------
     def add_request(self, req: Request, now: float) -> bool:
@@ -177,7 +177,7 @@ class Scheduler:
         kv, running = self.kv, self.running
         threshold = self.config.long_prefill_token_threshold or budget
         chunks: dict[Request, int] = {}
-        k = decode = context = 0
+        k = decode = context = longest = 0
         while True:
             blocked = False
             for req in islice(running, k, None):
@@ -194,6 +194,8 @@ class Scheduler:
                     if n == 1 and computed >= req.num_prompt_tokens:
                         decode += 1
                         context += computed + 1
+                        if computed >= longest:
+                            longest = computed + 1
                     else:
                         chunks[req] = n
                     continue
@@ -216,6 +218,9 @@ class Scheduler:
         out.num_scheduled_tokens = ntoks = [1] * k
         out.num_decode_tokens = decode
         out.decode_context_tokens = context
+        # A preempted decode may have been the longest: the batch's own maximum then (preemption is rare).
+        out.decode_context_max = longest if len(out.preempted) == 0 else max(
+            (r.num_computed_tokens + 1 for r in out.requests if r not in chunks), default=0)
         for req, n in chunks.items():
             ntoks[running.index(req)] = n
             self._count(out, req, n)
@@ -237,6 +242,7 @@ class Scheduler:
         if n == 1 and computed >= req.num_prompt_tokens:
             out.num_decode_tokens += 1
             out.decode_context_tokens += computed + 1
+            out.decode_context_max = max(out.decode_context_max, computed + 1)
         else:
             out.prefill_chunks.append((n, computed))
             out.num_prefill_tokens += n
@@ -376,6 +382,12 @@ class Scheduler:
 
         `sampled[i]` belongs to `out.requests[i]`; None (the simulator) appends placeholder tokens.
         """
+        finished = self._apply(out, sampled, now)
+        self._record(out, now, out.scheduled_at - self._last_step_end)
+        return finished
+
+    def _apply(self, out: SchedulerOutput, sampled: list[int] | None, now: float) -> list[Request]:
+        """`update` but for the step's row in the steps table; returns the requests finished."""
         itl_append = self.recorder.itl_s.append
         tokens_iter = sampled if sampled is not None else repeat(0)
         finished = []
@@ -405,6 +417,10 @@ class Scheduler:
         for req, status in finished:
             self._dequeue(req)  # running; with async scheduling it may have been preempted since
             self._finish(req, status, now)
+        return [req for req, _ in finished] if finished else []
+
+    def _record(self, out: SchedulerOutput, now: float, host_gap: float) -> None:
+        """The step's row of the steps table (recorder.TRACE_STEP_COLUMNS)."""
         self.recorder.on_step(
             (
                 self.num_steps,
@@ -417,10 +433,20 @@ class Scheduler:
                 out.kv_usage,
                 len(out.preempted),
                 out.prefix_hit_tokens,
+                len(out.prefill_chunks),
+                prefill_attention(out.prefill_chunks),
+                sum(c for _, c in out.prefill_chunks),
+                out.decode_context_tokens,
+                out.decode_context_max,
+                out.graph_batch,
+                len(out.swap_in),
+                len(out.swap_out),
+                host_gap,
+                out.device_s,
             )
         )
+        self._last_step_end = now
         self.num_steps += 1
-        return [req for req, _ in finished] if finished else []
 
     # ---- async scheduling: the next step is scheduled while this one runs ----------
     def advance(self, out: SchedulerOutput) -> None:
@@ -442,7 +468,7 @@ class Scheduler:
             tokens.append(PENDING)
 
     def resolve(self, out: SchedulerOutput, sampled: list[int], now: float) -> list[Request]:
-        """The second half of `update`: the tokens of an `advance`d step are known. `update` writes them in
+        """The second half of `update`: the tokens of an `advance`d step are known. `_apply` writes them in
         place of their PENDING tokens, records their times and finishes the requests they end: these may
         have been scheduled into the step running now (its tokens for them are dropped) or preempted by it."""
         reqs, tokens, preempted = [], [], []
@@ -450,18 +476,19 @@ class Scheduler:
             if at < 0 or req.status.finished:
                 continue
             req.all_token_ids.pop()  # its PENDING token, the last: the next step's advance comes after this
-            if req.num_computed_tokens != at:  # preempted since: update finds it at its sampled position
+            if req.num_computed_tokens != at:  # preempted since: _apply finds it at its sampled position
                 preempted.append((req, req.num_computed_tokens))
                 req.num_computed_tokens = at
             reqs.append(req)
             tokens.append(tok)
         # Steps overlap: a step's duration runs from when the previous step's tokens were known.
-        start = max(out.scheduled_at, self._last_resolved)
+        start = max(out.scheduled_at, self._last_step_end) if self.num_steps else out.scheduled_at
         done = dataclasses.replace(out, requests=reqs, num_scheduled_tokens=[0] * len(reqs),
                                    scheduled_at=start)
-        finished = self.update(done, tokens, now)
+        finished = self._apply(done, tokens, now)
+        # Negative: scheduled while the previous step still ran (the host's work hidden behind the device's).
+        self._record(done, now, out.scheduled_at - self._last_step_end)
         for req, computed in preempted:
             req.num_computed_tokens = computed
-        self._last_resolved = now
         return finished
 

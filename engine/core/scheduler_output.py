@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from servebench.engine.core.request import Request
@@ -31,6 +32,7 @@ class SchedulerOutput:
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
     decode_context_tokens: int = 0  # sum over decode requests of context length incl. the new token
+    decode_context_max: int = 0  # the longest of those contexts
     prefill_chunks: list[tuple[int, int]] = field(default_factory=list)  # (new tokens, tokens already in KV)
     swap_out: list[tuple[int, int]] = field(
         default_factory=list
@@ -47,6 +49,10 @@ class SchedulerOutput:
     kv_usage: float = 0.0
     scheduled_at: float = 0.0
     sample_at: list[int] | None = None  # async scheduling: each request's PENDING token's index, or -1
+    # Set by the executor: the CUDA-graph batch the step replayed in (0: eager), and the device's time for
+    # the step's forward and sampling (the simulator: its step-time model's price; NaN: not measured).
+    graph_batch: int = 0
+    device_s: float = math.nan
 
     @property
     def total_num_scheduled_tokens(self) -> int:

@@ -1,0 +1,129 @@
+"""Step time from a calibration: named terms fitted on the engine's own steps (sim.calibrate writes them).
+
+A step's device time (first kernel to sampled tokens, as the engine's CUDA events time it), by how it runs:
+
+    decode-only step replayed in the CUDA graph of batch g:
+        graph_s[g] + graph_kv_s * C + graph_tail_s * C_max
+    any other step (eager: prefill chunks, mixed, or a decode batch larger than every graph):
+        linear(T) + attention_s * A + prefill_kv_s * P + chunk_s * N + eager_kv_s * C + seq_s * S
+    + swap_s * (blocks swapped in and out)
+
+T: tokens scheduled, S: sequences, A: prefill attention work (engine.core.recorder.prefill_attention),
+P: cached tokens the prefill chunks read, N: prefill chunks, C: decode context tokens, C_max: the longest.
+graph_s[g]: one cost per captured graph (weights read once, g padded rows), linear between the graph sizes
+fitted; linear(T): the token-linear part (matmuls, norms, LM head), piecewise linear between `knots`;
+*_kv_s: the KV read per context token; graph_tail_s: the longest sequence's last attention wave (its split
+programs finish after the others); chunk_s: a chunk's fixed cost (its attention launch, its sampling).
+
+The host's time per step, which sim.simulator places on the timeline (in sync scheduling it adds to every
+step; in async scheduling it overlaps the device and shows only where it is the longer):
+
+    before the device (schedule, input preparation, launch):  pre_s + pre_seq_s * S + pre_token_s * T
+    after the tokens (update, detokenize, outputs, loop):      post_s + post_seq_s * S
+    the first steps after start (buffers, allocator):          + first_steps_s[i] for step i
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from servebench.engine.core.recorder import prefill_attention
+from servebench.engine.core.scheduler_output import SchedulerOutput
+
+CALIBRATION_FILE = "calibration.json"
+
+
+def interpolate(xs: list[int], ys: list[float], x: float) -> float:
+    """Piecewise linear through (xs, ys) (xs sorted), extended from the end segments beyond them."""
+    if len(xs) == 1:
+        return ys[0]
+    j = min(max(bisect.bisect_left(xs, x), 1), len(xs) - 1)
+    return ys[j - 1] + (x - xs[j - 1]) * (ys[j] - ys[j - 1]) / (xs[j] - xs[j - 1])
+
+
+@dataclass(slots=True)
+class DeviceTerms:
+    graph_batches: list[int]  # captured graph batches seen in the fit, sorted
+    graph_s: list[float]  # the step in each at no context (interpolated between them)
+    graph_kv_s: float  # per decode context token
+    graph_tail_s: float  # per token of the longest decode context
+    knots: list[int]  # tokens, sorted
+    linear_s: list[float]  # linear(T) at each knot
+    attention_s: float  # per prefill attention token pair
+    prefill_kv_s: float  # per cached token a prefill chunk reads
+    chunk_s: float  # per prefill chunk (its attention launch, its sampling if it ends the prompt)
+    eager_kv_s: float  # per decode context token in an eager step
+    seq_s: float  # per sequence in an eager step (its rows of the inputs, its sampling)
+    swap_s: float  # per KV block swapped
+    profile_offset_s: float = 0.0  # what the profile's timing adds (host input preparation): not predicted
+
+
+@dataclass(slots=True)
+class HostTerms:
+    pre_s: float
+    pre_seq_s: float
+    pre_token_s: float
+    post_s: float
+    post_seq_s: float
+    first_steps_s: list[float] = field(default_factory=list)
+
+    def pre(self, out: SchedulerOutput, step: int) -> float:
+        first = self.first_steps_s[step] if step < len(self.first_steps_s) else 0.0
+        return self.pre_s + self.pre_seq_s * len(out.requests) + self.pre_token_s * (
+            out.total_num_scheduled_tokens) + first
+
+    def post(self, out: SchedulerOutput) -> float:
+        return self.post_s + self.post_seq_s * len(out.requests)
+
+
+@dataclass(slots=True)
+class Calibration:
+    device: DeviceTerms
+    host: HostTerms
+    meta: dict = field(default_factory=dict)  # what it was fitted on, its errors, the source digest
+
+    def device_time(self, graph_batch: int, tokens: int, seqs: int, chunks: int, attention: float,
+                    cached: int, context: int, longest: int, swapped: int) -> float:
+        d = self.device
+        if graph_batch:
+            t = interpolate(d.graph_batches, d.graph_s, graph_batch) + d.graph_kv_s * context + (
+                d.graph_tail_s * longest)
+        else:
+            t = interpolate(d.knots, d.linear_s, tokens) + d.attention_s * attention + (
+                d.prefill_kv_s * cached + d.chunk_s * chunks + d.eager_kv_s * context + d.seq_s * seqs)
+        return t + d.swap_s * swapped
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> Calibration:
+        if not path.is_file():
+            raise ValueError(f"{path} not found: run workbench-calibrate on engine run folders of this "
+                             "model and card")
+        raw = json.loads(path.read_text())
+        try:
+            return cls(DeviceTerms(**raw["device"]), HostTerms(**raw["host"]), raw.get("meta", {}))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a calibration ({e})") from None
+
+
+class CalibratedStepTime:
+    """`predict`: a step's device time from a calibration; `host`: its host terms, for the engine loop."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.calibration = Calibration.load(folder / CALIBRATION_FILE)
+        self.host = self.calibration.host
+        self.meta = self.calibration.meta  # source_digest: the engine code its runs measured
+        self.sources = {"all": str(folder / CALIBRATION_FILE)}
+
+    def predict(self, out: SchedulerOutput) -> float:
+        chunks = out.prefill_chunks
+        return self.calibration.device_time(
+            out.graph_batch, out.total_num_scheduled_tokens, len(out.requests), len(chunks),
+            prefill_attention(chunks), sum(c for _, c in chunks), out.decode_context_tokens,
+            out.decode_context_max, len(out.swap_in) + len(out.swap_out))

@@ -1,0 +1,120 @@
+"""The calibrated step-time model: fitting recovers known terms from synthetic steps, and the simulator's
+engine loop places the host terms as the engine does (async scheduling hides them behind the device)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from servebench.engine.core.graphs import graph_batch_sizes, padded_graph_batch
+from servebench.sim.calibrate import FIRST_STEPS, _derived, fit, predicted_device, step_errors
+from servebench.sim.calibrated import CALIBRATION_FILE, Calibration, DeviceTerms, HostTerms, interpolate
+from servebench.workbench.experiment import run_experiment
+
+REPO = Path(__file__).resolve().parents[1]
+TRUTH = Calibration(
+    DeviceTerms(graph_batches=[1, 2, 4, 8, 16], graph_s=[4e-3, 4.1e-3, 4.3e-3, 4.6e-3, 5.2e-3],
+                graph_kv_s=2e-8, graph_tail_s=1e-7, knots=[1, 128, 512, 2048],
+                linear_s=[5e-3, 8e-3, 15e-3, 45e-3], attention_s=4e-11, prefill_kv_s=1e-7, chunk_s=5e-5,
+                eager_kv_s=3e-8, seq_s=2e-5, swap_s=0.0),
+    HostTerms(pre_s=3e-4, pre_seq_s=1e-5, pre_token_s=1e-7, post_s=2e-4, post_seq_s=5e-6))
+
+
+def synthetic_steps(cal: Calibration, n: int, seed: int) -> pd.DataFrame:
+    """Sync engine steps priced exactly by `cal`: decode batches in CUDA graphs and eager mixed steps."""
+    rng = np.random.default_rng(seed)
+    sizes = graph_batch_sizes(16)
+    rows = []
+    for i in range(n):
+        graph = i % 2 == 0
+        b = int(rng.integers(1, 17)) if graph else int(rng.integers(0, 12))
+        chunks = [] if graph else [(int(rng.integers(1, 700)), int(rng.integers(0, 2000)))
+                                   for _ in range(int(rng.integers(1, 4)))]
+        contexts = rng.integers(16, 3000, size=b)
+        rows.append({"step": FIRST_STEPS + i, "num_prefill_tokens": sum(m for m, _ in chunks),
+                     "num_decode_tokens": b, "num_prefill_chunks": len(chunks),
+                     "prefill_attention": sum(m * (c + m / 2) for m, c in chunks),
+                     "prefill_context_sum": sum(c for _, c in chunks),
+                     "decode_context_sum": int(contexts.sum()),
+                     "decode_context_max": int(contexts.max(initial=0)),
+                     "graph_batch": padded_graph_batch(sizes, b) if graph else 0,
+                     "swap_in_blocks": 0, "swap_out_blocks": 0, "num_running": 1, "num_waiting": 0})
+    steps = _derived(pd.DataFrame(rows).assign(run="synthetic", async_=False, profile=0.0))
+    h = cal.host
+    steps["device_s"] = predicted_device(cal, steps)
+    steps["duration_s"] = steps["device_s"] + h.pre_s + h.pre_seq_s * steps["seqs"] + h.pre_token_s * steps[
+        "tokens"]
+    steps["host_gap_s"] = (h.post_s + h.post_seq_s * steps["seqs"]).shift(1)
+    return steps
+
+
+def test_fit_recovers_known_terms_from_synthetic_steps():
+    cal = fit(synthetic_steps(TRUTH, 3000, seed=0), None, 0.0)
+    d, t = cal.device, TRUTH.device
+    scalars = ("graph_kv_s", "graph_tail_s", "attention_s", "prefill_kv_s", "chunk_s", "eager_kv_s", "seq_s")
+    for name in scalars:
+        assert getattr(d, name) == pytest.approx(getattr(t, name), rel=1e-3), name
+    assert d.graph_batches == t.graph_batches
+    assert d.graph_s == pytest.approx(t.graph_s, rel=1e-4)
+    for tokens in (8, 100, 128, 300, 512, 1500, 2000):  # within the tokens the steps had
+        assert interpolate(d.knots, d.linear_s, tokens) == pytest.approx(
+            interpolate(t.knots, t.linear_s, tokens), rel=1e-4), tokens
+    for name in ("pre_s", "pre_seq_s", "pre_token_s", "post_s", "post_seq_s"):
+        assert getattr(cal.host, name) == pytest.approx(getattr(TRUTH.host, name), rel=1e-3), name
+    held = step_errors(cal, synthetic_steps(TRUTH, 600, seed=1))  # fresh steps: exact
+    assert set(held) == {"decode", "prefill", "mixed"} and all(e["p90"] < 1e-6 for e in held.values())
+
+
+def test_fit_drops_stalled_steps():
+    steps = synthetic_steps(TRUTH, 2000, seed=2)
+    stalled = steps.index[::50]
+    steps.loc[stalled, "device_s"] += 0.05  # a GC pause or allocator stall in 2 % of the steps
+    cal = fit(steps, None, 0.0)
+    assert cal.device.seq_s == pytest.approx(TRUTH.device.seq_s, rel=1e-2)
+    assert cal.device.graph_kv_s == pytest.approx(TRUTH.device.graph_kv_s, rel=1e-2)
+
+
+def sim_run(tmp_path: Path, host: HostTerms, async_scheduling: bool) -> dict:
+    root = tmp_path / "profiles"
+    folder = root / "h200" / "tiny_llama"
+    folder.mkdir(parents=True, exist_ok=True)
+    Calibration(TRUTH.device, host, {"source_digest": "test"}).save(folder / CALIBRATION_FILE)
+    cfg = yaml.safe_load((REPO / "conf" / "config.yaml").read_text())
+    cfg = {k: v for k, v in cfg.items() if k not in ("defaults", "hydra")}
+    for group, option in (("model", "tiny_llama"), ("hardware", "h200"), ("scheduler", "default"),
+                          ("cache", "default"), ("workload", "synthetic")):
+        cfg[group] = yaml.safe_load((REPO / "conf" / group / f"{option}.yaml").read_text())
+    cfg["workload"] |= {"num_requests": 40, "request_rate": 50.0, "input_len": 64, "output_len": 32}
+    cfg["backend"] = {"name": "sim", "step_time": "calibrated", "profile_root": str(root),
+                      "async_scheduling": async_scheduling, "enforce_eager": False}
+    cfg |= {"report": False, "progress": False}
+    return run_experiment(cfg, tmp_path / f"run_{async_scheduling}_{host.pre_s}")
+
+
+def test_async_scheduling_hides_host_work_behind_the_device(tmp_path):
+    slow_host = HostTerms(pre_s=3e-3, pre_seq_s=0.0, pre_token_s=0.0, post_s=2e-3, post_seq_s=0.0)
+    sync, overlapped = (sim_run(tmp_path, slow_host, a) for a in (False, True))
+    no_host = sim_run(tmp_path, HostTerms(0.0, 0.0, 0.0, 0.0, 0.0), False)
+    # sync: every step pays pre + device + post; async: about max(device, pre + post) (device ~4-5 ms)
+    assert sync["median_tpot_ms"] > no_host["median_tpot_ms"] + 4.9
+    assert overlapped["median_tpot_ms"] < no_host["median_tpot_ms"] + 1.0
+    assert overlapped["step_time_stale"] and "measured engine code test" in overlapped["step_time_stale"]
+    steps = pd.read_parquet(tmp_path / "run_True_0.003" / "steps.parquet")
+    assert (steps["host_gap_s"].dropna() < 0).mean() > 0.5  # scheduled while the previous step ran
+
+
+def test_calibrate_names_the_file_of_an_unusable_run(tmp_path, capsys):
+    from servebench.sim.calibrate import main
+    from servebench.workbench.runs import write_run
+
+    steps = pd.DataFrame({"step": [0], "duration_s": [0.01]})  # recorded before the step shape columns
+    write_run(tmp_path / "old", pd.DataFrame({"request_id": ["a"]}), steps, {"backend": "engine"})
+    write_run(tmp_path / "sim", pd.DataFrame({"request_id": ["a"]}), steps, {"backend": "sim"})
+    for folder, message in (("old", "steps.parquet: no column 'num_prefill_chunks'"),
+                            ("sim", "backend='sim'; calibrate on engine runs")):
+        with pytest.raises(SystemExit) as e:
+            main([str(tmp_path / folder), "--out", str(tmp_path / "cal")])
+        assert e.value.code == 2 and message in capsys.readouterr().err
