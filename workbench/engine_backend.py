@@ -13,14 +13,14 @@ from typing import Any
 import pandas as pd
 from servebench.engine.core.request import Request
 from servebench.engine.core.sampling_params import SamplingParams
-from servebench.workbench.experiment import cache_config, scheduler_config
+from servebench.workbench.core_configs import cache_config, scheduler_config
+from servebench.workbench.runs import RunResult
 from servebench.workbench.workloads import MIN_TOKEN_ID, iter_requests, load_workload
 
 TIME_COLUMNS = ("arrival_s", "first_scheduled_s", "first_token_s", "finish_s")
 
 
-def replay_on_engine(cfg: dict[str, Any], engine: Any = None
-                     ) -> tuple[pd.DataFrame, pd.DataFrame, Any, dict[str, Any]]:
+def run(cfg: dict[str, Any], engine: Any = None) -> RunResult:
     """Replay the workload in real time. `engine`: one `build_engine` made for the same model and knobs,
     reset and reused (one model load for several runs; the caller owns it); None builds one for this run
     and releases it when the run ends, failed or not, so the next run of the process (a Hydra multirun's
@@ -52,7 +52,7 @@ def release_engines() -> None:
         torch.cuda.empty_cache()
 
 
-def _replay(cfg: dict[str, Any], engine: Any) -> tuple[pd.DataFrame, pd.DataFrame, Any, dict[str, Any]]:
+def _replay(cfg: dict[str, Any], engine: Any) -> RunResult:
     workload = load_workload(cfg["workload"])
     pending = iter_requests(workload, engine.vocab_size)
     nxt = next(pending, None)
@@ -92,7 +92,7 @@ def _replay(cfg: dict[str, Any], engine: Any) -> tuple[pd.DataFrame, pd.DataFram
         # milliseconds, in serving (varied step shapes) but not in the profiler (one shape back to back).
         **{k: v - allocs_before.get(k, 0) for k, v in _device_allocations(engine).items()},
     }
-    return requests, steps, rec.itl_s, info
+    return RunResult(requests, steps, rec.itl_s, info)
 
 
 def _device_names(device: Any) -> dict[str, str]:
