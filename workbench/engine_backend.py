@@ -15,7 +15,9 @@ from servebench.engine.core.request import Request
 from servebench.engine.core.sampling_params import SamplingParams
 from servebench.workbench.core_configs import cache_config, scheduler_config
 from servebench.workbench.runs import RunResult
-from servebench.workbench.workloads import MIN_TOKEN_ID, iter_requests, load_workload
+from servebench.workbench.token_ids import MIN_TOKEN_ID
+from servebench.workbench.workload_requests import iter_requests
+from servebench.workbench.workloads import load_workload
 
 TIME_COLUMNS = ("arrival_s", "first_scheduled_s", "first_token_s", "finish_s")
 

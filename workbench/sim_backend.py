@@ -30,7 +30,8 @@ from servebench.sim.terms import Term, with_terms
 from servebench.workbench.core_configs import cache_config, scheduler_config
 from servebench.workbench.runs import RunResult
 from servebench.workbench.terminal import Progress
-from servebench.workbench.workloads import assign_adapters, assign_images, iter_requests, load_workload
+from servebench.workbench.workload_requests import assign_adapters, assign_images, iter_requests
+from servebench.workbench.workloads import load_workload
 
 
 def run(cfg: dict[str, Any]) -> RunResult:
