@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from servebench.engine.core import Scheduler, SchedulerConfig, SchedulerOutput, TraceRecorder
-from servebench.sim.cluster import ClusterSimulation, deployment_spec, make_router
+from servebench.engine.core import CacheConfig, Scheduler, SchedulerConfig, SchedulerOutput, TraceRecorder
+from servebench.sim.cluster import ClusterSimulation, Deployment, deployment_spec, make_router
 from servebench.sim.lora import LoRA, LoRATerm, lora_spec
-from servebench.sim.multimodal import EncoderTerm, VisionEncoder, encoder_weight_bytes, multimodal_spec
-from servebench.sim.quantization import QuantizationTerm, kv_dtype_bytes, quantization_spec
+from servebench.sim.multimodal import (
+    EncoderTerm,
+    Multimodal,
+    VisionEncoder,
+    encoder_weight_bytes,
+    multimodal_spec,
+)
+from servebench.sim.quantization import Quantization, QuantizationTerm, kv_dtype_bytes, quantization_spec
 from servebench.sim.simulator import StepTimeModel
 from servebench.sim.specs import (
     HardwareSpec,
@@ -34,70 +41,58 @@ from servebench.workbench.workload_requests import assign_adapters, assign_image
 from servebench.workbench.workloads import load_workload
 
 
+@dataclass(slots=True)
+class _Specs:
+    """What the config says about the simulated deployment, as the simulator's specs."""
+
+    model: ModelSpec
+    hw: HardwareSpec
+    par: ParallelSpec
+    cluster: Deployment  # replicas and router
+    sched: SchedulerConfig
+    cache: CacheConfig
+    quant: Quantization
+    kv_bytes: int | None  # bytes per KV element when kv_cache_dtype is not the model's
+    lora: LoRA
+    mm: Multimodal
+    encoder: VisionEncoder | None
+
+    @property
+    def block_bytes(self) -> int:
+        return block_bytes(self.model, self.par, self.cache.block_size, self.kv_bytes)
+
+
 def run(cfg: dict[str, Any]) -> RunResult:
     """The configured workload through the shared scheduler on the SimPy clock: `deployment.num_replicas`
     replicas, each with `pipeline_parallel_size` virtual engines (sim.cluster)."""
-    model = model_spec(cfg["model"])
-    hw = hardware_spec(cfg["hardware"])
-    par = parallel_spec(cfg.get("parallel"))
-    deployment = deployment_spec(cfg.get("deployment"))
-    quant = quantization_spec(cfg.get("quantization"))
-    kv_bytes = kv_dtype_bytes(cfg["cache"].get("kv_cache_dtype", "auto"))
-    lora = lora_spec(cfg.get("lora"))
-    mm, encoder = multimodal_spec(cfg.get("multimodal"), model)
-    sched_cfg = scheduler_config(cfg, model.max_model_len)
-    cache_cfg = cache_config(cfg)
-    bs = cache_cfg.block_size
-    reserve = default_activation_reserve(model, par, sched_cfg.max_num_batched_tokens)
-    if lora.enabled:  # vLLM preallocates max_loras adapter slots (no limit: every adapter resident)
-        reserve += lora.slot_bytes_per_gpu(model, par, sched_cfg.max_loras or lora.num_adapters)
-    if encoder is not None:
-        reserve += encoder_weight_bytes(encoder, model, par)
-    linear_bytes = quant.bytes_per_weight if quant.enabled else None
-    blocks = cache_cfg.num_gpu_blocks_override or num_gpu_blocks(
-        model, hw, par, cache_cfg.gpu_memory_utilization, bs, reserve,
-        linear_weight_bytes=linear_bytes, kv_dtype_bytes=kv_bytes,
-    )
-    cpu_blocks = num_cpu_blocks(cache_cfg.swap_space, model, par, bs, kv_bytes)
-    base, step_time_name, step_time_reason = _step_time_model(
-        cfg["backend"].get("step_time", "auto"), model, hw, par, bs, cfg["backend"].get("profile_root")
-    )
-    if sched_cfg.preemption_mode == "cost" or sched_cfg.shed_ttft_ms:
-        _fill_step_costs(sched_cfg, base, block_bytes(model, par, bs, kv_bytes) / (hw.pcie_gbs * 1e9))
-    quant_term = QuantizationTerm(model, hw, par, bs, quant, kv_bytes) if quant.enabled or kv_bytes else None
-    workload = load_workload(cfg["workload"])
-    seed = cfg["workload"].get("seed", 0)
-    if lora.enabled:
-        workload = assign_adapters(workload, lora.num_adapters, lora.distribution, lora.zipf_s, seed)
-    if mm.enabled:
-        workload = assign_images(workload, mm.images_per_request, mm.num_unique_images, seed)
+    d = _specs(cfg)
+    blocks, cpu_blocks = _num_blocks(d)
+    backend = cfg["backend"]
+    base, step_time_name, step_time_reason = _step_time_model(backend.get("step_time", "auto"), d,
+                                                              backend.get("profile_root"))
+    if d.sched.preemption_mode == "cost" or d.sched.shed_ttft_ms:
+        _fill_step_costs(d.sched, base, d.block_bytes / (d.hw.pcie_gbs * 1e9))
+    workload = _workload(cfg["workload"], d)
     # vLLM V0 pipelining: P virtual engines per replica, each with 1/P of the KV blocks (sim.cluster)
-    pp = par.pipeline_parallel_size
+    pp = d.par.pipeline_parallel_size
     replicas = [
-        [Scheduler(sched_cfg, cache_cfg, blocks // pp, cpu_blocks // pp, TraceRecorder()) for _ in range(pp)]
-        for _ in range(deployment.num_replicas)
+        [Scheduler(d.sched, d.cache, blocks // pp, cpu_blocks // pp, TraceRecorder()) for _ in range(pp)]
+        for _ in range(d.cluster.num_replicas)
     ]
     # one set of terms per replica: LoRA and encoder terms count that replica's loads and images
-    terms = [_feature_terms(quant_term, lora, encoder, model, hw, par) for _ in replicas]
+    quant_term = _quantization_term(d)
+    terms = [_feature_terms(quant_term, d) for _ in replicas]
     step_times = [with_terms(base, t) for t in terms]
-    requests = iter_requests(workload, model.vocab_size, mm.image_tokens or 0)
+    requests = iter_requests(workload, d.model.vocab_size, d.mm.image_tokens or 0)
     with Progress(len(workload), "simulating", cfg.get("progress", True)) as bar:
-        sim = ClusterSimulation(replicas, step_times, requests, make_router(deployment.router), bar.update)
+        sim = ClusterSimulation(replicas, step_times, requests, make_router(d.cluster.router), bar.update)
         end_s = sim.run()
     schedulers = [s for replica in replicas for s in replica]
     info = {
         "backend": "sim",
         "step_time_model": step_time_name,
         "step_time_reason": step_time_reason,
-        "quantization": quant.note(hw),
-        "num_gpu_blocks": blocks,
-        "num_cpu_blocks": cpu_blocks,
-        # per GPU: what vLLM reserves (gpu_memory_utilization x memory) and what of it the KV cache holds
-        "gpu_memory_gib": cache_cfg.gpu_memory_utilization * hw.mem_gib,
-        "kv_cache_gib": blocks * block_bytes(model, par, bs, kv_bytes) / 2**30,
-        "weight_gib": weight_bytes_per_gpu(model, par, linear_bytes) / 2**30,
-        "max_num_batched_tokens": sched_cfg.max_num_batched_tokens,
-        "max_model_len": sched_cfg.max_model_len,
+        **_memory_info(d, blocks, cpu_blocks),
         "num_steps": sum(s.num_steps for s in schedulers),
         "duration_s": end_s,
         "prefix_cache_queries_tokens": sum(s.kv.prefix_queries for s in schedulers),
@@ -110,10 +105,67 @@ def run(cfg: dict[str, Any]) -> RunResult:
     info |= _feature_counts([t for replica_terms in terms for t in replica_terms])
     requests_df, steps_df, itl = _tables(replicas)
     info["num_truncated"] = _num_truncated(requests_df, workload)
-    if lora.enabled:
+    if d.lora.enabled:
         adapter_of = dict(zip(workload["request_id"], workload["lora_id"], strict=True))
         requests_df["lora_id"] = requests_df["request_id"].map(adapter_of)
     return RunResult(requests_df, steps_df, itl, info)
+
+
+def _specs(cfg: dict[str, Any]) -> _Specs:
+    model = model_spec(cfg["model"])
+    hw, par = hardware_spec(cfg["hardware"]), parallel_spec(cfg.get("parallel"))
+    cluster = deployment_spec(cfg.get("deployment"))
+    quant = quantization_spec(cfg.get("quantization"))
+    kv_bytes = kv_dtype_bytes(cfg["cache"].get("kv_cache_dtype", "auto"))
+    lora = lora_spec(cfg.get("lora"))
+    mm, encoder = multimodal_spec(cfg.get("multimodal"), model)
+    # built in this order, so that of several bad groups the same one is reported as before
+    sched, cache = scheduler_config(cfg, model.max_model_len), cache_config(cfg)
+    return _Specs(model, hw, par, cluster, sched, cache, quant, kv_bytes, lora, mm, encoder)
+
+
+def _linear_bytes(d: _Specs) -> float | None:
+    return d.quant.bytes_per_weight if d.quant.enabled else None
+
+
+def _num_blocks(d: _Specs) -> tuple[int, int]:
+    """GPU and CPU KV blocks: what vLLM's memory profiling would leave for the cache on each GPU."""
+    model, par, bs = d.model, d.par, d.cache.block_size
+    reserve = default_activation_reserve(model, par, d.sched.max_num_batched_tokens)
+    if d.lora.enabled:  # vLLM preallocates max_loras adapter slots (no limit: every adapter resident)
+        reserve += d.lora.slot_bytes_per_gpu(model, par, d.sched.max_loras or d.lora.num_adapters)
+    if d.encoder is not None:
+        reserve += encoder_weight_bytes(d.encoder, model, par)
+    blocks = d.cache.num_gpu_blocks_override or num_gpu_blocks(
+        model, d.hw, par, d.cache.gpu_memory_utilization, bs, reserve,
+        linear_weight_bytes=_linear_bytes(d), kv_dtype_bytes=d.kv_bytes,
+    )
+    return blocks, num_cpu_blocks(d.cache.swap_space, model, par, bs, d.kv_bytes)
+
+
+def _memory_info(d: _Specs, blocks: int, cpu_blocks: int) -> dict[str, Any]:
+    return {
+        "quantization": d.quant.note(d.hw),
+        "num_gpu_blocks": blocks,
+        "num_cpu_blocks": cpu_blocks,
+        # per GPU: what vLLM reserves (gpu_memory_utilization x memory) and what of it the KV cache holds
+        "gpu_memory_gib": d.cache.gpu_memory_utilization * d.hw.mem_gib,
+        "kv_cache_gib": blocks * d.block_bytes / 2**30,
+        "weight_gib": weight_bytes_per_gpu(d.model, d.par, _linear_bytes(d)) / 2**30,
+        "max_num_batched_tokens": d.sched.max_num_batched_tokens,
+        "max_model_len": d.sched.max_model_len,
+    }
+
+
+def _workload(spec: dict[str, Any], d: _Specs) -> pd.DataFrame:
+    """The workload, with the adapter and image columns its LoRA and multimodal settings ask for."""
+    workload = load_workload(spec)
+    seed = spec.get("seed", 0)
+    if d.lora.enabled:
+        workload = assign_adapters(workload, d.lora.num_adapters, d.lora.distribution, d.lora.zipf_s, seed)
+    if d.mm.enabled:
+        workload = assign_images(workload, d.mm.images_per_request, d.mm.num_unique_images, seed)
+    return workload
 
 
 def _num_truncated(requests: pd.DataFrame, workload: pd.DataFrame) -> int:
@@ -124,14 +176,20 @@ def _num_truncated(requests: pd.DataFrame, workload: pd.DataFrame) -> int:
     return int((done & (requests["output_tokens"] < asked)).sum())
 
 
-def _feature_terms(quant_term: QuantizationTerm | None, lora: LoRA, encoder: VisionEncoder | None,
-                   model: ModelSpec, hw: HardwareSpec, par: ParallelSpec) -> list[Term]:
+def _quantization_term(d: _Specs) -> QuantizationTerm | None:
+    """One for all replicas: it counts nothing, unlike the LoRA and encoder terms."""
+    if not (d.quant.enabled or d.kv_bytes):
+        return None
+    return QuantizationTerm(d.model, d.hw, d.par, d.cache.block_size, d.quant, d.kv_bytes)
+
+
+def _feature_terms(quant_term: QuantizationTerm | None, d: _Specs) -> list[Term]:
     """Step-time terms of the features that are on (sim.terms): none by default."""
     terms: list[Term] = [quant_term] if quant_term is not None else []
-    if lora.enabled:
-        terms.append(LoRATerm(model, hw, par, lora))
-    if encoder is not None:
-        terms.append(EncoderTerm(encoder, model, hw, par))
+    if d.lora.enabled:
+        terms.append(LoRATerm(d.model, d.hw, d.par, d.lora))
+    if d.encoder is not None:
+        terms.append(EncoderTerm(d.encoder, d.model, d.hw, d.par))
     return terms
 
 
@@ -193,12 +251,13 @@ def _fill_step_costs(sched_cfg: SchedulerConfig, step_time: Any, swap_s_per_bloc
         sched_cfg.recompute_s_per_token = step_time.predict(chunk) / n
 
 
-def _step_time_model(kind: str, model: ModelSpec, hw: HardwareSpec, par: ParallelSpec, block_size: int,
-                     engine_profiles: str | None = None) -> tuple[StepTimeModel, str, str]:
+def _step_time_model(kind: str, d: _Specs, engine_profiles: str | None
+                     ) -> tuple[StepTimeModel, str, str]:
     """The model, its name and why it was chosen. auto: the engine's own profiles of this model and card,
     else Vidur's, else the roofline."""
     def build(name: str) -> StepTimeModel:
-        return make_step_time_model(name, model, hw, par, block_size, engine_profile_root=engine_profiles)
+        return make_step_time_model(name, d.model, d.hw, d.par, d.cache.block_size,
+                                    engine_profile_root=engine_profiles)
 
     if kind != "auto":
         return build(kind), kind, f"backend.step_time={kind}"
