@@ -15,6 +15,7 @@ from servebench.engine.core.request import Request
 from servebench.engine.core.sampling_params import SamplingParams
 from servebench.workbench.core_configs import cache_config, scheduler_config
 from servebench.workbench.runs import RunResult
+from servebench.workbench.scheduler_stats import scheduler_counts
 from servebench.workbench.token_ids import MIN_TOKEN_ID
 from servebench.workbench.workload_requests import iter_requests
 from servebench.workbench.workloads import load_workload
@@ -82,10 +83,7 @@ def _replay(cfg: dict[str, Any], engine: Any) -> RunResult:
         **_device_names(engine.runner.device),
         "num_gpu_blocks": engine.runner.num_gpu_blocks,
         "num_cpu_blocks": engine.runner.num_cpu_blocks,
-        "num_steps": engine.scheduler.num_steps,
-        "duration_s": engine.now() - t0,
-        "prefix_cache_queries_tokens": engine.scheduler.kv.prefix_queries,
-        "prefix_cache_hits_tokens": engine.scheduler.kv.prefix_hits,
+        **scheduler_counts([engine.scheduler], engine.now() - t0),
         # Host pauses no step-time model predicts: how often Python's garbage collector stopped the loop.
         "gc_collections": pauses.count,
         "gc_pause_s": pauses.seconds,

@@ -36,6 +36,7 @@ from servebench.sim.step_time import make_step_time_model
 from servebench.sim.terms import Term, with_terms
 from servebench.workbench.core_configs import cache_config, scheduler_config
 from servebench.workbench.runs import RunResult
+from servebench.workbench.scheduler_stats import per_replica_counts, scheduler_counts
 from servebench.workbench.terminal import Progress
 from servebench.workbench.workload_requests import assign_adapters, assign_images, iter_requests
 from servebench.workbench.workloads import load_workload
@@ -93,15 +94,12 @@ def run(cfg: dict[str, Any]) -> RunResult:
         "step_time_model": step_time_name,
         "step_time_reason": step_time_reason,
         **_memory_info(d, blocks, cpu_blocks),
-        "num_steps": sum(s.num_steps for s in schedulers),
-        "duration_s": end_s,
-        "prefix_cache_queries_tokens": sum(s.kv.prefix_queries for s in schedulers),
-        "prefix_cache_hits_tokens": sum(s.kv.prefix_hits for s in schedulers),
+        **scheduler_counts(schedulers, end_s),
     }
     if hasattr(base, "num_outside"):  # profile tables: steps priced by the roofline instead
         info["num_steps_outside_profile"] = base.num_outside
     if len(schedulers) > 1:
-        info["per_replica"] = _per_replica(replicas)
+        info["per_replica"] = per_replica_counts(replicas)
     info |= _feature_counts([t for replica_terms in terms for t in replica_terms])
     requests_df, steps_df, itl = _tables(replicas)
     info["num_truncated"] = _num_truncated(requests_df, workload)
@@ -206,21 +204,6 @@ def _feature_counts(terms: list[Term]) -> dict[str, Any]:
     if encoders:
         out["images_encoded"] = sum(t.num_encoded for t in encoders)
     return out
-
-
-def _per_replica(replicas: list[list[Scheduler]]) -> dict[str, list]:
-    """Counts per replica (summed over its pipeline virtual engines): how the router spread the load."""
-    def total(fn) -> list:
-        return [sum(fn(s) for s in replica) for replica in replicas]
-
-    queries = total(lambda s: s.kv.prefix_queries)
-    hits = total(lambda s: s.kv.prefix_hits)
-    return {
-        "num_requests": total(lambda s: len(s.recorder.request_rows)),
-        "num_steps": total(lambda s: s.num_steps),
-        "num_preemptions": total(lambda s: s.num_preemptions),
-        "prefix_cache_hit_rate": [h / q if q else None for h, q in zip(hits, queries, strict=True)],
-    }
 
 
 def _tables(replicas: list[list[Scheduler]]) -> tuple[pd.DataFrame, pd.DataFrame, Any]:
