@@ -30,7 +30,7 @@ import triton
 from card import card
 from engine_throughput import Shape, decode_floor_seconds, decode_latency, make_workload
 from servebench.engine.dummy import write_dummy_model_dir
-from servebench.kernels.linear import _skinny_matmul_kernel, tuned_configs
+from servebench.kernels.linear import skinny_matmul_kernel, tuned_configs
 
 from servebench import LLM
 
@@ -70,7 +70,7 @@ def _sweep_one(ws: list[torch.Tensor], m: int, split_ks: tuple[int, ...]) -> lis
 
     def config(bn: int, bk: int, nw: int, st: int, sk: int):
         dst = out if sk == 1 else partials
-        return lambda w: _skinny_matmul_kernel[(triton.cdiv(n, bn), sk)](
+        return lambda w: skinny_matmul_kernel[(triton.cdiv(n, bn), sk)](
             x, w, w, dst, m, n, k, x.stride(0), w.stride(0), dst.stride(0), dst.stride(1),
             x, x, 0, x, x, x, 0, 0, 0, HAS_BIAS=False,  # no rotary epilogue
             BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=nw, num_stages=st)

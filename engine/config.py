@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from servebench.engine.core.config import CacheConfig, SchedulerConfig, default_max_num_batched_tokens
+from servebench.engine.core.config import (
+    CacheConfig,
+    SchedulerConfig,
+    default_max_num_batched_tokens,
+    from_mapping,
+)
 
 DTYPES = {"float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
           "float32": torch.float32, "float": torch.float32}
@@ -137,12 +141,8 @@ class EngineArgs:
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> EngineArgs:
         """Like `EngineArgs(model, **kwargs)`, with one clear error for unknown names."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise TypeError(
-                f"unknown engine argument(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(model=model, **kwargs)
+        return from_mapping(cls, {"model": model, **kwargs}, lambda unknown, known: TypeError(
+            f"unknown engine argument(s): {', '.join(unknown)}; known: {', '.join(known)}"))
 
     @property
     def torch_device(self) -> torch.device:

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 from servebench.kernels import reference
 from servebench.kernels.dispatch import pick
-from servebench.kernels.rotary import _rotary_args, _rotary_token
+from servebench.kernels.rotary import rotary_args, rotary_token
 
 
 @triton.jit
@@ -34,8 +34,8 @@ def _rotary_store_kv_kernel(pos_ptr, q_ptr, k_ptr, cos_sin_ptr, stride_qt, strid
                             KV_HEADS_P: tl.constexpr, DIM_P: tl.constexpr):
     # key_ptr is k_ptr: the keys go to the cache as rotated here.
     token = tl.program_id(0).to(tl.int64)
-    _rotary_token(token, pos_ptr, q_ptr, k_ptr, cos_sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
-                  stride_cache, NUM_Q_HEADS, NUM_K_HEADS, HALF, HEADS_P, HALF_P, IS_NEOX)
+    rotary_token(token, pos_ptr, q_ptr, k_ptr, cos_sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
+                 stride_cache, NUM_Q_HEADS, NUM_K_HEADS, HALF, HEADS_P, HALF_P, IS_NEOX)
     # The cache takes k as just rotated in place, by other threads of this program: make their stores
     # visible before reading k back (a barrier orders global memory within the CTA).
     tl.debug_barrier()
@@ -88,7 +88,7 @@ def rotary_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     if pick("rotary_store_kv", q, impl) == "torch":
         return reference.rotary_store_kv(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping,
                                          is_neox)
-    rot_args, rot_consts = _rotary_args("rotary_store_kv", positions, q, k, cos_sin_cache, is_neox)
+    rot_args, rot_consts = rotary_args("rotary_store_kv", positions, q, k, cos_sin_cache, is_neox)
     kv_args, kv_consts = _store_kv_args("rotary_store_kv", k, v, k_cache, v_cache, slot_mapping)
     _rotary_store_kv_kernel[(q.shape[0],)](*rot_args, *kv_args, **rot_consts, **kv_consts, num_warps=4)
     return q, k

@@ -129,13 +129,13 @@ def _rotary_store_kv_tile(x1, x2, out_ptr, rows, row_ok, stride_om, first_pair, 
 
 
 @triton.jit
-def _skinny_matmul_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_os, stride_om,
-                          pos_ptr, cs_ptr, stride_cs, slot_ptr, kc_ptr, vc_ptr, stride_cb, stride_cbs,
-                          stride_ch, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                          SWIGLU: tl.constexpr = False, ROPE: tl.constexpr = False, NQ: tl.constexpr = 0,
-                          NKV: tl.constexpr = 0, HEAD_DIM: tl.constexpr = 2, CACHE_BLOCK: tl.constexpr = 1,
-                          PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
+def skinny_matmul_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_os, stride_om,
+                         pos_ptr, cs_ptr, stride_cs, slot_ptr, kc_ptr, vc_ptr, stride_cb, stride_cbs,
+                         stride_ch, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                         SWIGLU: tl.constexpr = False, ROPE: tl.constexpr = False, NQ: tl.constexpr = 0,
+                         NKV: tl.constexpr = 0, HEAD_DIM: tl.constexpr = 2, CACHE_BLOCK: tl.constexpr = 1,
+                         PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
     """out[split] = x[:, Ks] @ w[:, Ks].T over the BLOCK_N columns of program_id(0) and the K slice Ks of
     split = program_id(1). The column pairing modes (SPLIT_K 1), where the program's tile is two halves of
     BLOCK_N / 2 columns each, from first + [0, HALF) and second + [0, HALF):
@@ -219,7 +219,7 @@ def _pinned(name: str, configs: list[triton.Config], nargs: dict, **kwargs) -> l
 _KEY = ["N", "K"]
 TUNERS = {name: triton.autotune(configs=SPLIT_CONFIGS if name == "split" else CONFIGS, key=_KEY,
                                 prune_configs_by={"early_config_prune": functools.partial(_pinned, name)})(
-    _skinny_matmul_kernel) for name in ("plain", "split", "swiglu", "rope")}
+    skinny_matmul_kernel) for name in ("plain", "split", "swiglu", "rope")}
 
 
 def tuned_configs() -> dict[str, str]:

@@ -81,15 +81,15 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cache_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_cache,
                    NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HALF: tl.constexpr,
                    HEADS_P: tl.constexpr, HALF_P: tl.constexpr, IS_NEOX: tl.constexpr):
-    _rotary_token(tl.program_id(0).to(tl.int64), pos_ptr, q_ptr, k_ptr, cache_ptr, stride_qt, stride_qh,
-                  stride_kt, stride_kh, stride_cache, NUM_Q_HEADS, NUM_K_HEADS, HALF, HEADS_P, HALF_P,
-                  IS_NEOX)
+    rotary_token(tl.program_id(0).to(tl.int64), pos_ptr, q_ptr, k_ptr, cache_ptr, stride_qt, stride_qh,
+                 stride_kt, stride_kh, stride_cache, NUM_Q_HEADS, NUM_K_HEADS, HALF, HEADS_P, HALF_P,
+                 IS_NEOX)
 
 
 @triton.jit
-def _rotary_token(token, pos_ptr, q_ptr, k_ptr, cache_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
-                  stride_cache, NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HALF: tl.constexpr,
-                  HEADS_P: tl.constexpr, HALF_P: tl.constexpr, IS_NEOX: tl.constexpr):
+def rotary_token(token, pos_ptr, q_ptr, k_ptr, cache_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
+                 stride_cache, NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HALF: tl.constexpr,
+                 HEADS_P: tl.constexpr, HALF_P: tl.constexpr, IS_NEOX: tl.constexpr):
     """Rotate the q and k heads of one token in place, at its position's cos/sin."""
     pos = tl.load(pos_ptr + token).to(tl.int64)
     i = tl.arange(0, HALF_P)
@@ -139,14 +139,14 @@ def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_
         fn = reference.apply_rotary if backend == "torch" else compiled(reference.apply_rotary)
         return fn(positions, q, k, cos_sin_cache, head_dim, is_neox)
     q3, k3 = q.view(q.shape[0], -1, head_dim), k.view(k.shape[0], -1, head_dim)
-    args, consts = _rotary_args("apply_rotary", positions, q3, k3, cos_sin_cache, is_neox)
+    args, consts = rotary_args("apply_rotary", positions, q3, k3, cos_sin_cache, is_neox)
     _rotary_kernel[(q3.shape[0],)](*args, **consts, num_warps=4)
     return q, k
 
 
-def _rotary_args(op: str, positions: torch.Tensor, q3: torch.Tensor, k3: torch.Tensor,
-                 cos_sin_cache: torch.Tensor, is_neox: bool) -> tuple[tuple, dict]:
-    """_rotary_token's arguments after `token` (positional, then constexpr) for q3/k3 [tokens, heads, dim]."""
+def rotary_args(op: str, positions: torch.Tensor, q3: torch.Tensor, k3: torch.Tensor,
+                cos_sin_cache: torch.Tensor, is_neox: bool) -> tuple[tuple, dict]:
+    """rotary_token's arguments after `token` (positional, then constexpr) for q3/k3 [tokens, heads, dim]."""
     if q3.stride(-1) != 1 or k3.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1:
         raise ValueError(f"{op}: q, k and cos_sin_cache need a contiguous last dimension")
     half = cos_sin_cache.shape[-1] // 2

@@ -14,10 +14,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from nbclient import NotebookClient
 from omegaconf import OmegaConf
-from servebench.workbench.cli import CONF_DIR
+from servebench.workbench.claims import in_range, trend_verdict
+from servebench.workbench.cli import CONF_DIR, report_main
 from servebench.workbench.experiment import run_experiment
-from servebench.workbench.report import main as report_main
-from servebench.workbench.study import _in_range, _trend_verdict
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf/experiment").glob("*.yaml"))
@@ -83,14 +82,14 @@ def test_config_search_on_a_tiny_grid(tmp_path):
 
 
 def test_verdict_words():
-    assert _in_range(0.4, 0.3, 0.5) == "holds"
-    assert _in_range(0.1, 0.3, 0.5) == "same direction, smaller than claimed"
-    assert _in_range(-0.2, 0.3, 0.5) == "does not hold"
-    assert _in_range(-0.02, -0.05, None) == "holds"
-    assert _trend_verdict("k", [1, 2, 3], [1.0, 2.0, 3.0], 0.01) == "holds"
-    assert _trend_verdict("k", [1, 2, 3], [1.0, 2.0, 2.0], 0.01) == "holds up to k=2, flat beyond"
-    assert _trend_verdict("k", [1, 2, 3], [1.0, 3.0, 2.0], 0.01) == "holds only up to k=2, then reverses"
-    assert _trend_verdict("k", [1, 2], [2.0, 1.0], 0.01) == "does not hold"
+    assert in_range(0.4, 0.3, 0.5) == "holds"
+    assert in_range(0.1, 0.3, 0.5) == "same direction, smaller than claimed"
+    assert in_range(-0.2, 0.3, 0.5) == "does not hold"
+    assert in_range(-0.02, -0.05, None) == "holds"
+    assert trend_verdict("k", [1, 2, 3], [1.0, 2.0, 3.0], 0.01) == "holds"
+    assert trend_verdict("k", [1, 2, 3], [1.0, 2.0, 2.0], 0.01) == "holds up to k=2, flat beyond"
+    assert trend_verdict("k", [1, 2, 3], [1.0, 3.0, 2.0], 0.01) == "holds only up to k=2, then reverses"
+    assert trend_verdict("k", [1, 2], [2.0, 1.0], 0.01) == "does not hold"
 
 
 def test_case_studies_notebook_executes(tiny_sweep):

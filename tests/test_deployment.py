@@ -16,7 +16,7 @@ from servebench.sim.lora import LoRATerm, lora_spec
 from servebench.sim.quantization import QuantizationTerm, quantization_spec
 from servebench.sim.specs import ParallelSpec, num_gpu_blocks
 from servebench.sim.step_time import make_step_time_model
-from servebench.workbench.experiment import simulate
+from servebench.workbench import sim_backend
 from servebench.workbench.metrics import summarize
 from test_step_time import conf, hw, model, step
 
@@ -27,9 +27,9 @@ def run(*overrides: str) -> dict:
     """The summary of a simulated run of the default config with `overrides`, as the CLI would build it."""
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = OmegaConf.to_container(compose("config", [*overrides, "progress=false"]), resolve=True)
-    requests, steps, itl, info = simulate(cfg)
-    summary = summarize(requests, steps, itl, None, info.pop("duration_s"))
-    return summary | info | {"requests": requests, "steps": steps}
+    result = sim_backend.run(cfg)
+    summary = summarize(result.requests, result.steps, result.itl_s, None, result.info.pop("duration_s"))
+    return summary | result.info | {"requests": result.requests, "steps": result.steps}
 
 
 def test_prefix_aware_routing_raises_the_hit_rate_on_mooncake() -> None:

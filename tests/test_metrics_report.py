@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 import yaml
 from nbclient import NotebookClient
+from servebench.workbench.cli import report_main
 from servebench.workbench.metrics import summarize
-from servebench.workbench.report import main as report_main
 from servebench.workbench.report import write_report, write_sweep_report
 from servebench.workbench.runs import load_run, load_sweep, write_run
 
@@ -266,7 +266,7 @@ def test_vllm_result_has_vllm_bench_serve_names():
 @pytest.mark.parametrize(("ms", "unit"), [(950.0, "ms"), (9_999.0, "ms"), (52_000.0, "s"),
                                          (3_314_647.9, "min")])
 def test_latency_units_fit_the_values(ms, unit):
-    from servebench.workbench.report import time_unit
+    from servebench.workbench.figures import time_unit
 
     assert time_unit(ms)[1] == unit
 

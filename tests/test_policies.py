@@ -4,28 +4,10 @@ LoRA and multimodal interfaces the simulator builds on."""
 from __future__ import annotations
 
 import pytest
+from scheduler_helpers import make, run_all, step
 from servebench.engine.core import CacheConfig, Request, SamplingParams, Scheduler, SchedulerConfig
 from servebench.engine.core.block_pool import BlockPool
 from servebench.engine.core.kv_cache_manager import KVCacheManager
-
-
-def make(n_tokens: int, rid: str, max_tokens: int = 4, base: int = 0, t: float = 0.0, **kw) -> Request:
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    return Request(rid, list(range(base, base + n_tokens)), params, arrival_time=t, **kw)
-
-
-def step(sched: Scheduler, t: float):
-    out = sched.schedule(t)
-    sched.update(out, None, t + 1)
-    return out
-
-
-def run_all(sched: Scheduler, t: float = 0.0) -> list:
-    outs = []
-    while sched.has_unfinished_requests():
-        outs.append(step(sched, t))
-        t += 1
-    return outs
 
 
 # ---- preemption -----------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from scheduler_helpers import make, run_all
 from servebench.engine.core import (
     CacheConfig,
     Request,
@@ -11,24 +12,6 @@ from servebench.engine.core import (
     Scheduler,
     SchedulerConfig,
 )
-
-
-def make(n_tokens: int, rid: str, max_tokens: int = 4, priority: int = 0, t: float = 0.0, base: int = 0):
-    return Request(
-        rid,
-        list(range(base, base + n_tokens)),
-        SamplingParams(max_tokens=max_tokens, ignore_eos=True),
-        arrival_time=t,
-        priority=priority,
-    )
-
-
-def run_all(sched: Scheduler, t: float = 0.0) -> float:
-    while sched.has_unfinished_requests():
-        out = sched.schedule(t)
-        t += 1
-        sched.update(out, None, t)
-    return t
 
 
 def test_request_longer_than_max_model_len_is_rejected_and_counted():

@@ -11,13 +11,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from servebench.engine.core.request import Request
-from servebench.workbench.workloads import (
-    REPO_ROOT,
-    approx_tokenize,
-    iter_requests,
-    load_workload,
-    prompt_token_ids,
-)
+from servebench.workbench.token_ids import approx_tokenize, prompt_token_ids
+from servebench.workbench.workload_files import REPO_ROOT
+from servebench.workbench.workload_requests import iter_requests
+from servebench.workbench.workloads import load_workload
 
 
 @pytest.fixture(scope="module")

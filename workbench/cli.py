@@ -1,8 +1,10 @@
-"""`workbench`: the Hydra entry point. It turns the config into a plain dict, calls `run_experiment` and
-prints the result; bad input is one line on stderr (exit 2), Ctrl-C one line (exit 130)."""
+"""The commands. `workbench`: the Hydra entry point. It turns the config into a plain dict, calls
+`run_experiment` and prints the result; bad input is one line on stderr (exit 2), Ctrl-C one line (exit 130).
+`workbench-report`: the reports of saved run and sweep folders."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Any
@@ -55,7 +57,7 @@ def objective(summary: dict[str, Any], search: DictConfig | None) -> float:
     meets the SLO for `search.min_attainment` of requests, else 0; without `search`, output throughput."""
     if search is None:
         return summary["output_throughput"]
-    from servebench.workbench.study import feasible
+    from servebench.workbench.claims import feasible
 
     ok = feasible(summary["slo_attainment"], summary["num_gpus"], search.min_attainment, search.max_gpus)
     return float(summary[search.metric]) if ok else 0.0
@@ -75,3 +77,21 @@ def main() -> None:
     except KeyboardInterrupt:  # outside a job (Hydra composing, a sweep between jobs)
         sys.stderr.write("\nworkbench: interrupted\n")
         sys.exit(130)
+
+
+def report_main(argv: list[str] | None = None) -> None:
+    """`workbench-report FOLDER...`: a run report for a run folder, a sweep report for a folder of runs (and
+    the study report, into the study's report_dir, when the runs come from an experiment with a `study`)."""
+    from servebench.workbench.report import write_report, write_sweep_report  # matplotlib: only when wanted
+    from servebench.workbench.runs import SUMMARY, load_sweep
+    from servebench.workbench.study import write_study_report
+
+    parser = argparse.ArgumentParser(prog="workbench-report", description=report_main.__doc__)
+    parser.add_argument("folders", nargs="+", type=Path, help="run folders or sweep (multirun) folders")
+    for folder in parser.parse_args(argv).folders:
+        try:
+            print(write_report(folder) if (folder / SUMMARY).is_file() else write_sweep_report(folder))
+            if not (folder / SUMMARY).is_file() and load_sweep(folder).attrs["config"].get("study"):
+                print(write_study_report(folder))
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"workbench-report: error: {e}")

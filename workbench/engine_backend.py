@@ -14,14 +14,17 @@ import pandas as pd
 from servebench.engine.core.request import Request
 from servebench.engine.core.sampling_params import SamplingParams
 from servebench.engine.digest import source_digest
-from servebench.workbench.experiment import cache_config, scheduler_config
-from servebench.workbench.workloads import MIN_TOKEN_ID, iter_requests, load_workload
+from servebench.workbench.core_configs import cache_config, scheduler_config
+from servebench.workbench.runs import RunResult
+from servebench.workbench.scheduler_stats import scheduler_counts
+from servebench.workbench.token_ids import MIN_TOKEN_ID
+from servebench.workbench.workload_requests import iter_requests
+from servebench.workbench.workloads import load_workload
 
 TIME_COLUMNS = ("arrival_s", "first_scheduled_s", "first_token_s", "finish_s")
 
 
-def replay_on_engine(cfg: dict[str, Any], engine: Any = None
-                     ) -> tuple[pd.DataFrame, pd.DataFrame, Any, dict[str, Any]]:
+def run(cfg: dict[str, Any], engine: Any = None) -> RunResult:
     """Replay the workload in real time. `engine`: one `build_engine` made for the same model and knobs,
     reset and reused (one model load for several runs; the caller owns it); None builds one for this run
     and releases it when the run ends, failed or not, so the next run of the process (a Hydra multirun's
@@ -53,7 +56,7 @@ def release_engines() -> None:
         torch.cuda.empty_cache()
 
 
-def _replay(cfg: dict[str, Any], engine: Any) -> tuple[pd.DataFrame, pd.DataFrame, Any, dict[str, Any]]:
+def _replay(cfg: dict[str, Any], engine: Any) -> RunResult:
     workload = load_workload(cfg["workload"])
     pending = iter_requests(workload, engine.vocab_size)
     nxt = next(pending, None)
@@ -82,10 +85,7 @@ def _replay(cfg: dict[str, Any], engine: Any) -> tuple[pd.DataFrame, pd.DataFram
         "source_digest": source_digest(),  # the engine and kernel code that ran (engine.digest)
         "num_gpu_blocks": engine.runner.num_gpu_blocks,
         "num_cpu_blocks": engine.runner.num_cpu_blocks,
-        "num_steps": engine.scheduler.num_steps,
-        "duration_s": engine.now() - t0,
-        "prefix_cache_queries_tokens": engine.scheduler.kv.prefix_queries,
-        "prefix_cache_hits_tokens": engine.scheduler.kv.prefix_hits,
+        **scheduler_counts([engine.scheduler], engine.now() - t0),
         # Host pauses no step-time model predicts: how often Python's garbage collector stopped the loop.
         "gc_collections": pauses.count,
         "gc_pause_s": pauses.seconds,
@@ -94,7 +94,7 @@ def _replay(cfg: dict[str, Any], engine: Any) -> tuple[pd.DataFrame, pd.DataFram
         # milliseconds, in serving (varied step shapes) but not in the profiler (one shape back to back).
         **{k: v - allocs_before.get(k, 0) for k, v in _device_allocations(engine).items()},
     }
-    return requests, steps, rec.itl_s, info
+    return RunResult(requests, steps, rec.itl_s, info)
 
 
 def _device_names(device: Any) -> dict[str, str]:

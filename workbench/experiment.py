@@ -1,52 +1,19 @@
-"""Plain functions behind the CLI: build the objects a config names, run a backend, write the run folder."""
+"""The harness behind the CLI: validate the config, run the backend it names, write the run folder.
+
+Each backend is one module, `workbench/{sim,engine,server}_backend.py`, with `run(cfg) -> RunResult`; the
+harness composes them and never builds a backend's insides."""
 
 from __future__ import annotations
 
+import importlib
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
-import pandas as pd
-from servebench.engine.core import CacheConfig, Scheduler, SchedulerConfig, TraceRecorder
-from servebench.engine.core.config import default_max_num_batched_tokens
+from servebench.workbench.metrics import summarize
+from servebench.workbench.runs import Run, RunResult, clear_run, write_summary, write_tables
 from servebench.workbench.schema import ConfigError, validate
-
-if TYPE_CHECKING:
-    from servebench.sim.lora import LoRA
-    from servebench.sim.multimodal import VisionEncoder
-    from servebench.sim.quantization import QuantizationTerm
-    from servebench.sim.simulator import StepTimeModel
-    from servebench.sim.specs import HardwareSpec, ModelSpec, ParallelSpec
-    from servebench.sim.terms import Term
-
-
-def scheduler_config(cfg: dict[str, Any], model_max_len: int) -> SchedulerConfig:
-    """The `scheduler` group as a SchedulerConfig, with vLLM's rules for the null defaults."""
-    s = dict(cfg["scheduler"])
-    s["max_model_len"] = s.get("max_model_len") or model_max_len
-    if s["max_model_len"] > model_max_len:
-        raise ConfigError(
-            f"scheduler.max_model_len={s['max_model_len']} exceeds the model's context length {model_max_len}"
-        )
-    if s.get("max_num_batched_tokens") is None:
-        chunked = s.get("enable_chunked_prefill", True)
-        s["max_num_batched_tokens"] = default_max_num_batched_tokens(s["max_model_len"], chunked)
-    return _build(SchedulerConfig, "scheduler", s)
-
-
-def cache_config(cfg: dict[str, Any]) -> CacheConfig:
-    values = dict(cfg["cache"])
-    values.pop("kv_cache_dtype", None)  # bytes per block, not block bookkeeping: read by the simulator only
-    return _build(CacheConfig, "cache", values)
-
-
-def _build(cls: type, group: str, values: dict[str, Any]) -> Any:
-    known = set(cls.__dataclass_fields__)
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"{group}.{unknown[0]} is not a known key (known: {', '.join(sorted(known))})")
-    return cls(**values)
+from servebench.workbench.vllm_compat import write_vllm_result
 
 
 def num_gpus(cfg: dict[str, Any]) -> int:
@@ -76,28 +43,16 @@ def _check_sim_only(cfg: dict[str, Any], backend: str) -> None:
 def run_experiment(cfg: dict[str, Any], run_dir: Path, engine: Any = None) -> dict[str, Any]:
     """Run the backend the config names and write requests/steps/summary (and the report) into run_dir.
     `engine` (backend=engine): an already loaded engine for the same model and knobs, reused."""
-    from servebench.workbench.metrics import summarize
-    from servebench.workbench.runs import Run, clear_run, write_summary, write_tables
-    from servebench.workbench.vllm_compat import write_vllm_result
-
     clear_run(run_dir)  # an earlier run's results in this folder must not sit beside this run's config
     cfg = validate(cfg)
     backend = cfg["backend"]["name"]
     if backend != "sim":
         _check_sim_only(cfg, backend)
     wall0 = time.perf_counter()
-    if backend == "sim":
-        requests, steps, itl_s, info = simulate(cfg)
-    elif backend == "engine":
-        from servebench.workbench.engine_backend import replay_on_engine
-
-        requests, steps, itl_s, info = replay_on_engine(cfg, engine)
-    else:
-        from servebench.workbench.serve_backend import replay_on_server
-
-        requests, steps, itl_s, info = replay_on_server(cfg)
-    summary = summarize(requests, steps, itl_s, cfg.get("slo"), info.pop("duration_s", None))
-    summary.update(info)
+    result = run_backend(cfg, engine)
+    requests, steps, itl_s = result.requests, result.steps, result.itl_s
+    summary = summarize(requests, steps, itl_s, cfg.get("slo"), result.info.pop("duration_s", None))
+    summary.update(result.info)
     summary.setdefault("max_model_len", (cfg.get("scheduler") or {}).get("max_model_len")
                        or (cfg.get("model") or {}).get("max_model_len"))
     summary["num_gpus"] = num_gpus(cfg)
@@ -116,235 +71,9 @@ def run_experiment(cfg: dict[str, Any], run_dir: Path, engine: Any = None) -> di
     return summary
 
 
-def simulate(cfg: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, Any, dict[str, Any]]:
-    """The configured workload through the shared scheduler on the SimPy clock: `deployment.num_replicas`
-    replicas, each with `pipeline_parallel_size` virtual engines (sim.cluster)."""
-    from servebench.sim.cluster import ClusterSimulation, deployment_spec, make_router
-    from servebench.sim.lora import lora_spec
-    from servebench.sim.multimodal import encoder_weight_bytes, multimodal_spec
-    from servebench.sim.quantization import QuantizationTerm, kv_dtype_bytes, quantization_spec
-    from servebench.sim.specs import (
-        block_bytes,
-        default_activation_reserve,
-        hardware_spec,
-        model_spec,
-        num_cpu_blocks,
-        num_gpu_blocks,
-        parallel_spec,
-        weight_bytes_per_gpu,
-    )
-    from servebench.sim.terms import with_terms
-    from servebench.workbench.terminal import Progress
-    from servebench.workbench.workloads import assign_adapters, assign_images, iter_requests, load_workload
-
-    model = model_spec(cfg["model"])
-    hw = hardware_spec(cfg["hardware"])
-    par = parallel_spec(cfg.get("parallel"))
-    deployment = deployment_spec(cfg.get("deployment"))
-    quant = quantization_spec(cfg.get("quantization"))
-    kv_bytes = kv_dtype_bytes(cfg["cache"].get("kv_cache_dtype", "auto"))
-    lora = lora_spec(cfg.get("lora"))
-    mm, encoder = multimodal_spec(cfg.get("multimodal"), model)
-    sched_cfg = scheduler_config(cfg, model.max_model_len)
-    cache_cfg = cache_config(cfg)
-    bs = cache_cfg.block_size
-    reserve = default_activation_reserve(model, par, sched_cfg.max_num_batched_tokens)
-    if lora.enabled:  # vLLM preallocates max_loras adapter slots (no limit: every adapter resident)
-        reserve += lora.slot_bytes_per_gpu(model, par, sched_cfg.max_loras or lora.num_adapters)
-    if encoder is not None:
-        reserve += encoder_weight_bytes(encoder, model, par)
-    linear_bytes = quant.bytes_per_weight if quant.enabled else None
-    blocks = cache_cfg.num_gpu_blocks_override or num_gpu_blocks(
-        model, hw, par, cache_cfg.gpu_memory_utilization, bs, reserve,
-        linear_weight_bytes=linear_bytes, kv_dtype_bytes=kv_bytes,
-    )
-    cpu_blocks = num_cpu_blocks(cache_cfg.swap_space, model, par, bs, kv_bytes)
-    base, step_time_name, step_time_reason = _step_time_model(
-        cfg["backend"].get("step_time", "auto"), model, hw, par, bs, cfg["backend"].get("profile_root")
-    )
-    if sched_cfg.preemption_mode == "cost" or sched_cfg.shed_ttft_ms:
-        _fill_step_costs(sched_cfg, base, block_bytes(model, par, bs, kv_bytes) / (hw.pcie_gbs * 1e9))
-    quant_term = QuantizationTerm(model, hw, par, bs, quant, kv_bytes) if quant.enabled or kv_bytes else None
-    workload = load_workload(cfg["workload"])
-    seed = cfg["workload"].get("seed", 0)
-    if lora.enabled:
-        workload = assign_adapters(workload, lora.num_adapters, lora.distribution, lora.zipf_s, seed)
-    if mm.enabled:
-        workload = assign_images(workload, mm.images_per_request, mm.num_unique_images, seed)
-    # vLLM V0 pipelining: P virtual engines per replica, each with 1/P of the KV blocks (sim.cluster)
-    pp = par.pipeline_parallel_size
-    replicas = [
-        [Scheduler(sched_cfg, cache_cfg, blocks // pp, cpu_blocks // pp, TraceRecorder()) for _ in range(pp)]
-        for _ in range(deployment.num_replicas)
-    ]
-    # one set of terms per replica: LoRA and encoder terms count that replica's loads and images
-    terms = [_feature_terms(quant_term, lora, encoder, model, hw, par) for _ in replicas]
-    step_times = [with_terms(base, t) for t in terms]
-    requests = iter_requests(workload, model.vocab_size, mm.image_tokens or 0)
-    with Progress(len(workload), "simulating", cfg.get("progress", True)) as bar:
-        sim = ClusterSimulation(replicas, step_times, requests, make_router(deployment.router), bar.update,
-                                _graph_sizes(cfg["backend"], sched_cfg),
-                                cfg["backend"].get("async_scheduling", False))
-        end_s = sim.run()
-    schedulers = [s for replica in replicas for s in replica]
-    info = {
-        "backend": "sim",
-        "step_time_model": step_time_name,
-        "step_time_reason": step_time_reason,
-        "step_time_stale": _stale(base),
-        "quantization": quant.note(hw),
-        "num_gpu_blocks": blocks,
-        "num_cpu_blocks": cpu_blocks,
-        # per GPU: what vLLM reserves (gpu_memory_utilization x memory) and what of it the KV cache holds
-        "gpu_memory_gib": cache_cfg.gpu_memory_utilization * hw.mem_gib,
-        "kv_cache_gib": blocks * block_bytes(model, par, bs, kv_bytes) / 2**30,
-        "weight_gib": weight_bytes_per_gpu(model, par, linear_bytes) / 2**30,
-        "max_num_batched_tokens": sched_cfg.max_num_batched_tokens,
-        "max_model_len": sched_cfg.max_model_len,
-        "num_steps": sum(s.num_steps for s in schedulers),
-        "duration_s": end_s,
-        "prefix_cache_queries_tokens": sum(s.kv.prefix_queries for s in schedulers),
-        "prefix_cache_hits_tokens": sum(s.kv.prefix_hits for s in schedulers),
-    }
-    if hasattr(base, "num_outside"):  # profile tables: steps priced by the roofline instead
-        info["num_steps_outside_profile"] = base.num_outside
-    if len(schedulers) > 1:
-        info["per_replica"] = _per_replica(replicas)
-    info |= _feature_counts([t for replica_terms in terms for t in replica_terms])
-    requests_df, steps_df, itl = _tables(replicas)
-    info["num_truncated"] = _num_truncated(requests_df, workload)
-    if lora.enabled:
-        adapter_of = dict(zip(workload["request_id"], workload["lora_id"], strict=True))
-        requests_df["lora_id"] = requests_df["request_id"].map(adapter_of)
-    return requests_df, steps_df, itl, info
-
-
-def _num_truncated(requests: pd.DataFrame, workload: pd.DataFrame) -> int:
-    """Finished requests that got fewer output tokens than the workload asked for: the scheduler caps prompt
-    + output at max_model_len."""
-    asked = requests["request_id"].map(workload.set_index("request_id")["output_tokens"])
-    done = requests["finish_reason"].astype(str) == "length"
-    return int((done & (requests["output_tokens"] < asked)).sum())
-
-
-def _stale(step_time: Any) -> str | None:
-    """One line, also printed, when the profile or calibration the step times come from measured other
-    engine code than this checkout's (engine.digest); None when it matches or no engine data is used."""
-    meta = getattr(step_time, "meta", None)
-    if meta is None:
-        return None
-    import sys
-
-    from servebench.engine.digest import stale_warning
-
-    warning = stale_warning(str(step_time.folder), meta)
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
-    return warning
-
-
-def _graph_sizes(backend: dict[str, Any], sched_cfg: SchedulerConfig) -> list[int] | None:
-    """The CUDA-graph batches the engine would capture: none with backend.enforce_eager."""
-    from servebench.engine.core.graphs import graph_batch_sizes
-
-    return None if backend.get("enforce_eager", False) else graph_batch_sizes(sched_cfg.max_num_seqs)
-
-
-def _feature_terms(quant_term: QuantizationTerm | None, lora: LoRA, encoder: VisionEncoder | None,
-                   model: ModelSpec, hw: HardwareSpec, par: ParallelSpec) -> list[Term]:
-    """Step-time terms of the features that are on (sim.terms): none by default."""
-    from servebench.sim.lora import LoRATerm
-    from servebench.sim.multimodal import EncoderTerm
-
-    terms: list[Term] = [quant_term] if quant_term is not None else []
-    if lora.enabled:
-        terms.append(LoRATerm(model, hw, par, lora))
-    if encoder is not None:
-        terms.append(EncoderTerm(encoder, model, hw, par))
-    return terms
-
-
-def _feature_counts(terms: list[Term]) -> dict[str, Any]:
-    """LoRA loads and images encoded, summed over replicas (for summary.json)."""
-    from servebench.sim.lora import LoRATerm
-    from servebench.sim.multimodal import EncoderTerm
-
-    out: dict[str, Any] = {}
-    loras = [t for t in terms if isinstance(t, LoRATerm)]
-    if loras:
-        loads = sum(t.num_loads for t in loras)
-        out["lora_loads"] = loads
-        out["lora_loads_from_disk"] = sum(t.num_loads_from_disk for t in loras)
-        out["mean_lora_load_ms"] = 1e3 * sum(t.load_s for t in loras) / loads if loads else 0.0
-    encoders = [t for t in terms if isinstance(t, EncoderTerm)]
-    if encoders:
-        out["images_encoded"] = sum(t.num_encoded for t in encoders)
-    return out
-
-
-def _per_replica(replicas: list[list[Scheduler]]) -> dict[str, list]:
-    """Counts per replica (summed over its pipeline virtual engines): how the router spread the load."""
-    def total(fn) -> list:
-        return [sum(fn(s) for s in replica) for replica in replicas]
-
-    queries = total(lambda s: s.kv.prefix_queries)
-    hits = total(lambda s: s.kv.prefix_hits)
-    return {
-        "num_requests": total(lambda s: len(s.recorder.request_rows)),
-        "num_steps": total(lambda s: s.num_steps),
-        "num_preemptions": total(lambda s: s.num_preemptions),
-        "prefix_cache_hit_rate": [h / q if q else None for h, q in zip(hits, queries, strict=True)],
-    }
-
-
-def _tables(replicas: list[list[Scheduler]]) -> tuple[pd.DataFrame, pd.DataFrame, Any]:
-    """requests and steps of every scheduler with `replica` (and, pipelined, `virtual_engine`) columns;
-    steps in order of start time; every inter-token gap."""
-    pipelined = len(replicas[0]) > 1
-    requests, steps = [], []
-    for r, replica in enumerate(replicas):
-        for v, s in enumerate(replica):
-            where = {"replica": r} | ({"virtual_engine": v} if pipelined else {})
-            requests.append(pd.DataFrame(s.recorder.requests_table()).assign(**where))
-            steps.append(pd.DataFrame(s.recorder.steps_table()).assign(**where))
-    if len(requests) == 1:
-        return requests[0], steps[0], replicas[0][0].recorder.itl_s
-    steps_df = pd.concat(steps, ignore_index=True).sort_values("start_s", kind="stable", ignore_index=True)
-    itl = np.concatenate([np.asarray(s.recorder.itl_s) for replica in replicas for s in replica])
-    return pd.concat(requests, ignore_index=True), steps_df, itl
-
-
-def _fill_step_costs(sched_cfg: SchedulerConfig, step_time: Any, swap_s_per_block: float) -> None:
-    """preemption_mode=cost and TTFT shedding: the costs left null, from the hardware's PCIe bandwidth and
-    the step-time model (one prefill chunk of max_num_batched_tokens tokens, per token)."""
-    from servebench.engine.core.scheduler_output import SchedulerOutput
-
-    if sched_cfg.swap_s_per_block is None:
-        sched_cfg.swap_s_per_block = swap_s_per_block
-    if sched_cfg.recompute_s_per_token is None:
-        n = sched_cfg.max_num_batched_tokens
-        chunk = SchedulerOutput(num_prefill_tokens=n, prefill_chunks=[(n, 0)])
-        sched_cfg.recompute_s_per_token = step_time.predict(chunk) / n
-
-
-def _step_time_model(kind: str, model: ModelSpec, hw: HardwareSpec, par: ParallelSpec, block_size: int,
-                     engine_profiles: str | None = None) -> tuple[StepTimeModel, str, str]:
-    """The model, its name and why it was chosen. auto: the calibration of this model and card, else its
-    engine profiles, else Vidur's, else the roofline."""
-    from servebench.sim.step_time import make_step_time_model
-
-    def build(name: str) -> StepTimeModel:
-        return make_step_time_model(name, model, hw, par, block_size, engine_profile_root=engine_profiles)
-
-    if kind != "auto":
-        return build(kind), kind, f"backend.step_time={kind}"
-    for name in ("calibrated", "profile"):
-        try:
-            st = build(name)
-            return st, name, f"the engine's {name} step times in {st.folder}"
-        except ValueError as e:
-            why = f"no engine {name} step times: {e}"
-    try:
-        return build("vidur"), "vidur", why
-    except ValueError as e:
-        return build("roofline"), "roofline", f"{why}; no Vidur profile: {e}"
+def run_backend(cfg: dict[str, Any], engine: Any = None) -> RunResult:
+    """`run(cfg)` of the backend's module, imported only now (the engine needs torch, the server httpx);
+    a loaded `engine` is the engine backend's one extra argument."""
+    name = cfg["backend"]["name"]
+    backend = importlib.import_module(f"servebench.workbench.{name}_backend")
+    return backend.run(cfg, engine) if name == "engine" else backend.run(cfg)

@@ -28,6 +28,17 @@ class Run:
     itl_s: np.ndarray | None = field(default=None, repr=False)  # inter-token latencies, when recorded
 
 
+@dataclass(slots=True)
+class RunResult:
+    """What every backend's `run(cfg)` returns: the two tables, the inter-token gaps and what the backend
+    alone knows (its name, KV blocks, step count, duration...), merged into summary.json."""
+
+    requests: pd.DataFrame
+    steps: pd.DataFrame
+    itl_s: Any
+    info: dict[str, Any]
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary name next to `path` to write to; renamed onto `path` only if the block succeeds."""

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pandas as pd
-from servebench.workbench.workloads import APPROX_VOCAB, prompt_token_ids
+from servebench.workbench.token_ids import APPROX_VOCAB, prompt_token_ids
 
 NAN = float("nan")
 APIS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}

@@ -24,7 +24,7 @@ class BlockPool:
         self.hits = [0] * num_blocks  # prefix-cache hits on the block's current content
         self.value = [0] * num_blocks  # recompute it saves
         self._empty: list[int] = list(range(num_blocks - 1, -1, -1))
-        self._cached_free = make_free_queue(eviction_policy, self)
+        self._cached_free = make_free_queue(eviction_policy, self.hits, self.value)
         self._index: dict[int, int] = {}  # block hash -> block id
         self.num_free = num_blocks
 

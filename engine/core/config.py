@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from servebench.engine.core.eviction import EVICTION_POLICIES
 from servebench.engine.core.policies import PREEMPTION_MODES, QUEUE_POLICIES, VICTIM_POLICIES, check_choice
+
+T = TypeVar("T")
+
+
+def from_mapping(cls: type[T], values: Mapping[str, Any],
+                 unknown_error: Callable[[list[str], list[str]], Exception]) -> T:
+    """The dataclass `cls` built from `values`, after one check that every key names a field: otherwise
+    `unknown_error(unknown keys, known keys)`, both sorted, is raised (each caller words it for its users)."""
+    known = sorted(f.name for f in dataclasses.fields(cls))
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise unknown_error(unknown, known)
+    return cls(**values)
 
 
 def default_max_num_batched_tokens(max_model_len: int, enable_chunked_prefill: bool) -> int:

@@ -18,10 +18,6 @@ import heapq
 import itertools
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from servebench.engine.core.block_pool import BlockPool
 
 
 class LRUQueue(OrderedDict):
@@ -35,9 +31,9 @@ class ScoredFreeQueue:
 
     revalue = None  # only CostQueue derives scores from a block table before it is freed
 
-    def __init__(self, pool: BlockPool, scores: list[int]) -> None:
+    def __init__(self, hits: list[int], value: list[int], scores: list[int]) -> None:
         self._scores = scores
-        self._hits, self._value = pool.hits, pool.value
+        self._hits, self._value = hits, value  # the pool's per-block lists, shared, not copied
         self._heap: list[tuple[int, int, int]] = []  # (score, free order, block id)
         self._live: dict[int, int] = {}  # block id -> free order of its current entry
         self._order = itertools.count()
@@ -74,8 +70,8 @@ class ScoredFreeQueue:
 class LFUQueue(ScoredFreeQueue):
     """The block with the fewest prefix-cache hits goes first (least recently freed on ties)."""
 
-    def __init__(self, pool: BlockPool) -> None:
-        super().__init__(pool, pool.hits)
+    def __init__(self, hits: list[int], value: list[int]) -> None:
+        super().__init__(hits, value, hits)
 
 
 class CostQueue(ScoredFreeQueue):
@@ -83,8 +79,8 @@ class CostQueue(ScoredFreeQueue):
     prompt) hit h times has saved d x h blocks of prefill; its value is the largest such product
     over itself and its cached descendants, and the lowest value goes first."""
 
-    def __init__(self, pool: BlockPool) -> None:
-        super().__init__(pool, pool.value)
+    def __init__(self, hits: list[int], value: list[int]) -> None:
+        super().__init__(hits, value, value)
 
     def revalue(self, table: list[int]) -> None:
         """Update the values along one request's block table (its chain, root first) before it is freed."""
@@ -99,5 +95,6 @@ class CostQueue(ScoredFreeQueue):
 EVICTION_POLICIES = {"lru": LRUQueue, "lfu": LFUQueue, "cost": CostQueue}
 
 
-def make_free_queue(name: str, pool: BlockPool) -> LRUQueue | ScoredFreeQueue:
-    return LRUQueue() if name == "lru" else EVICTION_POLICIES[name](pool)
+def make_free_queue(name: str, hits: list[int], value: list[int]) -> LRUQueue | ScoredFreeQueue:
+    """The free queue of policy `name` over a pool's per-block `hits` and `value` lists."""
+    return LRUQueue() if name == "lru" else EVICTION_POLICIES[name](hits, value)

@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import pandas as pd
 from servebench.workbench.metrics import STEP_COLUMNS
+from servebench.workbench.runs import RunResult
 from servebench.workbench.serve_client import (
     counter_deltas,
     load_tokenizer,
@@ -17,7 +18,7 @@ from servebench.workbench.serve_client import (
 from servebench.workbench.workloads import load_workload
 
 
-def replay_on_server(cfg: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, Any, dict[str, Any]]:
+def run(cfg: dict[str, Any]) -> RunResult:
     b = cfg["backend"]
     url = b["url"].rstrip("/")
     headers = {"Authorization": f"Bearer {b['api_key']}"} if b.get("api_key") else None
@@ -41,9 +42,5 @@ def replay_on_server(cfg: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, A
         )
         after = server_counters(http)
     steps = pd.DataFrame({c: pd.Series(dtype=float) for c in STEP_COLUMNS})  # only the server sees its steps
-    return (
-        requests,
-        steps,
-        itl,
-        {"backend": "server", "served_model": card["id"], **counter_deltas(before, after)},
-    )
+    return RunResult(requests, steps, itl,
+                     {"backend": "server", "served_model": card["id"], **counter_deltas(before, after)})

@@ -1,0 +1,278 @@
+"""`backend=sim`: the workload through the shared scheduler on the SimPy clock, into the run's tables."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from servebench.engine.core import CacheConfig, Scheduler, SchedulerConfig, SchedulerOutput, TraceRecorder
+from servebench.engine.core.graphs import graph_batch_sizes
+from servebench.engine.digest import stale_warning
+from servebench.sim.cluster import ClusterSimulation, Deployment, deployment_spec, make_router
+from servebench.sim.lora import LoRA, LoRATerm, lora_spec
+from servebench.sim.multimodal import (
+    EncoderTerm,
+    Multimodal,
+    VisionEncoder,
+    encoder_weight_bytes,
+    multimodal_spec,
+)
+from servebench.sim.quantization import Quantization, QuantizationTerm, kv_dtype_bytes, quantization_spec
+from servebench.sim.simulator import StepTimeModel
+from servebench.sim.specs import (
+    HardwareSpec,
+    ModelSpec,
+    ParallelSpec,
+    block_bytes,
+    default_activation_reserve,
+    hardware_spec,
+    model_spec,
+    num_cpu_blocks,
+    num_gpu_blocks,
+    parallel_spec,
+    weight_bytes_per_gpu,
+)
+from servebench.sim.step_time import make_step_time_model
+from servebench.sim.terms import Term, with_terms
+from servebench.workbench.core_configs import cache_config, scheduler_config
+from servebench.workbench.runs import RunResult
+from servebench.workbench.scheduler_stats import per_replica_counts, scheduler_counts
+from servebench.workbench.terminal import Progress
+from servebench.workbench.workload_requests import assign_adapters, assign_images, iter_requests
+from servebench.workbench.workloads import load_workload
+
+
+@dataclass(slots=True)
+class _Specs:
+    """What the config says about the simulated deployment, as the simulator's specs."""
+
+    model: ModelSpec
+    hw: HardwareSpec
+    par: ParallelSpec
+    cluster: Deployment  # replicas and router
+    sched: SchedulerConfig
+    cache: CacheConfig
+    quant: Quantization
+    kv_bytes: int | None  # bytes per KV element when kv_cache_dtype is not the model's
+    lora: LoRA
+    mm: Multimodal
+    encoder: VisionEncoder | None
+
+    @property
+    def block_bytes(self) -> int:
+        return block_bytes(self.model, self.par, self.cache.block_size, self.kv_bytes)
+
+
+def run(cfg: dict[str, Any]) -> RunResult:
+    """The configured workload through the shared scheduler on the SimPy clock: `deployment.num_replicas`
+    replicas, each with `pipeline_parallel_size` virtual engines (sim.cluster)."""
+    d = _specs(cfg)
+    blocks, cpu_blocks = _num_blocks(d)
+    backend = cfg["backend"]
+    base, step_time_name, step_time_reason = _step_time_model(backend.get("step_time", "auto"), d,
+                                                              backend.get("profile_root"))
+    if d.sched.preemption_mode == "cost" or d.sched.shed_ttft_ms:
+        _fill_step_costs(d.sched, base, d.block_bytes / (d.hw.pcie_gbs * 1e9))
+    workload = _workload(cfg["workload"], d)
+    # vLLM V0 pipelining: P virtual engines per replica, each with 1/P of the KV blocks (sim.cluster)
+    pp = d.par.pipeline_parallel_size
+    replicas = [
+        [Scheduler(d.sched, d.cache, blocks // pp, cpu_blocks // pp, TraceRecorder()) for _ in range(pp)]
+        for _ in range(d.cluster.num_replicas)
+    ]
+    # one set of terms per replica: LoRA and encoder terms count that replica's loads and images
+    quant_term = _quantization_term(d)
+    terms = [_feature_terms(quant_term, d) for _ in replicas]
+    step_times = [with_terms(base, t) for t in terms]
+    requests = iter_requests(workload, d.model.vocab_size, d.mm.image_tokens or 0)
+    with Progress(len(workload), "simulating", cfg.get("progress", True)) as bar:
+        sim = ClusterSimulation(replicas, step_times, requests, make_router(d.cluster.router), bar.update,
+                                _graph_sizes(backend, d.sched), backend.get("async_scheduling", False))
+        end_s = sim.run()
+    schedulers = [s for replica in replicas for s in replica]
+    info = {
+        "backend": "sim",
+        "step_time_model": step_time_name,
+        "step_time_reason": step_time_reason,
+        "step_time_stale": _stale(base),
+        **_memory_info(d, blocks, cpu_blocks),
+        **scheduler_counts(schedulers, end_s),
+    }
+    if hasattr(base, "num_outside"):  # profile tables: steps priced by the roofline instead
+        info["num_steps_outside_profile"] = base.num_outside
+    if len(schedulers) > 1:
+        info["per_replica"] = per_replica_counts(replicas)
+    info |= _feature_counts([t for replica_terms in terms for t in replica_terms])
+    requests_df, steps_df, itl = _tables(replicas)
+    info["num_truncated"] = _num_truncated(requests_df, workload)
+    if d.lora.enabled:
+        adapter_of = dict(zip(workload["request_id"], workload["lora_id"], strict=True))
+        requests_df["lora_id"] = requests_df["request_id"].map(adapter_of)
+    return RunResult(requests_df, steps_df, itl, info)
+
+
+def _specs(cfg: dict[str, Any]) -> _Specs:
+    model = model_spec(cfg["model"])
+    hw, par = hardware_spec(cfg["hardware"]), parallel_spec(cfg.get("parallel"))
+    cluster = deployment_spec(cfg.get("deployment"))
+    quant = quantization_spec(cfg.get("quantization"))
+    kv_bytes = kv_dtype_bytes(cfg["cache"].get("kv_cache_dtype", "auto"))
+    lora = lora_spec(cfg.get("lora"))
+    mm, encoder = multimodal_spec(cfg.get("multimodal"), model)
+    # built in this order, so that of several bad groups the same one is reported as before
+    sched, cache = scheduler_config(cfg, model.max_model_len), cache_config(cfg)
+    return _Specs(model, hw, par, cluster, sched, cache, quant, kv_bytes, lora, mm, encoder)
+
+
+def _linear_bytes(d: _Specs) -> float | None:
+    return d.quant.bytes_per_weight if d.quant.enabled else None
+
+
+def _num_blocks(d: _Specs) -> tuple[int, int]:
+    """GPU and CPU KV blocks: what vLLM's memory profiling would leave for the cache on each GPU."""
+    model, par, bs = d.model, d.par, d.cache.block_size
+    reserve = default_activation_reserve(model, par, d.sched.max_num_batched_tokens)
+    if d.lora.enabled:  # vLLM preallocates max_loras adapter slots (no limit: every adapter resident)
+        reserve += d.lora.slot_bytes_per_gpu(model, par, d.sched.max_loras or d.lora.num_adapters)
+    if d.encoder is not None:
+        reserve += encoder_weight_bytes(d.encoder, model, par)
+    blocks = d.cache.num_gpu_blocks_override or num_gpu_blocks(
+        model, d.hw, par, d.cache.gpu_memory_utilization, bs, reserve,
+        linear_weight_bytes=_linear_bytes(d), kv_dtype_bytes=d.kv_bytes,
+    )
+    return blocks, num_cpu_blocks(d.cache.swap_space, model, par, bs, d.kv_bytes)
+
+
+def _memory_info(d: _Specs, blocks: int, cpu_blocks: int) -> dict[str, Any]:
+    return {
+        "quantization": d.quant.note(d.hw),
+        "num_gpu_blocks": blocks,
+        "num_cpu_blocks": cpu_blocks,
+        # per GPU: what vLLM reserves (gpu_memory_utilization x memory) and what of it the KV cache holds
+        "gpu_memory_gib": d.cache.gpu_memory_utilization * d.hw.mem_gib,
+        "kv_cache_gib": blocks * d.block_bytes / 2**30,
+        "weight_gib": weight_bytes_per_gpu(d.model, d.par, _linear_bytes(d)) / 2**30,
+        "max_num_batched_tokens": d.sched.max_num_batched_tokens,
+        "max_model_len": d.sched.max_model_len,
+    }
+
+
+def _workload(spec: dict[str, Any], d: _Specs) -> pd.DataFrame:
+    """The workload, with the adapter and image columns its LoRA and multimodal settings ask for."""
+    workload = load_workload(spec)
+    seed = spec.get("seed", 0)
+    if d.lora.enabled:
+        workload = assign_adapters(workload, d.lora.num_adapters, d.lora.distribution, d.lora.zipf_s, seed)
+    if d.mm.enabled:
+        workload = assign_images(workload, d.mm.images_per_request, d.mm.num_unique_images, seed)
+    return workload
+
+
+def _num_truncated(requests: pd.DataFrame, workload: pd.DataFrame) -> int:
+    """Finished requests that got fewer output tokens than the workload asked for: the scheduler caps prompt
+    + output at max_model_len."""
+    asked = requests["request_id"].map(workload.set_index("request_id")["output_tokens"])
+    done = requests["finish_reason"].astype(str) == "length"
+    return int((done & (requests["output_tokens"] < asked)).sum())
+
+
+def _quantization_term(d: _Specs) -> QuantizationTerm | None:
+    """One for all replicas: it counts nothing, unlike the LoRA and encoder terms."""
+    if not (d.quant.enabled or d.kv_bytes):
+        return None
+    return QuantizationTerm(d.model, d.hw, d.par, d.cache.block_size, d.quant, d.kv_bytes)
+
+
+def _feature_terms(quant_term: QuantizationTerm | None, d: _Specs) -> list[Term]:
+    """Step-time terms of the features that are on (sim.terms): none by default."""
+    terms: list[Term] = [quant_term] if quant_term is not None else []
+    if d.lora.enabled:
+        terms.append(LoRATerm(d.model, d.hw, d.par, d.lora))
+    if d.encoder is not None:
+        terms.append(EncoderTerm(d.encoder, d.model, d.hw, d.par))
+    return terms
+
+
+def _feature_counts(terms: list[Term]) -> dict[str, Any]:
+    """LoRA loads and images encoded, summed over replicas (for summary.json)."""
+    out: dict[str, Any] = {}
+    loras = [t for t in terms if isinstance(t, LoRATerm)]
+    if loras:
+        loads = sum(t.num_loads for t in loras)
+        out["lora_loads"] = loads
+        out["lora_loads_from_disk"] = sum(t.num_loads_from_disk for t in loras)
+        out["mean_lora_load_ms"] = 1e3 * sum(t.load_s for t in loras) / loads if loads else 0.0
+    encoders = [t for t in terms if isinstance(t, EncoderTerm)]
+    if encoders:
+        out["images_encoded"] = sum(t.num_encoded for t in encoders)
+    return out
+
+
+def _tables(replicas: list[list[Scheduler]]) -> tuple[pd.DataFrame, pd.DataFrame, Any]:
+    """requests and steps of every scheduler with `replica` (and, pipelined, `virtual_engine`) columns;
+    steps in order of start time; every inter-token gap."""
+    pipelined = len(replicas[0]) > 1
+    requests, steps = [], []
+    for r, replica in enumerate(replicas):
+        for v, s in enumerate(replica):
+            where = {"replica": r} | ({"virtual_engine": v} if pipelined else {})
+            requests.append(pd.DataFrame(s.recorder.requests_table()).assign(**where))
+            steps.append(pd.DataFrame(s.recorder.steps_table()).assign(**where))
+    if len(requests) == 1:
+        return requests[0], steps[0], replicas[0][0].recorder.itl_s
+    steps_df = pd.concat(steps, ignore_index=True).sort_values("start_s", kind="stable", ignore_index=True)
+    itl = np.concatenate([np.asarray(s.recorder.itl_s) for replica in replicas for s in replica])
+    return pd.concat(requests, ignore_index=True), steps_df, itl
+
+
+def _fill_step_costs(sched_cfg: SchedulerConfig, step_time: Any, swap_s_per_block: float) -> None:
+    """preemption_mode=cost and TTFT shedding: the costs left null, from the hardware's PCIe bandwidth and
+    the step-time model (one prefill chunk of max_num_batched_tokens tokens, per token)."""
+    if sched_cfg.swap_s_per_block is None:
+        sched_cfg.swap_s_per_block = swap_s_per_block
+    if sched_cfg.recompute_s_per_token is None:
+        n = sched_cfg.max_num_batched_tokens
+        chunk = SchedulerOutput(num_prefill_tokens=n, prefill_chunks=[(n, 0)])
+        sched_cfg.recompute_s_per_token = step_time.predict(chunk) / n
+
+
+def _stale(step_time: Any) -> str | None:
+    """One line, also printed, when the profile or calibration the step times come from measured other
+    engine code than this checkout's (engine.digest); None when it matches or no engine data is used."""
+    meta = getattr(step_time, "meta", None)
+    if meta is None:
+        return None
+    warning = stale_warning(str(step_time.folder), meta)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    return warning
+
+
+def _graph_sizes(backend: dict[str, Any], sched_cfg: SchedulerConfig) -> list[int] | None:
+    """The CUDA-graph batches the engine would capture: none with backend.enforce_eager."""
+    return None if backend.get("enforce_eager", False) else graph_batch_sizes(sched_cfg.max_num_seqs)
+
+
+def _step_time_model(kind: str, d: _Specs, engine_profiles: str | None
+                     ) -> tuple[StepTimeModel, str, str]:
+    """The model, its name and why it was chosen. auto: the calibration of this model and card, else its
+    engine profiles, else Vidur's, else the roofline."""
+    def build(name: str) -> StepTimeModel:
+        return make_step_time_model(name, d.model, d.hw, d.par, d.cache.block_size,
+                                    engine_profile_root=engine_profiles)
+
+    if kind != "auto":
+        return build(kind), kind, f"backend.step_time={kind}"
+    for name in ("calibrated", "profile"):
+        try:
+            st = build(name)
+            return st, name, f"the engine's {name} step times in {st.folder}"
+        except ValueError as e:
+            why = f"no engine {name} step times: {e}"
+    try:
+        return build("vidur"), "vidur", why
+    except ValueError as e:
+        return build("roofline"), "roofline", f"{why}; no Vidur profile: {e}"
