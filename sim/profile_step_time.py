@@ -32,8 +32,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from servebench.engine.core.scheduler_output import SchedulerOutput
+from servebench.sim.curve import Curve
 from servebench.sim.specs import HardwareSpec, ModelSpec, ParallelSpec
-from servebench.sim.step_time import RooflineStepTime, _Curve
+from servebench.sim.step_time import RooflineStepTime
 
 DEFAULT_PROFILE_ROOT = Path(__file__).resolve().parents[1] / "data" / "profiles"
 # kernels.attention's flash-decoding rule (the simulator imports no Triton): split a context until about
@@ -143,7 +144,7 @@ class ProfileStepTime(RooflineStepTime):
         linear = by_kind.get("linear")
         if linear is None or by_kind.get("decode") is None:
             raise ValueError(f"{self.folder / 'steps.csv'}: needs 'linear' and 'decode' rows")
-        self._linear = _Curve(linear["tokens"].to_numpy(), linear["median_s"].to_numpy())
+        self._linear = Curve(linear["tokens"].to_numpy(), linear["median_s"].to_numpy())
         self._max_tokens = int(linear["tokens"].max())
         self._decode = _DecodeGrid(by_kind["decode"])
         self._max_batch = int(by_kind["decode"]["batch"].max())
@@ -153,7 +154,7 @@ class ProfileStepTime(RooflineStepTime):
         self._loop = self._fit_loop(cpu)
         self._attn = self._fit_attention(by_kind.get("prefill"))
         self._mixed = self._fit_mixed(by_kind.get("mixed"))
-        self._cpu = _Curve(cpu["batch"].to_numpy(), cpu["overhead_s"].to_numpy())
+        self._cpu = Curve(cpu["batch"].to_numpy(), cpu["overhead_s"].to_numpy())
         self._swap_out = self._fit_swap(by_kind.get("swap_out"), self._swap_s_per_block)
         self._swap_in = self._fit_swap(by_kind.get("swap_in"), self._swap_s_per_block)
 
@@ -182,16 +183,16 @@ class ProfileStepTime(RooflineStepTime):
 
         return min(range(32, 4097, 16), key=error)
 
-    def _fit_loop(self, cpu: pd.DataFrame) -> _Curve:
+    def _fit_loop(self, cpu: pd.DataFrame) -> Curve:
         """Execute time of decode steps in the engine loop over the isolated grid's at the loop's context, by
         batch (1 where the profile predates the `context` column or the grid lacks the point)."""
         if "context" not in cpu.columns:
-            return _Curve(np.array([1]), np.array([1.0]))
+            return Curve(np.array([1]), np.array([1.0]))
         if "execute_s" not in cpu.columns:
             raise ValueError(f"{self.folder / 'cpu.csv'}: missing column 'execute_s' (it has 'context')")
         grid = [self._decode(int(b), int(b * c)) for b, c in zip(cpu["batch"], cpu["context"])]
         ratio = [e / g if g else 1.0 for e, g in zip(cpu["execute_s"], grid)]
-        return _Curve(cpu["batch"].to_numpy(), np.asarray(ratio))
+        return Curve(cpu["batch"].to_numpy(), np.asarray(ratio))
 
     def _decode_step(self, out: SchedulerOutput) -> float | None:
         """D at the effective context of the batch (see the module doc) times the engine loop's factor."""

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from servebench.engine.core.scheduler_output import SchedulerOutput
+from servebench.sim.curve import Curve, upper_half_slope
 from servebench.sim.specs import HardwareSpec, ModelSpec, ParallelSpec, block_bytes
 
 DEFAULT_PROFILE_ROOT = Path(__file__).resolve().parents[1] / "data" / "vidur_profiles"
@@ -115,33 +116,9 @@ class RooflineStepTime:
         return self.hw.cpu_overhead_s + seqs * self.hw.per_request_overhead_s
 
 
-class _Curve:
-    """y(x) tabulated at every integer x up to the last profiled point; beyond it, a straight line with
-    the slope of the table's upper half (fixed costs stay fixed, the throughput-bound part scales)."""
-
-    __slots__ = ("_y", "_x_max", "_slope")
-
-    def __init__(self, xs: np.ndarray, ys: np.ndarray) -> None:
-        order = np.argsort(xs)
-        xs, ys = np.asarray(xs, float)[order], np.asarray(ys, float)[order]
-        self._x_max = int(xs[-1])
-        self._y = np.interp(np.arange(self._x_max + 1), xs, ys).tolist()
-        self._slope = _upper_half_slope(self._y)
-
-    def __call__(self, x: int) -> float:
-        if x <= self._x_max:
-            return self._y[x]
-        return self._y[-1] + self._slope * (x - self._x_max)
-
-
-def _upper_half_slope(y: list[float]) -> float:
-    mid = len(y) // 2
-    return max((y[-1] - y[mid]) / max(len(y) - 1 - mid, 1), 0.0)
-
-
 class _DecodeTable:
     """Decode attention time by (batch size, mean context) on the profile's rectangular grid: exact per
-    batch size, linear in context (extrapolated like `_Curve`), proportional to batch size beyond the
+    batch size, linear in context (extrapolated like `Curve`), proportional to batch size beyond the
     grid (the largest profiled batches already fill the GPU)."""
 
     __slots__ = ("_rows", "_slopes", "_b_max", "_step", "_x_max")
@@ -159,7 +136,7 @@ class _DecodeTable:
         by_b = np.stack([np.interp(dense_b, bs, t[:, j]) for j in range(len(cs))], axis=1)
         dense_c = np.arange(self._x_max + 1) * self._step
         self._rows = [[]] + [np.interp(dense_c, cs, row).tolist() for row in by_b]
-        self._slopes = [0.0] + [_upper_half_slope(row) for row in self._rows[1:]]
+        self._slopes = [0.0] + [upper_half_slope(row) for row in self._rows[1:]]
 
     def __call__(self, batch: int, context_tokens: int) -> float:
         x = context_tokens / (batch * self._step)
@@ -308,7 +285,7 @@ class VidurProfileStepTime(RooflineStepTime):
             )
         return dirs
 
-    def _load_linear(self, root: Path, dirs: list[Path]) -> _Curve:
+    def _load_linear(self, root: Path, dirs: list[Path]) -> Curve:
         m, tp = self.model, self._tp
         path = next(d / "mlp.csv" for d in dirs if (d / "mlp.csv").is_file())
         ops = [f"time_stats.{op}.median" for op in _MLP_OPS]
@@ -328,7 +305,7 @@ class VidurProfileStepTime(RooflineStepTime):
         per_layer = rows.reindex(columns=ops).fillna(0).sum(axis=1) * 1e-3
         by_tokens = per_layer.groupby(rows["num_tokens"]).median()
         self.sources["linear"] = str(path.relative_to(root))
-        return _Curve(by_tokens.index.to_numpy(), by_tokens.to_numpy())
+        return Curve(by_tokens.index.to_numpy(), by_tokens.to_numpy())
 
     def _load_attention(self, root: Path, dirs: list[Path]) -> tuple[_DecodeTable | None, tuple[float, ...]]:
         m = self.model
@@ -361,7 +338,7 @@ class VidurProfileStepTime(RooflineStepTime):
         self.sources["attention"] = "roofline"
         return None, ()
 
-    def _load_cpu(self, root: Path, dirs: list[Path]) -> _Curve | None:
+    def _load_cpu(self, root: Path, dirs: list[Path]) -> Curve | None:
         for path in (d / "cpu_overheads.csv" for d in dirs if (d / "cpu_overheads.csv").is_file()):
             rows = _rows(
                 _read(path, [*_CPU_COLUMNS, "batch_size", "tensor_parallel_degree"]),
@@ -371,7 +348,7 @@ class VidurProfileStepTime(RooflineStepTime):
                 self.sources["cpu"] = str(path.relative_to(root))
                 total = rows.reindex(columns=_CPU_COLUMNS).fillna(0).sum(axis=1) * 1e-3
                 by_batch = total.groupby(rows["batch_size"]).median()
-                return _Curve(by_batch.index.to_numpy(), by_batch.to_numpy())
+                return Curve(by_batch.index.to_numpy(), by_batch.to_numpy())
         return None
 
     def _load_network(self, root: Path, collective: str, match: dict[str, int]) -> Callable[[int], float]:
@@ -393,7 +370,7 @@ class VidurProfileStepTime(RooflineStepTime):
             raise ValueError(f"{path} has no rows for {match} (available {tuple(match)}: {have})")
         by_size = rows[median].groupby(rows["size"]).median() * 1e-3
         self.sources[collective] = str(path.relative_to(root))
-        return _Curve(by_size.index.to_numpy() / self._hidden_bytes, by_size.to_numpy())
+        return Curve(by_size.index.to_numpy() / self._hidden_bytes, by_size.to_numpy())
 
 
 def _fit_prefill(rows: pd.DataFrame) -> tuple[float, ...]:
@@ -405,35 +382,3 @@ def _fit_prefill(rows: pd.DataFrame) -> tuple[float, ...]:
     x = np.stack([np.ones_like(n), n, n * ctx, n * n], axis=1)
     coef = np.linalg.lstsq(x / t[:, None], np.ones_like(t), rcond=None)[0]
     return tuple(float(c) for c in np.maximum(coef, 0.0))
-
-
-def make_step_time_model(
-    kind: str,
-    model: ModelSpec,
-    hw: HardwareSpec,
-    parallel: ParallelSpec,
-    block_size: int,
-    profile_root: Path | str = DEFAULT_PROFILE_ROOT,
-    engine_profile_root: Path | str | None = None,
-) -> RooflineStepTime:
-    """`kind`: 'roofline' (any model/device), 'vidur' (needs Vidur's profiles for the model, device and tp),
-    'profile' (the engine's own: `engine_profile_root`/<hardware>/<model>, default data/profiles) or
-    'calibrated' (sim.calibrated: the calibration.json workbench-calibrate wrote in that folder)."""
-    if kind == "roofline":
-        return RooflineStepTime(model, hw, parallel, block_size)
-    if kind == "vidur":
-        return VidurProfileStepTime(model, hw, parallel, block_size, profile_root)
-    if kind == "profile":
-        from servebench.sim.profile_step_time import DEFAULT_PROFILE_ROOT as ENGINE_PROFILES
-        from servebench.sim.profile_step_time import ProfileStepTime
-
-        return ProfileStepTime(model, hw, parallel, block_size, engine_profile_root or ENGINE_PROFILES)
-    if kind == "calibrated":
-        from servebench.sim.calibrated import CalibratedStepTime
-        from servebench.sim.profile_step_time import DEFAULT_PROFILE_ROOT as ENGINE_PROFILES
-        from servebench.sim.profile_step_time import profile_dir
-
-        if parallel.tensor_parallel_size * parallel.pipeline_parallel_size > 1:
-            raise ValueError("a calibration is of one GPU; tensor/pipeline parallelism needs roofline")
-        return CalibratedStepTime(profile_dir(model, hw, engine_profile_root or ENGINE_PROFILES))
-    raise ValueError(f"unknown step-time model {kind!r}: choose roofline, vidur, profile or calibrated")

@@ -15,7 +15,7 @@ from servebench.engine.core.sampling_params import SamplingParams
 from servebench.sim.lora import LoRATerm, lora_spec
 from servebench.sim.quantization import QuantizationTerm, quantization_spec
 from servebench.sim.specs import ParallelSpec, num_gpu_blocks
-from servebench.sim.step_time import make_step_time_model
+from servebench.sim.step_time_models import make_step_time_model
 from servebench.workbench import sim_backend
 from servebench.workbench.metrics import summarize
 from test_step_time import conf, hw, model, step

@@ -15,7 +15,7 @@ from servebench.engine.core.scheduler_output import SchedulerOutput
 from servebench.engine.profile import GRIDS, profile
 from servebench.sim.calibrate import main as calibrate_main
 from servebench.sim.specs import ParallelSpec, hardware_spec, model_spec
-from servebench.sim.step_time import make_step_time_model
+from servebench.sim.step_time_models import make_step_time_model
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))

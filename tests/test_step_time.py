@@ -17,7 +17,8 @@ from servebench.sim.specs import (
     num_gpu_blocks,
     parallel_spec,
 )
-from servebench.sim.step_time import RooflineStepTime, VidurProfileStepTime, make_step_time_model
+from servebench.sim.step_time import RooflineStepTime, VidurProfileStepTime
+from servebench.sim.step_time_models import make_step_time_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

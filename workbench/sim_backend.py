@@ -35,7 +35,7 @@ from servebench.sim.specs import (
     parallel_spec,
     weight_bytes_per_gpu,
 )
-from servebench.sim.step_time import make_step_time_model
+from servebench.sim.step_time_models import make_step_time_model
 from servebench.sim.terms import Term, with_terms
 from servebench.workbench.core_configs import cache_config, scheduler_config
 from servebench.workbench.runs import RunResult
