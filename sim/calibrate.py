@@ -65,11 +65,13 @@ def run_steps(folder: Path) -> pd.DataFrame:
         raise ValueError(f"{folder / 'steps.parquet'}: no column {missing[0]!r} (an older engine's run: "
                          "rerun it)")
     backend = summary.get("config", {}).get("backend", {})
-    return _derived(steps.assign(run=str(folder), async_=bool(backend.get("async_scheduling", False)),
-                                 profile=0.0))
+    async_ = bool(backend.get("async_scheduling", False))
+    return with_shape_columns(steps.assign(run=str(folder), async_=async_, profile=0.0))
 
 
-def _derived(steps: pd.DataFrame) -> pd.DataFrame:
+def with_shape_columns(steps: pd.DataFrame) -> pd.DataFrame:
+    """`steps` (engine runs' or profile points' rows) with the columns the fit reads: seqs, tokens, swapped
+    blocks and kind (decode, prefill or mixed)."""
     steps = steps.copy()
     steps["seqs"] = steps["num_prefill_chunks"] + steps["num_decode_tokens"]
     steps["tokens"] = steps["num_prefill_tokens"] + steps["num_decode_tokens"]
@@ -90,7 +92,7 @@ def profile_steps(folder: Path) -> tuple[pd.DataFrame, float]:
     swaps = grid[grid["kind"].str.startswith("swap")]
     swap_s = float((swaps["median_s"] / swaps["blocks"]).median()) if len(swaps) else 0.0
     rows = pd.DataFrame(points).assign(run=str(folder), async_=False, profile=1.0, step=FIRST_STEPS)
-    return _derived(rows), swap_s
+    return with_shape_columns(rows), swap_s
 
 
 def _profile_row(r: object, graph_sizes: list[int]) -> dict:

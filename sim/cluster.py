@@ -19,7 +19,7 @@ import simpy
 from servebench.engine.core.request import Request
 from servebench.engine.core.scheduler import Scheduler
 from servebench.sim.simulator import Engine, Simulation, StepTimeModel
-from servebench.sim.specs import _build, check_int
+from servebench.sim.specs import check_int, from_group
 
 ROUTERS = ("round_robin", "least_outstanding", "prefix_aware")
 
@@ -38,7 +38,7 @@ class Deployment:
 
 
 def deployment_spec(cfg: Mapping[str, Any] | None) -> Deployment:
-    return _build(Deployment, "deployment", cfg or {})
+    return from_group(Deployment, "deployment", cfg or {})
 
 
 @dataclass(slots=True, eq=False)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from servebench.engine.core.scheduler_output import SchedulerOutput
-from servebench.sim.specs import HardwareSpec, ModelSpec, ParallelSpec, _build, check_int
+from servebench.sim.specs import HardwareSpec, ModelSpec, ParallelSpec, check_int, from_group
 
 DISTRIBUTIONS = ("uniform", "zipf")
 
@@ -64,7 +64,7 @@ class LoRA:
 
 
 def lora_spec(cfg: Mapping[str, Any] | None) -> LoRA:
-    return _build(LoRA, "lora", cfg or {})
+    return from_group(LoRA, "lora", cfg or {})
 
 
 class LoRATerm:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from servebench.engine.core.scheduler_output import SchedulerOutput
-from servebench.sim.specs import HardwareSpec, ModelSpec, ParallelSpec, _build, check_int
+from servebench.sim.specs import HardwareSpec, ModelSpec, ParallelSpec, check_int, from_group
 
 
 @dataclass(slots=True)
@@ -74,7 +74,7 @@ def multimodal_spec(
     cfg: Mapping[str, Any] | None, model: ModelSpec
 ) -> tuple[Multimodal, VisionEncoder | None]:
     """The group and the model's vision encoder; images need a model that has one. Fills `image_tokens`."""
-    mm = _build(Multimodal, "multimodal", cfg or {})
+    mm = from_group(Multimodal, "multimodal", cfg or {})
     if not mm.enabled:
         return mm, None
     if model.vision_encoder is None:
@@ -82,7 +82,7 @@ def multimodal_spec(
             f"multimodal.images_per_request={mm.images_per_request}: model {model.name} has no "
             "vision_encoder (use a vision-language model, e.g. model=llava1_5_13b)"
         )
-    encoder = _build(VisionEncoder, "model.vision_encoder", model.vision_encoder)
+    encoder = from_group(VisionEncoder, "model.vision_encoder", model.vision_encoder)
     if mm.image_tokens is None:
         mm.image_tokens = encoder.num_patches
     return mm, encoder

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from servebench.engine.core.scheduler_output import SchedulerOutput
-from servebench.sim.specs import HardwareSpec, ModelSpec, ParallelSpec, _build, block_bytes
+from servebench.sim.specs import HardwareSpec, ModelSpec, ParallelSpec, block_bytes, from_group
 from servebench.sim.step_time import RooflineStepTime
 
 METHODS = ("none", "awq", "gptq", "fp8")
@@ -82,7 +82,7 @@ class Quantization:
 
 
 def quantization_spec(cfg: Mapping[str, Any] | None) -> Quantization:
-    return _build(Quantization, "quantization", cfg or {})
+    return from_group(Quantization, "quantization", cfg or {})
 
 
 def kv_dtype_bytes(kv_cache_dtype: str) -> int | None:

@@ -1,7 +1,9 @@
 """Model, hardware and parallelism specs, and the KV-cache capacity they imply.
 
 Specs are built from plain mappings (a Hydra group's node, e.g. `cfg.model`) by
-`model_spec`, `hardware_spec` and `parallel_spec`, which name any missing or unknown key.
+`model_spec`, `hardware_spec` and `parallel_spec`, which name any missing or unknown key. `from_group`
+builds them, and every other group's dataclass (the simulator's deployment features, the scheduler and
+cache configs), the same way.
 """
 
 from __future__ import annotations
@@ -10,9 +12,12 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+from servebench.engine.core.config import from_mapping
 
 GiB = 1 << 30
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -169,16 +174,17 @@ class ParallelSpec:
         return math.ceil(model.num_layers / self.pipeline_parallel_size)
 
 
-def _build(cls: type, group: str, cfg: Mapping[str, Any]) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(cfg) - set(fields))
-    if unknown:
-        raise ValueError(f"{group}.{unknown[0]} is not a known key (known: {', '.join(fields)})")
-    for name, f in fields.items():
-        no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if no_default and cfg.get(name) is None:
-            raise ValueError(f"{group}.{name} is missing")
-    return cls(**dict(cfg))
+def from_group(cls: type[T], group: str, values: Mapping[str, Any]) -> T:
+    """The dataclass `cls` from a config group's mapping (a Hydra node such as `cfg.model`), through
+    engine/core's `from_mapping`; a ValueError names `group.key` for a missing or an unknown key."""
+    values = dict(values)
+    for f in dataclasses.fields(cls):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        # None counts as missing: a group's YAML leaves a key it cannot fill as null
+        if required and values.get(f.name) is None:
+            raise ValueError(f"{group}.{f.name} is missing")
+    return from_mapping(cls, values, lambda unknown, known: ValueError(
+        f"{group}.{unknown[0]} is not a known key (known: {', '.join(known)})"))
 
 
 def check_int(key: str, value: Any, minimum: int) -> None:
@@ -189,15 +195,15 @@ def check_int(key: str, value: Any, minimum: int) -> None:
 
 def model_spec(cfg: Mapping[str, Any]) -> ModelSpec:
     """Build from a mapping such as a Hydra `cfg.model` node (DictConfig is a Mapping)."""
-    return _build(ModelSpec, "model", cfg)
+    return from_group(ModelSpec, "model", cfg)
 
 
 def hardware_spec(cfg: Mapping[str, Any]) -> HardwareSpec:
-    return _build(HardwareSpec, "hardware", cfg)
+    return from_group(HardwareSpec, "hardware", cfg)
 
 
 def parallel_spec(cfg: Mapping[str, Any] | None = None) -> ParallelSpec:
-    return _build(ParallelSpec, "parallel", cfg or {})
+    return from_group(ParallelSpec, "parallel", cfg or {})
 
 
 def block_bytes(

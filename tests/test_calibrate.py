@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 from servebench.engine.core.graphs import graph_batch_sizes, padded_graph_batch
-from servebench.sim.calibrate import FIRST_STEPS, _derived, fit, predicted_device, step_errors
+from servebench.sim.calibrate import FIRST_STEPS, fit, predicted_device, step_errors, with_shape_columns
 from servebench.sim.calibrated import CALIBRATION_FILE, Calibration, DeviceTerms, HostTerms, interpolate
 from servebench.workbench.experiment import run_experiment
 
@@ -42,7 +42,7 @@ def synthetic_steps(cal: Calibration, n: int, seed: int) -> pd.DataFrame:
                      "decode_context_max": int(contexts.max(initial=0)),
                      "graph_batch": padded_graph_batch(sizes, b) if graph else 0,
                      "swap_in_blocks": 0, "swap_out_blocks": 0, "num_running": 1, "num_waiting": 0})
-    steps = _derived(pd.DataFrame(rows).assign(run="synthetic", async_=False, profile=0.0))
+    steps = with_shape_columns(pd.DataFrame(rows).assign(run="synthetic", async_=False, profile=0.0))
     h = cal.host
     steps["device_s"] = predicted_device(cal, steps)
     steps["duration_s"] = steps["device_s"] + h.pre_s + h.pre_seq_s * steps["seqs"] + h.pre_token_s * steps[

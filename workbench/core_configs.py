@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from servebench.engine.core import CacheConfig, SchedulerConfig
-from servebench.engine.core.config import default_max_num_batched_tokens, from_mapping
+from servebench.engine.core.config import default_max_num_batched_tokens
+from servebench.sim.specs import from_group
 from servebench.workbench.schema import ConfigError
 
 
@@ -20,15 +21,11 @@ def scheduler_config(cfg: dict[str, Any], model_max_len: int) -> SchedulerConfig
     if s.get("max_num_batched_tokens") is None:
         chunked = s.get("enable_chunked_prefill", True)
         s["max_num_batched_tokens"] = default_max_num_batched_tokens(s["max_model_len"], chunked)
-    return _build(SchedulerConfig, "scheduler", s)
+    return from_group(SchedulerConfig, "scheduler", s)
 
 
 def cache_config(cfg: dict[str, Any]) -> CacheConfig:
     values = dict(cfg["cache"])
     values.pop("kv_cache_dtype", None)  # bytes per block, not block bookkeeping: read by the simulator only
-    return _build(CacheConfig, "cache", values)
+    return from_group(CacheConfig, "cache", values)
 
-
-def _build(cls: type, group: str, values: dict[str, Any]) -> Any:
-    return from_mapping(cls, values, lambda unknown, known: ConfigError(
-        f"{group}.{unknown[0]} is not a known key (known: {', '.join(known)})"))
