@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from servebench.engine.core.scheduler_output import SchedulerOutput
+from servebench.sim.csv_file import read_csv
 from servebench.sim.curve import Curve
 from servebench.sim.specs import HardwareSpec, ModelSpec, ParallelSpec
 from servebench.sim.step_time import RooflineStepTime
@@ -115,9 +116,10 @@ class ProfileStepTime(RooflineStepTime):
         if parallel.tensor_parallel_size * parallel.pipeline_parallel_size > 1:
             raise ValueError(f"{folder}: profiles are of one GPU; tensor/pipeline parallelism needs roofline")
         self.meta = self._read_meta(folder, model)
-        steps = _read_csv(folder / "steps.csv", ("kind", "tokens", "chunk", "chunk_context", "batch",
-                                                  "context", "median_s"))
-        cpu = _read_csv(folder / "cpu.csv", ("batch", "overhead_s"))
+        remedy = "rerun python -m servebench.engine.profile for this model"
+        steps = read_csv(folder / "steps.csv", ("kind", "tokens", "chunk", "chunk_context", "batch",
+                                                "context", "median_s"), remedy)
+        cpu = read_csv(folder / "cpu.csv", ("batch", "overhead_s"), remedy)
         self.folder = folder
         self.sources = {"all": str(folder), "outside": "roofline"}
         self.num_outside = 0
@@ -266,13 +268,3 @@ class ProfileStepTime(RooflineStepTime):
             if gpu is not None:
                 errors.setdefault(row.kind, []).append(abs(gpu / row.median_s - 1))
         return {k: round(float(np.mean(v)), 4) for k, v in errors.items()}
-
-
-def _read_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
-    if not path.is_file():
-        raise ValueError(f"{path} not found: rerun python -m servebench.engine.profile for this model")
-    df = pd.read_csv(path)
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise ValueError(f"{path}: missing column {missing[0]!r}")
-    return df

@@ -35,17 +35,6 @@ def existing_file(path: str | Path | None, key: str) -> Path:
     return p
 
 
-def read_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
-    try:
-        df = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a readable CSV ({' '.join(str(e).split())})") from None
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
-    return df
-
-
 def read_jsonl(path: Path, fields: tuple[str, ...]) -> tuple[list[int], list[dict]]:
     """The records of a JSON-lines file (blank lines skipped) and the line number of each."""
     lines, records = [], []

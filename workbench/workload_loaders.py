@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 import pandas as pd
+from servebench.sim.csv_file import read_csv
 from servebench.workbench.token_ids import APPROX_VOCAB, MOONCAKE_BLOCK, STREAM_ANSWER, unique_ids
 from servebench.workbench.workload_files import (
     MAX_TOKENS,
@@ -17,7 +18,6 @@ from servebench.workbench.workload_files import (
     existing_file,
     fail_at,
     json_kind,
-    read_csv,
     read_jsonl,
     read_text,
     strings,
