@@ -29,9 +29,13 @@ class BlockPool:
         self.num_free = num_blocks
 
     def lookup(self, block_hash: int) -> int | None:
+        """The block holding content with this chain hash, or None; the caller `touch`es the blocks it
+        keeps."""
         return self._index.get(block_hash)
 
     def allocate(self, n: int) -> list[int]:
+        """`n` blocks with one reference each: empty blocks first, then cached free ones evicted (their
+        content leaves the prefix index). The caller checks `num_free` first; asking for more is a bug."""
         if n > self.num_free:
             raise RuntimeError(f"asked for {n} blocks with {self.num_free} free")
         self.num_free -= n
@@ -95,6 +99,8 @@ class BlockPool:
                 block_hash[b] = h
 
     def uncache(self, b: int) -> None:
+        """Drop block `b` from the prefix index: its content will not be what the hash says (its tokens
+        were never computed)."""
         h = self.block_hash[b]
         if h is not None:
             del self._index[h]
@@ -102,9 +108,12 @@ class BlockPool:
             self.hits[b] = self.value[b] = 0
 
     def num_evictable(self, blocks: list[int]) -> int:
+        """How many of `blocks` (a prefix hit) are free and cached: counted in `num_free` although taking them
+        as a hit removes them from it."""
         ref = self.ref_cnt
         return sum(1 for b in blocks if ref[b] == 0)
 
     @property
     def usage(self) -> float:
+        """Fraction of blocks referenced by a request (cached free blocks count as free)."""
         return 1.0 - self.num_free / self.num_blocks if self.num_blocks else 0.0

@@ -31,6 +31,9 @@ def default_max_num_batched_tokens(max_model_len: int, enable_chunked_prefill: b
 
 @dataclass(slots=True)
 class SchedulerConfig:
+    """What the scheduler may put in one step and which policies it uses; checked when built, so a bad
+    value fails before any request is served."""
+
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     enable_chunked_prefill: bool = True
@@ -97,6 +100,8 @@ class SchedulerConfig:
 
 @dataclass(slots=True)
 class CacheConfig:
+    """How the KV cache is cut into blocks and sized, and whether and how it keeps prefixes."""
+
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
     swap_space: float = 4.0  # GiB of CPU memory for swapped-out KV blocks

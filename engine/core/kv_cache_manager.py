@@ -142,6 +142,8 @@ class KVCacheManager:
         req.num_cached_blocks = num_full
 
     def free(self, req: Request) -> None:
+        """Release everything `req` holds, on the GPU and in swap space; its indexed blocks whose tokens were
+        computed stay in the prefix cache until evicted."""
         table = self._release_gpu_blocks(req)
         if table:
             self.pool.free(table)

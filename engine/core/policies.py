@@ -173,6 +173,7 @@ PREEMPTION_MODES = {"recompute": RecomputePreemption, "swap": SwapPreemption, "c
 
 
 def check_choice(table: dict, name: str, key: str) -> None:
+    """ValueError naming the config `key` and the choices unless `name` is one of `table`'s."""
     if name not in table:
         raise ValueError(f"{key}: unknown value {name!r} (choose from {', '.join(table)})")
 
@@ -188,6 +189,8 @@ def make_victim_policy(name: str) -> LastAdmitted | LowestPriority | LeastComput
 def make_preemption(
     mode: str, swap_s_per_block: float | None, recompute_s_per_token: float | None
 ) -> RecomputePreemption | SwapPreemption | CostPreemption:
+    """The preemption mode's policy; mode=cost needs both prices (the simulator fills them from its
+    step-time model)."""
     if mode != "cost":
         return PREEMPTION_MODES[mode]()
     costs = {"swap_s_per_block": swap_s_per_block, "recompute_s_per_token": recompute_s_per_token}

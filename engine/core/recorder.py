@@ -69,6 +69,7 @@ class TraceRecorder:
         self.itl_s = array("d")  # every inter-token gap, in seconds
 
     def on_finish(self, req: Request) -> None:
+        """Append `req`'s row of the requests table; called once, when it finishes for any reason."""
         self.request_rows.append(
             (
                 req.request_id,
@@ -86,12 +87,15 @@ class TraceRecorder:
         )
 
     def on_step(self, row: tuple) -> None:
+        """Append a step's row, its values in TRACE_STEP_COLUMNS' order (the scheduler builds it)."""
         self.step_rows.append(row)
 
     def requests_table(self) -> dict[str, list]:
+        """Column name -> values, ready for a DataFrame: REQUEST_COLUMNS and `priority`."""
         return _columns((*REQUEST_COLUMNS, "priority"), self.request_rows)
 
     def steps_table(self) -> dict[str, list]:
+        """Column name -> values, ready for a DataFrame: TRACE_STEP_COLUMNS."""
         return _columns(TRACE_STEP_COLUMNS, self.step_rows)
 
 

@@ -9,6 +9,8 @@ from servebench.engine.core.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.IntEnum):
+    """Where a request is; every status from FINISHED_STOPPED on is final (`finished`)."""
+
     WAITING = 0
     RUNNING = 1
     PREEMPTED = 2  # recompute: back in the waiting queue, KV freed

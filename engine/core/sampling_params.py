@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 @dataclass(slots=True)
 class SamplingParams:
+    """How a request's tokens are drawn and when it stops; checked when built (only n=1 is supported)."""
+
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0

@@ -33,6 +33,23 @@ MAX_SKIPPED = 64
 
 
 class Scheduler:
+    """Decides each step which requests run and how many tokens each computes, for the simulator and the
+    GPU engine alike (so a policy tried in one is the code that runs in the other).
+
+    Owns the request queues (waiting, ordered by `queue_policy`; running, in admission order; swapped),
+    the KV-cache manager (block tables, prefix cache, swap space), the LoRA slots, the encoder cache and the
+    trace recorder. It reads no clock and executes nothing: every call takes `now` from its caller (SimPy
+    time, or the engine's wall clock) and the caller runs the batch it returns, which is what lets one
+    scheduler serve a virtual and a real clock. Policies are small objects chosen by name in
+    SchedulerConfig (engine.core.policies): the waiting queue's order (`queue_policy`), which running
+    request gives way when blocks run out (`victim_policy`), and whether it is swapped or recomputed
+    (`preemption_mode`); which cached block is evicted first is the cache's (`eviction_policy`).
+
+    A step: `out = schedule(now)`, execute `out`, `update(out, sampled, now)`. With async scheduling the
+    caller runs `advance(out)` instead, schedules the next step while this one executes, and calls
+    `resolve(out, sampled, now)` once its tokens are known.
+    """
+
     def __init__(
         self,
         scheduler_config: SchedulerConfig,
@@ -135,6 +152,7 @@ class Scheduler:
             self.loras.release(req.lora_id)
 
     def has_unfinished_requests(self) -> bool:
+        """Whether any admitted request is still waiting, swapped or running: the caller's loop condition."""
         return bool(self.requests)
 
     @property
@@ -143,10 +161,22 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
+        """Requests queued but not running: waiting and swapped out."""
         return len(self.waiting) + len(self.swapped)
 
     # ---- one step --------------------------------------------------------------
     def schedule(self, now: float) -> SchedulerOutput:
+        """The next batch, within `max_num_batched_tokens` tokens and `max_num_seqs` requests: running
+        requests first (a decode token or the next prefill chunk each, preempting victims when blocks run
+        out), then, only if nobody was preempted (blocks are short: admitting more would preempt again, as
+        in vLLM V1), swapped requests resumed and waiting ones admitted.
+
+        Allocates the batch's KV slots and fills the returned SchedulerOutput with what the executor needs
+        (requests and token counts, swaps, encoder inputs, LoRAs to load) and what prices the step (prefill
+        chunks, decode contexts). It does not advance the requests: the caller must pass `out` to `update`
+        (or `advance`) before scheduling again. `now` stamps the step and first admissions, and is the
+        clock of TTFT shedding.
+        """
         cfg = self.config
         out = SchedulerOutput()
         budget = self._schedule_running(out, cfg.max_num_batched_tokens)
@@ -248,6 +278,8 @@ class Scheduler:
             out.num_prefill_tokens += n
 
     def _resume_swapped(self, out: SchedulerOutput, budget: int) -> int:
+        """Swap requests back in, oldest preemption first, before any waiting request is admitted (their KV
+        is computed already); stops at the first that does not fit. Returns the budget left."""
         max_seqs = self.config.max_num_seqs
         threshold = self.config.long_prefill_token_threshold or budget
         while self.swapped and budget > 0 and len(self.running) < max_seqs:
@@ -265,6 +297,17 @@ class Scheduler:
         return budget
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int, now: float) -> None:
+        """Admit waiting requests in the queue's order while the budget, `max_num_seqs` and blocks last.
+
+        Each starts after its longest prefix-cache hit and computes at most `long_prefill_token_threshold`
+        tokens and what is left of the budget (without chunked prefill, a chunk over the budget waits). A
+        request that finds no blocks, does not fit the budget unchunked or would exceed
+        `max_num_partial_prefills` ends admission: later ones may not overtake it (the queue's order is the
+        policy). One held back by a cap that frees up as others finish (its adapter has no LoRA slot; it is
+        a long prefill over `max_long_partial_prefills`) is passed over instead, up to MAX_SKIPPED of them,
+        and put back at the head of the queue in its order. The first admission of a request sets its
+        first-scheduled time and its cached-token count.
+        """
         cfg = self.config
         kv = self.kv
         bs = self.block_size
@@ -359,6 +402,9 @@ class Scheduler:
             req.num_mm_handled = k
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        """Take a running request (already out of `running`) off the GPU: its KV to CPU swap space when the
+        preemption policy says so and space remains, else freed to be recomputed from the head of the
+        waiting queue."""
         req.num_preemptions += 1
         self.num_preemptions += 1
         req.num_mm_handled = 0  # the encoder outputs it held are dropped with its KV
@@ -450,9 +496,11 @@ class Scheduler:
 
     # ---- async scheduling: the next step is scheduled while this one runs ----------
     def advance(self, out: SchedulerOutput) -> None:
-        """The first half of `update`, before the step's tokens are known: advance the requests and append a
-        PENDING token to each that samples, so that the next step can be scheduled (its decode rows read
-        the PENDING tokens from the device) while this one runs. `resolve` fills them in."""
+        """Async scheduling's first half of `update`, called as soon as `out` is scheduled, before its tokens
+        are known: advance the requests and append a PENDING token to each that samples, so that the next
+        `schedule` sees the state this step will leave (its decode rows read the PENDING tokens on the
+        device) while this one runs. `out.sample_at` records where each sampled token goes (-1: none);
+        `resolve` must follow for every advanced step, in order."""
         out.sample_at = sample_at = []
         for req, n in zip(out.requests, out.num_scheduled_tokens):
             tokens = req.all_token_ids
@@ -468,9 +516,11 @@ class Scheduler:
             tokens.append(PENDING)
 
     def resolve(self, out: SchedulerOutput, sampled: list[int], now: float) -> list[Request]:
-        """The second half of `update`: the tokens of an `advance`d step are known. `_apply` writes them in
-        place of their PENDING tokens, records their times and finishes the requests they end: these may
-        have been scheduled into the step running now (its tokens for them are dropped) or preempted by it."""
+        """Async scheduling's second half of `update`: the `advance`d step's tokens are known at `now`
+        (`sampled[i]` for `out.requests[i]`). `_apply` writes them in place of their PENDING tokens, records
+        their times and finishes the requests they end, which are returned. Such a request may already be in
+        the step running now (its token there is dropped) or preempted by it. The step's row is recorded
+        with its start at the later of its scheduling and the previous step's end, as steps overlap."""
         reqs, tokens, preempted = [], [], []
         for req, at, tok in zip(out.requests, out.sample_at, sampled):
             if at < 0 or req.status.finished:
