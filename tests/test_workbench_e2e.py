@@ -112,10 +112,7 @@ def test_same_seed_same_result(tmp_path):
 @pytest.mark.parametrize(
     "override,message",
     [
-        # Hydra refuses these before the job starts (its message names the key)
-        ("scheduler.max_num_seqz=8", "scheduler.max_num_seqz"),
-        ("model=gpt5", "model/gpt5"),
-        # the job: one line and exit code 2
+        # the job refuses these (Hydra's own refusals: test_cli_errors.py)
         ("workload.path=/no/such/trace.csv", "/no/such/trace.csv"),
         ("cache.num_gpu_blocks_override=10", "less than one max_model_len"),
         ("scheduler.preemption_mode=sometimes", "scheduler.preemption_mode"),
@@ -129,11 +126,8 @@ def test_same_seed_same_result(tmp_path):
 )
 def test_bad_input_is_one_clear_error_and_no_complete_run(tmp_path, override, message):
     res = workbench(tmp_path, override, "report=false")
-    assert res.returncode != 0
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
     assert message in res.stderr
-    assert "Traceback" not in res.stderr
-    if (tmp_path / ".hydra").exists():  # the job started
-        assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
     assert not (tmp_path / "summary.json").exists()
 
 
