@@ -15,6 +15,7 @@ from servebench.engine.core.request import Request
 from servebench.engine.core.sampling_params import SamplingParams
 from servebench.engine.digest import source_digest
 from servebench.workbench.core_configs import cache_config, scheduler_config
+from servebench.workbench.metrics import num_truncated
 from servebench.workbench.runs import RunResult
 from servebench.workbench.scheduler_stats import scheduler_counts
 from servebench.workbench.token_ids import MIN_TOKEN_ID
@@ -86,6 +87,7 @@ def _replay(cfg: dict[str, Any], engine: Any) -> RunResult:
         "num_gpu_blocks": engine.runner.num_gpu_blocks,
         "num_cpu_blocks": engine.runner.num_cpu_blocks,
         **scheduler_counts([engine.scheduler], engine.now() - t0),
+        "num_truncated": num_truncated(requests, workload),
         # Host pauses no step-time model predicts: how often Python's garbage collector stopped the loop.
         "gc_collections": pauses.count,
         "gc_pause_s": pauses.seconds,
