@@ -6,7 +6,8 @@
     python benchmarks/serve.py --num-requests 512 --max-concurrency 256 --disconnect-fraction 0.1  # saturated
 
 Starts nothing. Replays the workload (workbench/workloads.py presets) with streaming, prints the metrics block
-of `vllm bench serve` and writes a run folder (requests.parquet, empty steps.parquet, itl.npy, summary.json).
+of `vllm bench serve` and writes a run folder under outputs/serve/ (requests.parquet, empty steps.parquet,
+itl.npy, then summary.json: each written to a temporary name and renamed, the summary last, as every run).
 Preemptions and prefix-cache hits are unknown at the client: they come from the server's /metrics counters,
 read before and after the run. Requests whose prompt + output exceed the server's max_model_len are dropped.
 With --disconnect-fraction, that share of the clients closes its stream after --disconnect-after tokens; the
@@ -24,7 +25,7 @@ from pathlib import Path
 import httpx
 import pandas as pd
 from servebench.workbench.metrics import STEP_COLUMNS, summarize
-from servebench.workbench.runs import write_run
+from servebench.workbench.runs import clear_run, write_run
 from servebench.workbench.serve_client import (
     APIS,
     counter_deltas,
@@ -59,7 +60,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--api-key", default=None)
     for key in ("ttft_ms", "tpot_ms", "e2el_ms"):
         p.add_argument(f"--slo-{key.replace('_', '-')}", type=float, default=None, help="goodput limit")
-    p.add_argument("--output-dir", default=None, help="run folder (default: runs/serve/WORKLOAD-TIME)")
+    p.add_argument("--output-dir", default=None, help="run folder (default: outputs/serve/WORKLOAD-TIME)")
     return p.parse_args()
 
 
@@ -94,6 +95,8 @@ def print_summary(s: dict, requests: pd.DataFrame) -> None:
 
 def main() -> None:
     args = parse_args()
+    out = Path(args.output_dir or f"outputs/serve/{args.workload}-{time.strftime('%Y%m%d-%H%M%S')}")
+    clear_run(out)  # before the run: an earlier run's results in this folder must not outlive a failed one
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
     with httpx.Client(base_url=args.url, headers=headers, timeout=30) as http:
         try:
@@ -125,7 +128,6 @@ def main() -> None:
                    server_after_load=idle[0])
     summary["config"] = {"backend": "server", **vars(args), "model": model, "api_key": None}
     print_summary(summary, requests)
-    out = Path(args.output_dir or f"runs/serve/{args.workload}-{time.strftime('%Y%m%d-%H%M%S')}")
     steps = pd.DataFrame({c: pd.Series(dtype=float) for c in STEP_COLUMNS})  # only the server knows its steps
     print(f"run folder: {write_run(out, requests, steps, summary, itl)}")
     print(leak_check(*idle))

@@ -529,12 +529,14 @@ def test_serving_benchmark_client(served, llm, api) -> None:
     assert_idle(server.url, engine)
 
 
-def test_workbench_server_backend_writes_a_run_folder(served, tmp_path) -> None:
+def test_workbench_server_backend_writes_a_run_folder(served, tmp_path, monkeypatch, capsys) -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
+    from servebench.workbench import terminal
     from servebench.workbench.cli import CONF_DIR
     from servebench.workbench.experiment import run_experiment
 
+    monkeypatch.setattr(terminal, "LINE_EVERY_S", 0)  # a progress line per request
     server, engine = served
     overrides = ["backend=server", f"backend.url={server.url}", "workload=synthetic", "report=false",
                  "workload.num_requests=10", "workload.request_rate=50", "workload.input_len=16",
@@ -544,4 +546,5 @@ def test_workbench_server_backend_writes_a_run_folder(served, tmp_path) -> None:
     summary = run_experiment(cfg, tmp_path)
     assert summary["backend"] == "server" and summary["num_finished"] == 10
     assert summary["num_preemptions"] == 0 and (tmp_path / "summary.json").exists()
+    assert "server: 10/10 requests (100%)" in capsys.readouterr().err
     assert_idle(server.url, engine)

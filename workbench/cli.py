@@ -1,19 +1,23 @@
 """The commands. `workbench`: the Hydra entry point. It turns the config into a plain dict, calls
-`run_experiment` and prints the result; bad input is one line on stderr (exit 2), Ctrl-C one line (exit 130).
-`workbench-report`: the reports of saved run and sweep folders."""
+`run_experiment` and prints the result; bad input, Hydra's own refusals of the command line included, is one
+line on stderr (exit 2), Ctrl-C one line (exit 130). `workbench-report`: the reports of saved run and sweep
+folders."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 from servebench.workbench.experiment import run_experiment
-from servebench.workbench.schema import ConfigError
+from servebench.workbench.schema import SECTIONS, ConfigError
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 LABELLED = ("model", "hardware")  # groups whose `name` only labels the preset's numbers
@@ -28,18 +32,35 @@ def _main(cfg: DictConfig) -> float | None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     clear_run(run_dir)  # before anything can fail: an earlier run's results must not pass for this run's
     try:
+        choices = dict(hydra_cfg.runtime.choices)
+        check_added_keys(OmegaConf.to_container(hydra_cfg.overrides.task), choices)  # as typed: unresolved
         config = OmegaConf.to_container(cfg, resolve=True)
-        check_preset_names(config, dict(hydra_cfg.runtime.choices))
+        check_preset_names(config, choices)
         summary = run_experiment(config, run_dir)
     except (ConfigError, ValueError, FileNotFoundError) as e:
-        (run_dir / "error.txt").write_text(f"{e}\n")
-        print(f"workbench: error: {e}", file=sys.stderr)
+        message = error_line(e)
+        (run_dir / "error.txt").write_text(f"{message}\n")
+        print(f"workbench: error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.stderr.write(f"\nworkbench: interrupted: {run_dir} is incomplete (no summary.json)\n")
         sys.exit(130)
     print(result_block(summary, run_dir))
     return objective(summary, cfg.get("search"))
+
+
+def check_added_keys(overrides: list[str], choices: dict[str, Any]) -> None:
+    """Hydra refuses a key the config lacks, unless `+` adds it: a top-level key outside the schema's
+    sections would then be read by nothing, and the run would go on as if it had not been given."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group
+        top = key.split(".")[0]
+        added = override.is_add() or override.is_force_add()
+        if added and key not in choices and top not in (*SECTIONS, "hydra"):
+            raise ConfigError(f"{override.input_line}: {top} is not a section of the config, so nothing "
+                              f"would read it (sections: {', '.join(SECTIONS)})")
 
 
 def check_preset_names(config: dict[str, Any], choices: dict[str, Any]) -> None:
@@ -71,9 +92,41 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any
         return OmegaConf.to_container(compose("config", overrides=list(overrides)), resolve=True)
 
 
+def error_line(e: BaseException) -> str:
+    """A refused command line or config value in one line: the key or option, and what it may be."""
+    if isinstance(e, OverrideParseException):
+        return (f"{e.override}: not an override Hydra can parse ({e.message.splitlines()[0]}; the grammar: "
+                "https://hydra.cc/docs/advanced/override_grammar/basic/)")
+    if isinstance(e, MissingConfigException) and e.options is not None and e.missing_cfg_file:
+        group, _, name = e.missing_cfg_file.rpartition("/")
+        return f"{group}={name}: no such option; choose one of {', '.join(e.options)}"
+    cause = e.__cause__ if isinstance(e, HydraException) else e
+    if isinstance(cause, ConfigKeyError | ConfigAttributeError) and cause.full_key \
+            and cause.parent_node is not None:
+        parent = cause.full_key.rpartition(".")[0]
+        keys = ", ".join(str(k) for k in cause.parent_node) or "none"
+        return f"{cause.full_key} is not a key of {parent or 'the config'} (keys: {keys})"
+    hydra_text = " ".join(str(e).split("\n\n")[0].split()) if isinstance(e, HydraException) else ""
+    if isinstance(cause, OmegaConfBaseException):
+        first = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        omega = f"{cause.full_key}: {first}" if cause.full_key else first
+        return f"{hydra_text}: {omega}" if hydra_text else omega
+    return hydra_text or " ".join(str(e).split()) or type(e).__name__
+
+
 def main() -> None:
+    # Hydra prints its own refusals (an unknown key, a missing option, an unparsable override) over several
+    # lines and exits 1; HYDRA_FULL_ERROR makes it raise them instead, to be told in one line here. Whoever
+    # set HYDRA_FULL_ERROR asked for Hydra's traceback, and gets it.
+    wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         _main()
+    except (HydraException, OmegaConfBaseException) as e:
+        if wants_traceback:
+            raise
+        print(f"workbench: error: {error_line(e)}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:  # outside a job (Hydra composing, a sweep between jobs)
         sys.stderr.write("\nworkbench: interrupted\n")
         sys.exit(130)

@@ -15,8 +15,10 @@ from servebench.engine.core.request import Request
 from servebench.engine.core.sampling_params import SamplingParams
 from servebench.engine.digest import source_digest
 from servebench.workbench.core_configs import cache_config, scheduler_config
+from servebench.workbench.metrics import num_truncated
 from servebench.workbench.runs import RunResult
 from servebench.workbench.scheduler_stats import scheduler_counts
+from servebench.workbench.terminal import Progress
 from servebench.workbench.token_ids import MIN_TOKEN_ID
 from servebench.workbench.workload_requests import iter_requests
 from servebench.workbench.workloads import load_workload
@@ -60,9 +62,10 @@ def _replay(cfg: dict[str, Any], engine: Any) -> RunResult:
     workload = load_workload(cfg["workload"])
     pending = iter_requests(workload, engine.vocab_size)
     nxt = next(pending, None)
+    rec = engine.recorder
     t0 = engine.now()
     allocs_before = _device_allocations(engine)
-    with GCPauses() as pauses:
+    with GCPauses() as pauses, Progress(len(workload), "engine", cfg.get("progress", True)) as bar:
         while nxt is not None or engine.has_unfinished_requests():
             now = engine.now() - t0
             while nxt is not None and nxt.arrival_time <= now:
@@ -72,7 +75,9 @@ def _replay(cfg: dict[str, Any], engine: Any) -> RunResult:
                 engine.step(final_only=True)
             elif nxt is not None:
                 time.sleep(max(0.0, nxt.arrival_time - (engine.now() - t0)))
-    rec = engine.recorder
+            # The trace holds every request that ended, however: rejected ones never reach step()'s outputs.
+            if len(rec.request_rows) > bar.done:
+                bar.update(len(rec.request_rows) - bar.done)
     requests = pd.DataFrame(rec.requests_table())
     for col in TIME_COLUMNS:
         requests[col] -= t0
@@ -86,6 +91,7 @@ def _replay(cfg: dict[str, Any], engine: Any) -> RunResult:
         "num_gpu_blocks": engine.runner.num_gpu_blocks,
         "num_cpu_blocks": engine.runner.num_cpu_blocks,
         **scheduler_counts([engine.scheduler], engine.now() - t0),
+        "num_truncated": num_truncated(requests, workload),
         # Host pauses no step-time model predicts: how often Python's garbage collector stopped the loop.
         "gc_collections": pauses.count,
         "gc_pause_s": pauses.seconds,

@@ -98,6 +98,14 @@ def load(requests: pd.DataFrame) -> dict[str, Any]:
     }
 
 
+def num_truncated(requests: pd.DataFrame, workload: pd.DataFrame) -> int:
+    """Finished requests that got fewer output tokens than the workload asked for: the scheduler caps prompt
+    + output at max_model_len (the engine backend cuts max_tokens to match)."""
+    asked = requests["request_id"].map(workload.set_index("request_id")["output_tokens"])
+    done = requests["finish_reason"].astype(str) == "length"
+    return int((done & (requests["output_tokens"] < asked)).sum())
+
+
 def latencies(requests: pd.DataFrame) -> pd.DataFrame:
     """ttft_ms, tpot_ms (NaN with a single output token) and e2el_ms of each finished request."""
     done = requests[requests["finish_reason"].astype(str).isin(FINISHED)]

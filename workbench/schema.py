@@ -5,8 +5,8 @@ Groups built into an engine or simulator object are checked against that object'
 definition of each knob); the harness's own groups (backend, workload, slo) are defined here. Only the
 keys present are checked and kept: a missing key keeps the default of the code that reads it. Values
 (a policy name, a router) are checked where they are used, by the dataclass's `__post_init__`. Top-level
-keys other than TopLevel's (a script's label, an experiment's lookup table) pass through: on the command
-line Hydra already refuses a key the config does not have.
+keys other than SECTIONS (a script's label, an experiment's lookup table) pass through: on the command
+line Hydra refuses a key the config does not have, and the CLI one that `+` adds outside SECTIONS.
 """
 
 from __future__ import annotations
@@ -118,6 +118,9 @@ class TopLevel:
     progress: bool = True
     study: Any = None  # checked by workbench.study
     search: Any = None  # checked by workbench.cli.objective
+
+
+SECTIONS = ("backend", "workload", *GROUPS, *TopLevel.__dataclass_fields__)  # the top-level keys read
 
 
 def validate(cfg: dict[str, Any]) -> dict[str, Any]:

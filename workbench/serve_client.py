@@ -14,7 +14,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,7 @@ class RequestResult:
 def run_serving_benchmark(
     url: str, workload_df: pd.DataFrame, tokenizer_or_none: Any, model_name: str, api: str = "completions",
     slo: Any = None, max_concurrency: int | None = None, api_key: str | None = None,
-    disconnects: Mapping[int, int] | None = None,
+    disconnects: Mapping[int, int] | None = None, on_finished: Callable[[int], None] | None = None,
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """Replay `workload_df` against the server at `url` (e.g. http://127.0.0.1:8000).
 
@@ -55,7 +55,8 @@ def run_serving_benchmark(
     the caller's goodput summary and unused here. Times are seconds from the benchmark start; a request's
     `arrival_s` is when it was sent (later than its workload arrival when `max_concurrency` holds it back).
     `disconnects` maps row positions to a token count: that client closes its stream once it has read so many
-    tokens, and its row ends with finish_reason 'abort'.
+    tokens, and its row ends with finish_reason 'abort'. `on_finished(1)` is called as each request ends
+    (a progress bar's update).
     Returns the requests table and every inter-chunk gap in seconds.
     """
     del slo  # goodput is computed from the returned table
@@ -64,7 +65,7 @@ def run_serving_benchmark(
     if api == "chat" and tokenizer_or_none is None:
         raise ValueError("api='chat' sends text: pass the model's tokenizer to decode the workload's prompts")
     results = asyncio.run(_replay(url.rstrip("/") + APIS[api], workload_df, tokenizer_or_none, model_name,
-                                  api, max_concurrency, api_key, disconnects or {}))
+                                  api, max_concurrency, api_key, disconnects or {}, on_finished))
     table = pd.DataFrame({
         "request_id": [r.request_id for r in results],
         "arrival_s": [r.arrival_s for r in results],
@@ -83,7 +84,8 @@ def run_serving_benchmark(
 
 async def _replay(url: str, df: pd.DataFrame, tokenizer: Any, model: str, api: str,
                   max_concurrency: int | None, api_key: str | None,
-                  disconnects: Mapping[int, int]) -> list[RequestResult]:
+                  disconnects: Mapping[int, int],
+                  on_finished: Callable[[int], None] | None) -> list[RequestResult]:
     vocab_size = len(tokenizer) if tokenizer is not None else APPROX_VOCAB
     limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
@@ -99,7 +101,10 @@ async def _replay(url: str, df: pd.DataFrame, tokenizer: Any, model: str, api: s
                 await asyncio.sleep(delay)
             result = RequestResult(str(row.request_id), prompt_tokens=len(ids),
                                    disconnect_after=disconnects.get(i))
-            tasks.append(asyncio.create_task(_send(client, url, body, result, t0, limit)))
+            task = asyncio.create_task(_send(client, url, body, result, t0, limit))
+            if on_finished is not None:
+                task.add_done_callback(lambda _: on_finished(1))
+            tasks.append(task)
         return await asyncio.gather(*tasks)
 
 

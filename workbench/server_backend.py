@@ -15,6 +15,7 @@ from servebench.workbench.serve_client import (
     run_serving_benchmark,
     server_counters,
 )
+from servebench.workbench.terminal import Progress
 from servebench.workbench.workloads import load_workload
 
 
@@ -31,15 +32,17 @@ def run(cfg: dict[str, Any]) -> RunResult:
         encode = partial(tokenizer.encode, add_special_tokens=False) if tokenizer is not None else None
         workload = load_workload(cfg["workload"], encode)
         before = server_counters(http)
-        requests, itl = run_serving_benchmark(
-            url,
-            workload,
-            tokenizer,
-            b.get("model") or card["id"],
-            b.get("api", "completions"),
-            max_concurrency=b.get("max_concurrency"),
-            api_key=b.get("api_key"),
-        )
+        with Progress(len(workload), "server", cfg.get("progress", True)) as bar:
+            requests, itl = run_serving_benchmark(
+                url,
+                workload,
+                tokenizer,
+                b.get("model") or card["id"],
+                b.get("api", "completions"),
+                max_concurrency=b.get("max_concurrency"),
+                api_key=b.get("api_key"),
+                on_finished=bar.update,
+            )
         after = server_counters(http)
     steps = pd.DataFrame({c: pd.Series(dtype=float) for c in STEP_COLUMNS})  # only the server sees its steps
     return RunResult(requests, steps, itl,

@@ -38,6 +38,7 @@ from servebench.sim.specs import (
 from servebench.sim.step_time_models import make_step_time_model
 from servebench.sim.terms import Term, with_terms
 from servebench.workbench.core_configs import cache_config, scheduler_config
+from servebench.workbench.metrics import num_truncated
 from servebench.workbench.runs import RunResult
 from servebench.workbench.scheduler_stats import per_replica_counts, scheduler_counts
 from servebench.workbench.terminal import Progress
@@ -107,7 +108,7 @@ def run(cfg: dict[str, Any]) -> RunResult:
         info["per_replica"] = per_replica_counts(replicas)
     info |= _feature_counts([t for replica_terms in terms for t in replica_terms])
     requests_df, steps_df, itl = _tables(replicas)
-    info["num_truncated"] = _num_truncated(requests_df, workload)
+    info["num_truncated"] = num_truncated(requests_df, workload)
     if d.lora.enabled:
         adapter_of = dict(zip(workload["request_id"], workload["lora_id"], strict=True))
         requests_df["lora_id"] = requests_df["request_id"].map(adapter_of)
@@ -169,14 +170,6 @@ def _workload(spec: dict[str, Any], d: _Specs) -> pd.DataFrame:
     if d.mm.enabled:
         workload = assign_images(workload, d.mm.images_per_request, d.mm.num_unique_images, seed)
     return workload
-
-
-def _num_truncated(requests: pd.DataFrame, workload: pd.DataFrame) -> int:
-    """Finished requests that got fewer output tokens than the workload asked for: the scheduler caps prompt
-    + output at max_model_len."""
-    asked = requests["request_id"].map(workload.set_index("request_id")["output_tokens"])
-    done = requests["finish_reason"].astype(str) == "length"
-    return int((done & (requests["output_tokens"] < asked)).sum())
 
 
 def _quantization_term(d: _Specs) -> QuantizationTerm | None:
