@@ -136,7 +136,9 @@ class LLMEngine:
         if n > limit:
             raise ValueError(
                 f"request {request_id}: the prompt has {n} tokens, more than max_model_len={limit}")
-        if params.max_tokens is not None and n + params.max_tokens > limit:
+        # A prompt that fills max_model_len still gets its first token (sampled from the prefill, it needs no
+        # KV slot), as the scheduler allows and the simulator does.
+        if params.max_tokens is not None and n + params.max_tokens > max(limit, n + 1):
             raise ValueError(f"request {request_id}: prompt ({n} tokens) + max_tokens ({params.max_tokens}) "
                              f"exceeds max_model_len={limit}")
         if min(ids) < 0 or max(ids) >= self.vocab_size:

@@ -212,3 +212,17 @@ def test_progress_lines_outside_a_terminal_and_the_same_requests_not_served(tmp_
     summary = json.loads((tmp_path / "summary.json").read_text())
     # the workload's seed draws 4 prompts over 100 tokens and 2 that leave fewer than 32 for the output
     assert (summary["num_rejected"], summary["num_truncated"]) == (4, 2)
+
+
+@pytest.mark.parametrize("backend", [(), ENGINE], ids=["sim", "engine"])
+def test_a_prompt_that_fills_max_model_len_gets_one_token_on_both_backends(tmp_path, backend):
+    res = subprocess.run(
+        [sys.executable, "-m", "servebench.workbench", f"hydra.run.dir={tmp_path}", *backend,
+         "workload=synthetic", "workload.num_requests=3", "workload.request_rate=null",
+         "workload.input_len=100", "workload.output_len=8", "scheduler.max_model_len=100", "report=false"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["num_finished"], summary["num_rejected"], summary["num_truncated"]) == (3, 0, 3)
+    requests = pd.read_parquet(tmp_path / "requests.parquet")
+    assert requests["output_tokens"].tolist() == [1, 1, 1]

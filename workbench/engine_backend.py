@@ -153,8 +153,8 @@ def _submit(engine: Any, req: Request, t0: float) -> None:
         engine.scheduler.add_request(req, engine.now())
         return
     params = req.sampling_params
-    if params.max_tokens is not None and params.max_tokens > room:
-        params = dataclasses.replace(params, max_tokens=room)
+    if params.max_tokens is not None and params.max_tokens > max(room, 1):
+        params = dataclasses.replace(params, max_tokens=max(room, 1))
     engine.add_request(req.request_id, None, req.prompt_token_ids, params, arrival_time=req.arrival_time,
                        priority=req.priority)
 
