@@ -263,9 +263,9 @@ def engine_runs(llm: LLM, w: Workload, c: Card, row: dict) -> None:
     for mode in ("sync", "async"):
         llm.engine.args.async_scheduling = mode == "async"
         elapsed = run_engine(llm, w)
-        stats = llm.engine.stats
+        stats = llm.engine.stats()
         print(f"engine ({mode} scheduling): {_rates(w, elapsed)}  ({stats.num_preemptions} preemptions, "
-              f"{stats.num_gpu_blocks} KV blocks, {stats.prefix_cache_hits} prefix-cache hits); "
+              f"{stats.num_gpu_blocks} KV blocks, {stats.prefix_cache_hits_tokens} prefix-cache hit tokens); "
               f"{row['bound_s'] / elapsed:.1%} of the roofline bound "
               f"{row['bound_s']:.2f} s (memory {row['memory_s']:.2f} s, compute {row['compute_s']:.2f} s) "
               f"[{c}]")

@@ -14,7 +14,7 @@ from servebench.engine.core.config import CacheConfig, SchedulerConfig
 from servebench.engine.core.recorder import TraceRecorder
 from servebench.engine.core.request import Request, RequestStatus
 from servebench.engine.core.sampling_params import SamplingParams
-from servebench.engine.core.scheduler import Scheduler
+from servebench.engine.core.scheduler import Scheduler, SchedulerStats
 from servebench.engine.core.scheduler_output import SchedulerOutput
 from servebench.engine.detokenizer import Detokenizer
 from servebench.engine.model_runner import ModelRunner, SampledTokens
@@ -22,18 +22,6 @@ from servebench.engine.outputs import CompletionOutput, PositionLogprobs, Reques
 from transformers import AutoTokenizer
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_usage: float
-    num_free_blocks: int
-    num_gpu_blocks: int
-    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
-    prefix_cache_hits: int  # of which found there
-    num_preemptions: int
 
 
 @dataclass(slots=True)
@@ -267,8 +255,6 @@ class LLMEngine:
                              req.status.finished, RequestMetrics.of(req), max(req.num_cached_tokens, 0),
                              prompt_logprobs)
 
-    @property
-    def stats(self) -> EngineStats:
-        s, kv = self.scheduler, self.scheduler.kv
-        return EngineStats(s.num_running, s.num_waiting, kv.usage, kv.num_free_blocks, kv.num_gpu_blocks,
-                           kv.prefix_queries, kv.prefix_hits, s.num_preemptions)
+    def stats(self) -> SchedulerStats:
+        """The scheduler's counters and queues since the last `reset`, and its KV cache now."""
+        return self.scheduler.stats()

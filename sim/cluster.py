@@ -52,7 +52,7 @@ class Replica:
     def cached_prefix_blocks(self, req: Request) -> int:
         """Full blocks of `req`'s prompt that the replica's prefix cache holds now (a lookup, no side effect
         but filling `req.block_hashes`, which every replica computes alike)."""
-        return max(len(e.scheduler.kv.get_computed_blocks(req)) for e in self.engines)
+        return max(e.scheduler.cached_prefix_blocks(req) for e in self.engines)
 
     def least_loaded_engine(self) -> Engine:
         engines = self.engines

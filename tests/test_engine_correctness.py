@@ -100,7 +100,7 @@ def test_prefix_caching_matches_hf(tiny_llama_dir, async_scheduling):
     rest = llm.generate(PREFIX_PROMPTS[1:], GREEDY, use_tqdm=False)
     assert_matches_hf(tiny_llama_dir, PREFIX_PROMPTS, first + rest)
     assert all(o.num_cached_tokens >= 16 for o in rest)
-    assert llm.engine.stats.prefix_cache_hits > 0
+    assert llm.engine.stats().prefix_cache_hits_tokens > 0
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
@@ -121,8 +121,8 @@ def test_preemption_matches_hf(tiny_llama_dir, mode, async_scheduling):
               async_scheduling=async_scheduling)
     params = SamplingParams(temperature=0.0, max_tokens=40)
     assert_matches_hf(tiny_llama_dir, PROMPTS, llm.generate(PROMPTS, params, use_tqdm=False), max_tokens=40)
-    assert llm.engine.stats.num_preemptions > 0
-    assert llm.engine.stats.num_free_blocks == 16
+    assert llm.engine.stats().num_preemptions > 0
+    assert llm.engine.stats().num_free_blocks == 16
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
@@ -135,7 +135,7 @@ def test_logprobs_match_hf(tiny_llama_dir, async_scheduling):
     llm.generate(PREFIX_PROMPTS[:1], GREEDY, use_tqdm=False)
     params = SamplingParams(temperature=0.0, max_tokens=40, logprobs=2, prompt_logprobs=1)
     outs = llm.generate(PROMPTS + PREFIX_PROMPTS[1:], params, use_tqdm=False)
-    assert llm.engine.stats.num_preemptions > 0
+    assert llm.engine.stats().num_preemptions > 0
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     for out in outs:
         completion = out.outputs[0]
@@ -237,13 +237,13 @@ def test_bad_requests_and_abort(llm):
         engine.add_request("b", None, [5] * 600, SamplingParams())
     with pytest.raises(ValueError, match="exceeds max_model_len=512"):
         engine.add_request("c", None, [5] * 500, SamplingParams(max_tokens=20))
-    total = engine.stats.num_gpu_blocks
+    total = engine.stats().num_gpu_blocks
     engine.add_request("d", PROMPTS[3], None, SamplingParams(max_tokens=50))
     outs = engine.step()
     assert [o.request_id for o in outs] == ["d"] and not outs[0].finished
-    assert engine.stats.num_free_blocks < total
+    assert engine.stats().num_free_blocks < total
     engine.abort_request("d")
-    assert engine.stats.num_free_blocks == total and not engine.has_unfinished_requests()
+    assert engine.stats().num_free_blocks == total and not engine.has_unfinished_requests()
 
 
 def test_async_abort_mid_flight_leaves_the_others_exact(tiny_llama_dir, llm):
@@ -261,7 +261,7 @@ def test_async_abort_mid_flight_leaves_the_others_exact(tiny_llama_dir, llm):
     while engine.has_unfinished_requests():
         done |= {o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished}
     assert done == {"0": expected[0], "2": expected[2]}
-    assert engine.stats.num_free_blocks == engine.stats.num_gpu_blocks
+    assert engine.stats().num_free_blocks == engine.stats().num_gpu_blocks
 
 
 def test_streaming_steps_are_cumulative(llm):

@@ -108,4 +108,4 @@ def test_tiny_fp32_exact_on_gpu(tiny_llama_dir, knobs):
     params = SamplingParams(temperature=0.0, max_tokens=40)
     assert_matches_hf(tiny_llama_dir, PROMPTS, llm.generate(PROMPTS, params, use_tqdm=False), max_tokens=40)
     if "num_gpu_blocks_override" in knobs:
-        assert llm.engine.stats.num_preemptions > 0
+        assert llm.engine.stats().num_preemptions > 0

@@ -192,3 +192,17 @@ def test_core_imports_no_torch_simpy_or_hydra():
     code = "import sys, engine.core, sim.simulator; print(sorted({'torch', 'hydra'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_stats_count_steps_finished_requests_and_prefix_cache_tokens():
+    sched = Scheduler(SchedulerConfig(max_model_len=128), CacheConfig(block_size=4), 64)
+    assert not sched.add_request(make(129, "long"), 0.0)
+    sched.add_request(make(32, "a"), 0.0)
+    outs = run_all(sched)
+    assert sched.cached_prefix_blocks(make(32, "probe")) == 7  # never the last token's block
+    sched.add_request(make(32, "same"), 10.0)
+    outs += run_all(sched, 10.0)
+    stats = sched.stats()
+    assert (stats.num_steps, stats.num_finished_requests, stats.num_rejected) == (len(outs), 3, 1)
+    assert (stats.prefix_cache_queries_tokens, stats.prefix_cache_hits_tokens) == (64, 28)
+    assert stats.num_running == stats.num_waiting == 0 and stats.num_free_blocks == stats.num_gpu_blocks == 64

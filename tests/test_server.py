@@ -97,7 +97,7 @@ def metric(url: str, name: str) -> float:
 def assert_idle(url: str, engine: LLMEngine) -> None:
     """Nothing runs or waits, and every KV block is free again (prefix-cached blocks count as free)."""
     def all_free() -> bool:  # engine state read from this thread: only once nothing runs
-        stats = engine.stats
+        stats = engine.stats()
         return stats.num_free_blocks == stats.num_gpu_blocks
 
     wait_until(all_free, "KV blocks stayed allocated")

@@ -80,10 +80,9 @@ def run(cfg: dict[str, Any]) -> RunResult:
     workload = _workload(cfg["workload"], d)
     # vLLM V0 pipelining: P virtual engines per replica, each with 1/P of the KV blocks (sim.cluster)
     pp = d.par.pipeline_parallel_size
-    replicas = [
-        [Scheduler(d.sched, d.cache, blocks // pp, cpu_blocks // pp, TraceRecorder()) for _ in range(pp)]
-        for _ in range(d.cluster.num_replicas)
-    ]
+    recorders = [[TraceRecorder() for _ in range(pp)] for _ in range(d.cluster.num_replicas)]
+    replicas = [[Scheduler(d.sched, d.cache, blocks // pp, cpu_blocks // pp, rec) for rec in replica]
+                for replica in recorders]
     # one set of terms per replica: LoRA and encoder terms count that replica's loads and images
     quant_term = _quantization_term(d)
     terms = [_feature_terms(quant_term, d) for _ in replicas]
@@ -93,21 +92,22 @@ def run(cfg: dict[str, Any]) -> RunResult:
         sim = ClusterSimulation(replicas, step_times, requests, make_router(d.cluster.router), bar.update,
                                 _graph_sizes(backend, d.sched), backend.get("async_scheduling", False))
         end_s = sim.run()
-    schedulers = [s for replica in replicas for s in replica]
+    stats = [[s.stats() for s in replica] for replica in replicas]
+    all_stats = [s for replica in stats for s in replica]
     info = {
         "backend": "sim",
         "step_time_model": step_time_name,
         "step_time_reason": step_time_reason,
         "step_time_stale": _stale(base),
         **_memory_info(d, blocks, cpu_blocks),
-        **scheduler_counts(schedulers, end_s),
+        **scheduler_counts(all_stats, end_s),
     }
     if hasattr(base, "num_outside"):  # profile tables: steps priced by the roofline instead
         info["num_steps_outside_profile"] = base.num_outside
-    if len(schedulers) > 1:
-        info["per_replica"] = per_replica_counts(replicas)
+    if len(all_stats) > 1:
+        info["per_replica"] = per_replica_counts(stats)
     info |= _feature_counts([t for replica_terms in terms for t in replica_terms])
-    requests_df, steps_df, itl = _tables(replicas)
+    requests_df, steps_df, itl = _tables(recorders)
     info["num_truncated"] = num_truncated(requests_df, workload)
     if d.lora.enabled:
         adapter_of = dict(zip(workload["request_id"], workload["lora_id"], strict=True))
@@ -204,20 +204,20 @@ def _feature_counts(terms: list[Term]) -> dict[str, Any]:
     return out
 
 
-def _tables(replicas: list[list[Scheduler]]) -> tuple[pd.DataFrame, pd.DataFrame, Any]:
-    """requests and steps of every scheduler with `replica` (and, pipelined, `virtual_engine`) columns;
-    steps in order of start time; every inter-token gap."""
-    pipelined = len(replicas[0]) > 1
+def _tables(recorders: list[list[TraceRecorder]]) -> tuple[pd.DataFrame, pd.DataFrame, Any]:
+    """requests and steps of every scheduler's recorder with `replica` (and, pipelined, `virtual_engine`)
+    columns; steps in order of start time; every inter-token gap."""
+    pipelined = len(recorders[0]) > 1
     requests, steps = [], []
-    for r, replica in enumerate(replicas):
-        for v, s in enumerate(replica):
+    for r, replica in enumerate(recorders):
+        for v, rec in enumerate(replica):
             where = {"replica": r} | ({"virtual_engine": v} if pipelined else {})
-            requests.append(pd.DataFrame(s.recorder.requests_table()).assign(**where))
-            steps.append(pd.DataFrame(s.recorder.steps_table()).assign(**where))
+            requests.append(pd.DataFrame(rec.requests_table()).assign(**where))
+            steps.append(pd.DataFrame(rec.steps_table()).assign(**where))
     if len(requests) == 1:
-        return requests[0], steps[0], replicas[0][0].recorder.itl_s
+        return requests[0], steps[0], recorders[0][0].itl_s
     steps_df = pd.concat(steps, ignore_index=True).sort_values("start_s", kind="stable", ignore_index=True)
-    itl = np.concatenate([np.asarray(s.recorder.itl_s) for replica in replicas for s in replica])
+    itl = np.concatenate([np.asarray(rec.itl_s) for replica in recorders for rec in replica])
     return pd.concat(requests, ignore_index=True), steps_df, itl
 
 

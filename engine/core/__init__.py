@@ -5,7 +5,7 @@ from servebench.engine.core.kv_cache_manager import KVCacheManager
 from servebench.engine.core.recorder import TraceRecorder
 from servebench.engine.core.request import Request, RequestStatus
 from servebench.engine.core.sampling_params import SamplingParams
-from servebench.engine.core.scheduler import Scheduler
+from servebench.engine.core.scheduler import Scheduler, SchedulerStats
 from servebench.engine.core.scheduler_output import SchedulerOutput
 
 __all__ = [
@@ -17,5 +17,6 @@ __all__ = [
     "Scheduler",
     "SchedulerConfig",
     "SchedulerOutput",
+    "SchedulerStats",
     "TraceRecorder",
 ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
+from dataclasses import dataclass
 from itertools import islice, repeat
 
 from servebench.engine.core.config import CacheConfig, SchedulerConfig
@@ -30,6 +31,25 @@ RUNNING = RequestStatus.RUNNING
 # How many held-back requests (long prefill over its cap, adapter without a slot) admission looks past in
 # one step: under overload an unbounded scan would walk the whole waiting queue every step.
 MAX_SKIPPED = 64
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerStats:
+    """A scheduler's counters since it was built and the state of its queues and cache now: what runs
+    summarize and servers export, read without reaching into the scheduler's parts."""
+
+    num_steps: int
+    num_finished_requests: int  # every request that ended (a row of the requests table), rejected or shed too
+    num_rejected: int
+    num_shed: int
+    num_preemptions: int
+    prefix_cache_queries_tokens: int  # tokens looked up in the prefix cache at admission
+    prefix_cache_hits_tokens: int  # of which found there
+    num_running: int
+    num_waiting: int  # waiting and swapped out
+    kv_usage: float
+    num_free_blocks: int
+    num_gpu_blocks: int
 
 
 class Scheduler:
@@ -163,6 +183,28 @@ class Scheduler:
     def num_waiting(self) -> int:
         """Requests queued but not running: waiting and swapped out."""
         return len(self.waiting) + len(self.swapped)
+
+    def stats(self) -> SchedulerStats:
+        kv = self.kv
+        return SchedulerStats(
+            num_steps=self.num_steps,
+            num_finished_requests=len(self.recorder.request_rows),
+            num_rejected=self.num_rejected,
+            num_shed=self.num_shed,
+            num_preemptions=self.num_preemptions,
+            prefix_cache_queries_tokens=kv.prefix_queries,
+            prefix_cache_hits_tokens=kv.prefix_hits,
+            num_running=len(self.running),
+            num_waiting=self.num_waiting,
+            kv_usage=kv.usage,
+            num_free_blocks=kv.num_free_blocks,
+            num_gpu_blocks=kv.num_gpu_blocks,
+        )
+
+    def cached_prefix_blocks(self, req: Request) -> int:
+        """Leading full blocks of `req`'s tokens that the prefix cache holds now, as a cache-aware router
+        asks: a lookup that changes nothing but `req.block_hashes` (which every scheduler computes alike)."""
+        return len(self.kv.get_computed_blocks(req))
 
     # ---- one step --------------------------------------------------------------
     def schedule(self, now: float) -> SchedulerOutput:

@@ -160,10 +160,10 @@ class AsyncEngine:
                       out.prompt_logprobs)
 
     def _record_engine(self) -> None:
-        s = self.engine.stats
+        s = self.engine.stats()
         self.metrics.record_engine(s.num_running, s.num_waiting, s.kv_usage, {
-            "num_preemptions": s.num_preemptions, "prefix_cache_queries": s.prefix_cache_queries,
-            "prefix_cache_hits": s.prefix_cache_hits})
+            "num_preemptions": s.num_preemptions, "prefix_cache_queries": s.prefix_cache_queries_tokens,
+            "prefix_cache_hits": s.prefix_cache_hits_tokens})
 
     # ---- event-loop side -----------------------------------------------------------
     def _dispatch(self, updates: list[tuple[str, Update | Exception]]) -> None:
