@@ -90,8 +90,13 @@ class LLMEngine:
     # ---- requests ------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None = None,
                     params: SamplingParams | None = None, arrival_time: float | None = None,
-                    priority: int = 0) -> None:
-        """Queue a request; `prompt_token_ids` wins over `prompt`, which is then only echoed back."""
+                    priority: int = 0, reject_if_too_long: bool = False) -> None:
+        """Queue a request; `prompt_token_ids` wins over `prompt`, which is then only echoed back.
+
+        A prompt over max_model_len is an error, unless `reject_if_too_long`: then the request ends at once
+        as rejected (recorded in the trace, reported by the next `step()`), as the simulator's scheduler
+        takes it, so that a replayed workload's rejections are counted alike on both backends.
+        """
         params = params or SamplingParams()
         if request_id in self._tracked:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -99,7 +104,7 @@ class LLMEngine:
             if prompt is None:
                 raise ValueError(f"request {request_id}: give a prompt or prompt_token_ids")
             prompt_token_ids = self.tokenizer.encode(prompt)
-        self._validate(request_id, prompt_token_ids, params)
+        self._validate(request_id, prompt_token_ids, params, reject_if_too_long)
         if self._extra_eos and not params.ignore_eos:
             params = dataclasses.replace(params, stop_token_ids=[*params.stop_token_ids, *self._extra_eos])
         now = self.now()
@@ -114,19 +119,21 @@ class LLMEngine:
             tracked.logprobs, tracked.cumulative_logprob = [], 0.0
         if params.prompt_logprobs is not None:
             tracked.prompt_logprobs = [None] * req.num_prompt_tokens
-        if not self.scheduler.add_request(req, now):  # shed on arrival: the waiting queue is full
+        if not self.scheduler.add_request(req, now):  # rejected (too long) or shed (a full waiting queue)
             self._dropped.append(tracked)
 
-    def _validate(self, request_id: str, ids: list[int], params: SamplingParams) -> None:
+    def _validate(self, request_id: str, ids: list[int], params: SamplingParams, reject_if_too_long: bool
+                  ) -> None:
         n, limit = len(ids), self.max_model_len
         if n == 0:
             raise ValueError(f"request {request_id}: the prompt is empty")
-        if n > limit:
-            raise ValueError(
-                f"request {request_id}: the prompt has {n} tokens, more than max_model_len={limit}")
         # A prompt that fills max_model_len still gets its first token (sampled from the prefill, it needs no
-        # KV slot), as the scheduler allows and the simulator does.
-        if params.max_tokens is not None and n + params.max_tokens > max(limit, n + 1):
+        # KV slot), as the scheduler allows and the simulator does; max_tokens of a rejected one is moot.
+        if n > limit:
+            if not reject_if_too_long:
+                raise ValueError(
+                    f"request {request_id}: the prompt has {n} tokens, more than max_model_len={limit}")
+        elif params.max_tokens is not None and n + params.max_tokens > max(limit, n + 1):
             raise ValueError(f"request {request_id}: prompt ({n} tokens) + max_tokens ({params.max_tokens}) "
                              f"exceeds max_model_len={limit}")
         if min(ids) < 0 or max(ids) >= self.vocab_size:

@@ -246,6 +246,21 @@ def test_bad_requests_and_abort(llm):
     assert engine.stats().num_free_blocks == total and not engine.has_unfinished_requests()
 
 
+def test_a_too_long_prompt_can_be_recorded_as_rejected(llm):
+    """As the simulator's scheduler takes it (the workbench's replay): finished at once, never scheduled."""
+    engine = llm.engine
+    rejected = engine.stats().num_rejected
+    engine.add_request("long", None, [5] * 600, SamplingParams(max_tokens=8), reject_if_too_long=True)
+    assert engine.has_unfinished_requests()
+    outs = engine.step()
+    assert [(o.request_id, o.finished, o.outputs[0].finish_reason) for o in outs] == [
+        ("long", True, "rejected")]
+    assert not engine.has_unfinished_requests() and engine.stats().num_rejected == rejected + 1
+    rows = engine.recorder.requests_table()
+    last = {name: values[-1] for name, values in rows.items()}
+    assert (last["request_id"], last["finish_reason"], last["output_tokens"]) == ("long", "rejected", 0)
+
+
 def test_async_abort_mid_flight_leaves_the_others_exact(tiny_llama_dir, llm):
     """With async scheduling a request aborted while its step runs frees its blocks; the others' tokens are
     the same as without async scheduling."""

@@ -75,7 +75,7 @@ def _replay(cfg: dict[str, Any], engine: Any) -> RunResult:
                 engine.step(final_only=True)
             elif nxt is not None:
                 time.sleep(max(0.0, nxt.arrival_time - (engine.now() - t0)))
-            # The trace holds every request that ended, however: rejected ones never reach step()'s outputs.
+            # The trace holds every request that ended (step()'s outputs, final_only, are not kept).
             if len(rec.request_rows) > bar.done:
                 bar.update(len(rec.request_rows) - bar.done)
     requests = pd.DataFrame(rec.requests_table())
@@ -147,16 +147,12 @@ class GCPauses:
 def _submit(engine: Any, req: Request, t0: float) -> None:
     """Hand a workload request to the engine as the simulator's scheduler takes it: a prompt longer than
     max_model_len is rejected (and recorded), max_tokens is cut to what max_model_len leaves."""
-    req.arrival_time += t0
-    room = engine.max_model_len - req.num_prompt_tokens
-    if room < 0:
-        engine.scheduler.add_request(req, engine.now())
-        return
     params = req.sampling_params
-    if params.max_tokens is not None and params.max_tokens > max(room, 1):
-        params = dataclasses.replace(params, max_tokens=max(room, 1))
-    engine.add_request(req.request_id, None, req.prompt_token_ids, params, arrival_time=req.arrival_time,
-                       priority=req.priority)
+    room = max(engine.max_model_len - req.num_prompt_tokens, 1)
+    if params.max_tokens is not None and params.max_tokens > room:
+        params = dataclasses.replace(params, max_tokens=room)
+    engine.add_request(req.request_id, None, req.prompt_token_ids, params, arrival_time=req.arrival_time + t0,
+                       priority=req.priority, reject_if_too_long=True)
 
 
 def build_engine(cfg: dict[str, Any]) -> Any:
