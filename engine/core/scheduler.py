@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections import deque
 from dataclasses import dataclass
-from itertools import islice, repeat
+from itertools import repeat
 
 from servebench.engine.core.config import CacheConfig, SchedulerConfig
 from servebench.engine.core.encoder_cache import EncoderCache
@@ -249,43 +249,37 @@ class Scheduler:
         kv, running = self.kv, self.running
         threshold = self.config.long_prefill_token_threshold or budget
         chunks: dict[Request, int] = {}
-        k = decode = context = longest = 0
-        while True:
-            blocked = False
-            for req in islice(running, k, None):
-                if budget <= 0:
-                    break
-                computed = req.num_computed_tokens
-                n = len(req.all_token_ids) - computed
-                if n > 1:
-                    n = min(n, threshold, budget)
-                # Fast path: a decode token that fits the last block without filling it needs no KV work.
-                if (n == 1 and computed + 1 < req.num_kv_slots) or kv.allocate_slots(req, n):
-                    k += 1
-                    budget -= n
-                    if n == 1 and computed >= req.num_prompt_tokens:
-                        decode += 1
-                        context += computed + 1
-                        if computed >= longest:
-                            longest = computed + 1
+        k = decode = context = longest = 0  # running[k] is the next request to serve
+        while k < len(running) and budget > 0:
+            req = running[k]
+            computed = req.num_computed_tokens
+            n = len(req.all_token_ids) - computed
+            if n > 1:
+                n = min(n, threshold, budget)
+            # Fast path: a decode token that fits the last block without filling it needs no KV work.
+            if not ((n == 1 and computed + 1 < req.num_kv_slots) or kv.allocate_slots(req, n)):
+                # No blocks: preempt a victim (maybe `req` itself), then retry at running[k].
+                j = self.victim_policy.select(running)
+                victim = running.pop(j)
+                if j < k:  # already in this step's batch: give its tokens back
+                    k -= 1
+                    if victim in chunks:
+                        budget += chunks.pop(victim)
                     else:
-                        chunks[req] = n
-                    continue
-                blocked = True
-                break
-            if not blocked:
-                break
-            j = self.victim_policy.select(running)
-            victim = running.pop(j)
-            if j < k:  # already in this step's batch: give its tokens back
-                k -= 1
-                if victim in chunks:
-                    budget += chunks.pop(victim)
-                else:
-                    budget += 1
-                    decode -= 1
-                    context -= victim.num_computed_tokens + 1
-            self._preempt(victim, out)
+                        budget += 1
+                        decode -= 1
+                        context -= victim.num_computed_tokens + 1
+                self._preempt(victim, out)
+                continue
+            k += 1
+            budget -= n
+            if n == 1 and computed >= req.num_prompt_tokens:
+                decode += 1
+                context += computed + 1
+                if computed >= longest:
+                    longest = computed + 1
+            else:
+                chunks[req] = n
         out.requests = running[:k]
         out.num_scheduled_tokens = ntoks = [1] * k
         out.num_decode_tokens = decode
