@@ -185,8 +185,8 @@ def decode_latency(llm: LLM, w: Workload, batch: int, steps: int = DECODE_STEPS)
                for _ in range(batch)]
     llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True), use_tqdm=False)
     rows = engine.recorder.step_rows[first:]
-    # (step, start_s, duration_s, num_prefill_tokens, num_decode_tokens, ...)
-    return statistics.median(r[2] for r in rows if r[3] == 0 and r[4] == batch)
+    return statistics.median(r.duration_s for r in rows
+                             if r.num_prefill_tokens == 0 and r.num_decode_tokens == batch)
 
 
 def hf_cb_config():

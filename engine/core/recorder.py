@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from array import array
+from dataclasses import dataclass, fields
+from operator import attrgetter
 
 from servebench.engine.core.request import Request
 
@@ -18,35 +20,42 @@ REQUEST_COLUMNS = (
     "num_preemptions",
     "finish_reason",
 )  # the schema every backend writes (ARCHITECTURE.md); the recorder adds `priority`
-STEP_COLUMNS = (
-    "step",
-    "start_s",
-    "duration_s",
-    "num_prefill_tokens",
-    "num_decode_tokens",
-    "num_running",
-    "num_waiting",
-    "kv_usage",
-    "num_preempted",
-    "prefix_hit_tokens",
-)
-# What a step's time depends on, beside the token counts above (README, "Trace schema"); the step-time
-# calibration (sim.calibrate) fits on these. Written by every backend that runs the shared scheduler.
-STEP_SHAPE_COLUMNS = (
-    "num_prefill_chunks",
-    "prefill_attention",  # sum over prefill chunks of n (c + n / 2): n new tokens after c cached ones
-    "prefill_context_sum",  # sum over prefill chunks of c: cached tokens whose KV the chunks read
-    "decode_context_sum",
-    "decode_context_max",
-    "graph_batch",  # padded CUDA-graph batch of a decode-only step; 0: eager
-    "swap_in_blocks",
-    "swap_out_blocks",
+
+
+@dataclass(slots=True)
+class StepRow:
+    """One scheduler step: a row of the steps table, whose columns are these fields, in this order."""
+
+    step: int
+    start_s: float
+    duration_s: float
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    num_preempted: int
+    prefix_hit_tokens: int
+    # What a step's time depends on, beside the token counts above (README, "Trace schema"); the step-time
+    # calibration (sim.calibrate) fits on these. Written by every backend that runs the shared scheduler.
+    num_prefill_chunks: int
+    prefill_attention: float  # sum over prefill chunks of n (c + n / 2): n new tokens after c cached ones
+    prefill_context_sum: int  # sum over prefill chunks of c: cached tokens whose KV the chunks read
+    decode_context_sum: int
+    decode_context_max: int
+    graph_batch: int  # padded CUDA-graph batch of a decode-only step; 0: eager
+    swap_in_blocks: int
+    swap_out_blocks: int
     # from the previous step's end to when this step was scheduled (NaN for the first step); negative with
     # async scheduling while the next step is scheduled as the previous one runs
-    "host_gap_s",
-    "device_s",  # the device's time for the forward and sampling (CUDA events; NaN on CPU)
-)
-TRACE_STEP_COLUMNS = STEP_COLUMNS + STEP_SHAPE_COLUMNS
+    host_gap_s: float
+    device_s: float  # the device's time for the forward and sampling (CUDA events; NaN on CPU)
+
+
+TRACE_STEP_COLUMNS = tuple(f.name for f in fields(StepRow))
+# The columns every backend writes (the server's, empty), then the step's shape (STEP_SHAPE_COLUMNS).
+STEP_COLUMNS = TRACE_STEP_COLUMNS[:TRACE_STEP_COLUMNS.index("num_prefill_chunks")]
+STEP_SHAPE_COLUMNS = TRACE_STEP_COLUMNS[len(STEP_COLUMNS):]
 NAN = float("nan")
 
 
@@ -61,11 +70,11 @@ def _or_nan(x: float | None) -> float:
 
 
 class TraceRecorder:
-    """Rows are appended as tuples when they happen; tables are built once at the end."""
+    """Rows are appended when they happen; tables are built once at the end."""
 
     def __init__(self) -> None:
         self.request_rows: list[tuple] = []
-        self.step_rows: list[tuple] = []
+        self.step_rows: list[StepRow] = []
         self.itl_s = array("d")  # every inter-token gap, in seconds
 
     def on_finish(self, req: Request) -> None:
@@ -86,8 +95,8 @@ class TraceRecorder:
             )
         )
 
-    def on_step(self, row: tuple) -> None:
-        """Append a step's row, its values in TRACE_STEP_COLUMNS' order (the scheduler builds it)."""
+    def on_step(self, row: StepRow) -> None:
+        """Append a step's row (the scheduler builds it)."""
         self.step_rows.append(row)
 
     def requests_table(self) -> dict[str, list]:
@@ -96,7 +105,7 @@ class TraceRecorder:
 
     def steps_table(self) -> dict[str, list]:
         """Column name -> values, ready for a DataFrame: TRACE_STEP_COLUMNS."""
-        return _columns(TRACE_STEP_COLUMNS, self.step_rows)
+        return _columns(TRACE_STEP_COLUMNS, list(map(attrgetter(*TRACE_STEP_COLUMNS), self.step_rows)))
 
 
 def _columns(names: tuple[str, ...], rows: list[tuple]) -> dict[str, list]:

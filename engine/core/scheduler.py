@@ -22,7 +22,7 @@ from servebench.engine.core.encoder_cache import EncoderCache
 from servebench.engine.core.kv_cache_manager import KVCacheManager
 from servebench.engine.core.lora import LoRASlots
 from servebench.engine.core.policies import make_preemption, make_queue, make_victim_policy
-from servebench.engine.core.recorder import NAN, TraceRecorder, prefill_attention
+from servebench.engine.core.recorder import NAN, StepRow, TraceRecorder, prefill_attention
 from servebench.engine.core.request import PENDING, Request, RequestStatus
 from servebench.engine.core.scheduler_output import SchedulerOutput
 
@@ -502,29 +502,29 @@ class Scheduler:
         return [req for req, _ in finished] if finished else []
 
     def _record(self, out: SchedulerOutput, now: float, host_gap: float) -> None:
-        """The step's row of the steps table (recorder.TRACE_STEP_COLUMNS)."""
+        """The step's row of the steps table."""
         self.recorder.on_step(
-            (
-                self.num_steps,
-                out.scheduled_at,
-                now - out.scheduled_at,
-                out.num_prefill_tokens,
-                out.num_decode_tokens,
-                len(self.running),
-                self.num_waiting,
-                out.kv_usage,
-                len(out.preempted),
-                out.prefix_hit_tokens,
-                len(out.prefill_chunks),
-                prefill_attention(out.prefill_chunks),
-                sum(c for _, c in out.prefill_chunks),
-                out.decode_context_tokens,
-                out.decode_context_max,
-                out.graph_batch,
-                len(out.swap_in),
-                len(out.swap_out),
-                host_gap,
-                out.device_s,
+            StepRow(
+                step=self.num_steps,
+                start_s=out.scheduled_at,
+                duration_s=now - out.scheduled_at,
+                num_prefill_tokens=out.num_prefill_tokens,
+                num_decode_tokens=out.num_decode_tokens,
+                num_running=len(self.running),
+                num_waiting=self.num_waiting,
+                kv_usage=out.kv_usage,
+                num_preempted=len(out.preempted),
+                prefix_hit_tokens=out.prefix_hit_tokens,
+                num_prefill_chunks=len(out.prefill_chunks),
+                prefill_attention=prefill_attention(out.prefill_chunks),
+                prefill_context_sum=sum(c for _, c in out.prefill_chunks),
+                decode_context_sum=out.decode_context_tokens,
+                decode_context_max=out.decode_context_max,
+                graph_batch=out.graph_batch,
+                swap_in_blocks=len(out.swap_in),
+                swap_out_blocks=len(out.swap_out),
+                host_gap_s=host_gap,
+                device_s=out.device_s,
             )
         )
         self._last_step_end = now
