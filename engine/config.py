@@ -117,6 +117,8 @@ class EngineArgs:
     seed: int = 0
     enforce_eager: bool = False
     load_format: str = "auto"
+    # The KV cache's size in place of memory profiling: an engine-only knob, so not in engine/core's
+    # CacheConfig, which the simulator shares.
     kv_cache_memory_bytes: int | None = None
     preemption_mode: str = "recompute"
     num_gpu_blocks_override: int | None = None
@@ -181,6 +183,8 @@ class EngineArgs:
         )
 
     def cache_config(self) -> CacheConfig:
+        """The cache knobs as engine/core's CacheConfig: LLMEngine builds it once, for the scheduler and the
+        model runner alike."""
         return CacheConfig(
             block_size=self.block_size, gpu_memory_utilization=self.gpu_memory_utilization,
             swap_space=self.swap_space, enable_prefix_caching=self.enable_prefix_caching,

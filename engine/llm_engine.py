@@ -45,7 +45,9 @@ class LLMEngine:
     def __init__(self, args: EngineArgs, scheduler_config: SchedulerConfig | None = None,
                  cache_config: CacheConfig | None = None) -> None:
         """`scheduler_config` / `cache_config`: engine/core's whole configs (every policy knob, not only
-        the vLLM-named ones in `args`), as the workbench passes them; None derives them from `args`."""
+        the vLLM-named ones in `args`), as the workbench passes them; None derives them from `args`. Either
+        way they are the engine's one source of those knobs: the scheduler and the model runner read them,
+        never `args`' copies (max_model_len is `args`', resolved against the model)."""
         self.args = args
         self.model_config = cfg = ModelConfig.from_dir(args.model)
         self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
@@ -54,7 +56,7 @@ class LLMEngine:
         self.max_model_len = args.resolved_max_model_len(cfg)
         self.scheduler_config = scheduler_config or args.scheduler_config(self.max_model_len)
         self.cache_config = cache_config or args.cache_config()
-        self.runner = ModelRunner(args, cfg, self.scheduler_config)
+        self.runner = ModelRunner(args, cfg, self.scheduler_config, self.cache_config)
         self.reset()
         eos = cfg.eos_token_ids
         self.eos_token_id = next((e for e in [self.tokenizer.eos_token_id, *eos] if e is not None), None)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from servebench.engine.config import EngineArgs, ModelConfig
-from servebench.engine.core.config import SchedulerConfig
+from servebench.engine.core.config import CacheConfig, SchedulerConfig
 from servebench.engine.core.graphs import graph_batch_sizes, padded_graph_batch
 from servebench.engine.core.request import PENDING, Request
 from servebench.engine.core.scheduler_output import SchedulerOutput
@@ -155,9 +155,10 @@ class GraphInputs:
 
 
 class ModelRunner:
-    def __init__(self, args: EngineArgs, cfg: ModelConfig, sched: SchedulerConfig) -> None:
+    def __init__(self, args: EngineArgs, cfg: ModelConfig, sched: SchedulerConfig, cache: CacheConfig
+                 ) -> None:
         self.device, self.dtype = args.torch_device, args.torch_dtype(cfg)
-        self.block_size, self.max_model_len = args.block_size, sched.max_model_len
+        self.block_size, self.max_model_len = cache.block_size, sched.max_model_len
         self.max_blocks_per_seq = _cdiv(self.max_model_len, self.block_size)
         torch.manual_seed(args.seed)
         max_position = max(cfg.max_position_embeddings, self.max_model_len)
@@ -165,9 +166,9 @@ class ModelRunner:
         self.sampler = Sampler(self.device)
         self.kv_shape = (cfg.num_layers, self.block_size, cfg.num_kv_heads, cfg.head_dim)
         self.block_bytes = 2 * int(np.prod(self.kv_shape)) * self.dtype.itemsize
-        self.num_gpu_blocks = self._num_gpu_blocks(args, sched)
+        self.num_gpu_blocks = self._num_gpu_blocks(args, sched, cache)
         swap = sched.preemption_mode != "recompute"  # swap, or cost (which may swap)
-        self.num_cpu_blocks = int(args.swap_space * GiB) // self.block_bytes if swap else 0
+        self.num_cpu_blocks = int(cache.swap_space * GiB) // self.block_bytes if swap else 0
         # One extra block at the end: where padded rows of a CUDA-graph batch write and read.
         self.pad_block = self.num_gpu_blocks
         self.kv_cache = self._allocate(self.num_gpu_blocks + 1)
@@ -199,9 +200,9 @@ class ModelRunner:
             layer.self_attn.k_cache = k if k.dim() == 4 else k[i]
             layer.self_attn.v_cache = v if v.dim() == 4 else v[i]
 
-    def _num_gpu_blocks(self, args: EngineArgs, sched: SchedulerConfig) -> int:
-        if args.num_gpu_blocks_override is not None:
-            return args.num_gpu_blocks_override
+    def _num_gpu_blocks(self, args: EngineArgs, sched: SchedulerConfig, cache: CacheConfig) -> int:
+        if cache.num_gpu_blocks_override is not None:
+            return cache.num_gpu_blocks_override
         if args.kv_cache_memory_bytes is not None:
             return args.kv_cache_memory_bytes // self.block_bytes
         if self.device.type == "cpu":
@@ -209,11 +210,11 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info()
         peak = self._profile_run(sched)
         non_torch = total - free - torch.cuda.memory_reserved()  # CUDA context, other processes
-        budget = int(total * args.gpu_memory_utilization) - peak - non_torch
+        budget = int(total * cache.gpu_memory_utilization) - peak - non_torch
         if budget < self.block_bytes:
             raise ValueError(
                 f"no GPU memory left for the KV cache: weights and activations take {peak / GiB:.1f} GiB "
-                f"of {total / GiB:.1f} GiB at gpu_memory_utilization={args.gpu_memory_utilization}; "
+                f"of {total / GiB:.1f} GiB at gpu_memory_utilization={cache.gpu_memory_utilization}; "
                 "raise it, or lower max_num_batched_tokens / max_num_seqs")
         return budget // self.block_bytes
 

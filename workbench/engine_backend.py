@@ -167,7 +167,7 @@ def build_engine(cfg: dict[str, Any]) -> Any:
         model_dir = b.get("model_path") or str(write_dummy_model_dir(hf_config(cfg["model"]), Path(tmp)))
         sched, cache = scheduler_config(cfg, cfg["model"]["max_model_len"]), cache_config(cfg)
         # The harness's whole scheduler and cache groups, so every engine/core policy runs on the engine too.
-        engine = LLMEngine(_engine_args(cfg["backend"], model_dir, sched, cache, EngineArgs), sched, cache)
+        engine = LLMEngine(_engine_args(b, model_dir, sched.max_model_len, EngineArgs), sched, cache)
     if b.get("warmup", True):
         warm_up(engine)
     return engine
@@ -190,8 +190,8 @@ def warm_up(engine: Any) -> None:
     engine.reset()
 
 
-def _engine_args(b: dict[str, Any], model_dir: str, sched: Any, cache: Any, engine_args: type) -> Any:
-    """EngineArgs of the backend group and the vLLM-named knobs of the scheduler and cache configs."""
+def _engine_args(b: dict[str, Any], model_dir: str, max_model_len: int, engine_args: type) -> Any:
+    """EngineArgs of the backend group; the scheduler and cache knobs reach the engine in their configs."""
     return engine_args(
         model=model_dir,
         dtype=b.get("dtype", "auto"),
@@ -200,15 +200,5 @@ def _engine_args(b: dict[str, Any], model_dir: str, sched: Any, cache: Any, engi
         async_scheduling=b.get("async_scheduling", False),
         device=b.get("device", "auto"),
         load_format="auto" if b.get("model_path") else "dummy",
-        max_model_len=sched.max_model_len,
-        max_num_seqs=sched.max_num_seqs,
-        max_num_batched_tokens=sched.max_num_batched_tokens,
-        enable_chunked_prefill=sched.enable_chunked_prefill,
-        preemption_mode=sched.preemption_mode,
-        scheduling_policy=sched.queue_policy,
-        enable_prefix_caching=cache.enable_prefix_caching,
-        gpu_memory_utilization=cache.gpu_memory_utilization,
-        swap_space=cache.swap_space,
-        block_size=cache.block_size,
-        num_gpu_blocks_override=cache.num_gpu_blocks_override,
+        max_model_len=max_model_len,
     )
