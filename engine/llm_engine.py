@@ -17,8 +17,9 @@ from servebench.engine.core.sampling_params import SamplingParams
 from servebench.engine.core.scheduler import Scheduler, SchedulerStats
 from servebench.engine.core.scheduler_output import SchedulerOutput
 from servebench.engine.detokenizer import Detokenizer
-from servebench.engine.model_runner import ModelRunner, SampledTokens
+from servebench.engine.model_runner import ModelRunner
 from servebench.engine.outputs import CompletionOutput, PositionLogprobs, RequestMetrics, RequestOutput
+from servebench.engine.sampled_tokens import SampledTokens
 from transformers import AutoTokenizer
 
 logger = logging.getLogger(__name__)

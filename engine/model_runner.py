@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import itertools
-import math
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from servebench.engine.config import EngineArgs, ModelConfig
 from servebench.engine.core.config import CacheConfig, SchedulerConfig
 from servebench.engine.core.graphs import graph_batch_sizes, padded_graph_batch
-from servebench.engine.core.request import PENDING, Request
 from servebench.engine.core.scheduler_output import SchedulerOutput
+from servebench.engine.input_batch import HostBatch, host_batch, prepare
 from servebench.engine.loader import load_model
 from servebench.engine.models import AttentionMetadata
-from servebench.engine.outputs import PositionLogprobs
-from servebench.engine.sampler import Logprobs, Sampler, SamplerOutput
+from servebench.engine.pending_tokens import PendingTokens
+from servebench.engine.sampled_tokens import SampledTokens
+from servebench.engine.sampler import Logprobs, Sampler
 
 # Without a GPU to measure, the KV cache gets this much host memory unless told otherwise.
 CPU_KV_CACHE_BYTES = 1 << 30
@@ -25,104 +24,6 @@ GiB = 1 << 30
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _lengths(lists: list[list[int]]) -> np.ndarray:
-    return np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
-
-
-def _flatten(lists: list[list[int]], total: int) -> np.ndarray:
-    return np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int32, count=total)
-
-
-@dataclass(slots=True)
-class HostBatch:
-    """A step's model inputs as host arrays, before they move to the device."""
-
-    input_ids: np.ndarray  # int64 [tokens]
-    positions: np.ndarray  # int64 [tokens]
-    slot_mapping: np.ndarray  # int64 [tokens]
-    block_tables: np.ndarray  # int32 [seqs, widest table]
-    seq_lens: np.ndarray  # int32 [seqs]
-    query_start_loc: np.ndarray  # int32 [seqs + 1]
-    max_query_len: int
-    sample_rows: list[int]  # indices into SchedulerOutput.requests of the requests that sample
-    logits_index: np.ndarray  # the token row whose logits each of them samples from
-    # Async scheduling: token rows whose id is PENDING, and the rows of the previous step's sampled tokens
-    # that hold them.
-    pending_rows: np.ndarray | None = None
-    pending_from: np.ndarray | None = None
-    # prompt_logprobs: (request index, first position of its chunk, token rows whose logits score the prompt)
-    prompt_rows: list[tuple[int, int, np.ndarray]] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class SampledTokens:
-    """A step's sampled tokens (and logprobs) on their way to the host; `tolist()` waits for them and the
-    step's GPU work."""
-
-    host: torch.Tensor | None  # [rows] int64, pinned where the device is a GPU
-    rows: list[int]  # indices into SchedulerOutput.requests of the requests that sampled
-    num_requests: int
-    done: torch.cuda.Event | None
-    sampled_logprobs: Logprobs | None  # of the sampled tokens, for the requests that asked
-    prompt: list[tuple[int, int, Logprobs]]  # (request index, first position of its chunk, its scores)
-    failures: dict[int, Exception]  # request index -> why its part of the step failed (the rest went on)
-    began: torch.cuda.Event | None = None  # recorded before the forward: `device_s` runs from it to `done`
-
-    @classmethod
-    def start(cls, sampled: SamplerOutput | None, rows: list[int], num_requests: int, device: torch.device,
-              prompt: list[tuple[int, int, Logprobs]], failures: dict[int, Exception],
-              began: torch.cuda.Event | None = None) -> SampledTokens:
-        tokens, logprobs = (None, None) if sampled is None else (sampled.tokens, sampled.logprobs)
-        if device.type != "cuda":
-            return cls(tokens, rows, num_requests, None, logprobs, prompt, failures)
-        host = None if tokens is None else _to_host(tokens)
-        logprobs = None if logprobs is None else logprobs.map(_to_host)
-        prompt = [(i, start, lp.map(_to_host)) for i, start, lp in prompt]
-        done = torch.cuda.Event(enable_timing=began is not None)
-        done.record()  # also when nothing sampled: the step's measured duration covers its GPU work
-        return cls(host, rows, num_requests, done, logprobs, prompt, failures, began)
-
-    def wait(self) -> None:
-        if self.done is not None:
-            self.done.synchronize()
-
-    def tolist(self) -> list[int]:
-        """The token of request i at i (-1: none)."""
-        self.wait()
-        sampled = [-1] * self.num_requests
-        if self.host is not None:
-            for i, tok in zip(self.rows, self.host.tolist()):
-                sampled[i] = tok
-        return sampled
-
-    def logprobs(self, requests: list[Request]) -> dict[int, PositionLogprobs]:
-        """Request index -> its sampled token's logprobs, for those of the step's `requests` that asked."""
-        if self.sampled_logprobs is None:
-            return {}
-        index = [i for i in self.rows if requests[i].sampling_params.logprobs is not None]
-        ks = [requests[i].sampling_params.logprobs for i in index]
-        return dict(zip(index, self.sampled_logprobs.tolist(ks), strict=True))
-
-    def prompt_logprobs(self, requests: list[Request]) -> list[tuple[int, int, list[PositionLogprobs]]]:
-        """(request index, p, logprobs of its prompt tokens p + 1, p + 2, ...) for this step's chunks."""
-        return [(i, start, lp.tolist([requests[i].sampling_params.prompt_logprobs] * len(lp.ranks)))
-                for i, start, lp in self.prompt]
-
-    @property
-    def device_s(self) -> float:
-        """Seconds the device spent on the step's forward and sampling, once `wait` returned (NaN without
-        a CUDA device). Events time the stream: a step queued behind the previous one starts when it ends."""
-        if self.began is None:
-            return math.nan
-        return self.began.elapsed_time(self.done) / 1e3
-
-
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """Start copying `t` to pinned host memory; it is there once the step's done event has passed."""
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    return host.copy_(t, non_blocking=True)
 
 
 class GraphInputs:
@@ -164,6 +65,7 @@ class ModelRunner:
         max_position = max(cfg.max_position_embeddings, self.max_model_len)
         self.model = load_model(cfg, self.dtype, self.device, max_position, args.load_format, args.seed)
         self.sampler = Sampler(self.device)
+        self.pending_tokens = PendingTokens()
         self.kv_shape = (cfg.num_layers, self.block_size, cfg.num_kv_heads, cfg.head_dim)
         self.block_bytes = 2 * int(np.prod(self.kv_shape)) * self.dtype.itemsize
         self.num_gpu_blocks = self._num_gpu_blocks(args, sched, cache)
@@ -177,7 +79,6 @@ class ModelRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_sizes: list[int] = []  # sorted keys of `graphs`
         self._turn = 0  # which pinned host twin of the graph inputs the next replay fills
-        self._last_sampled: tuple[list[Request], list[int], torch.Tensor] | None = None
         if self.device.type == "cuda" and not args.enforce_eager:
             self._capture_graphs(sched.max_num_seqs)
 
@@ -230,7 +131,7 @@ class ModelRunner:
         self._bind_cache(scratch, scratch)
         torch.cuda.reset_peak_memory_stats()
         tables = [list(range(first[i], first[i + 1])) for i in range(seqs)]
-        batch = self._host_batch([[0] * n for n in lens], [0] * seqs, tables, list(range(seqs)))
+        batch = host_batch([[0] * n for n in lens], [0] * seqs, tables, list(range(seqs)), self.block_size)
         self._run_eager(batch).sort(dim=-1)  # as the top-p sampler does
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
@@ -261,7 +162,7 @@ class ModelRunner:
         self._swap(out)
         sampled, rows, prompt, failures, began = None, [], [], {}, None
         if out.requests:
-            batch = self._prepare(out)
+            batch = prepare(out, self.block_size, self.pending_tokens)
             rows = batch.sample_rows
             out.graph_batch = self._graph_batch(batch)
             if self.device.type == "cuda":
@@ -270,7 +171,7 @@ class ModelRunner:
             logits = self._forward(batch, out.graph_batch)
             if rows:
                 sampled = self.sampler(logits[:len(rows)], [out.requests[i] for i in rows])
-                self._last_sampled = (out.requests, rows, sampled.tokens)
+                self.pending_tokens.remember(out.requests, rows, sampled.tokens)
                 failures = {rows[j]: e for j, e in sampled.failed.items()}
             prompt = self._prompt_logprobs(out, batch, logits[len(rows):], failures)
         return SampledTokens.start(sampled, rows, len(out.requests), self.device, prompt, failures, began)
@@ -290,69 +191,6 @@ class ModelRunner:
                 failures[i] = e
             at += m
         return scored
-
-    def _prepare(self, out: SchedulerOutput) -> HostBatch:
-        token_ids, starts, tables, rows, pending, scored = [], [], [], [], [], []
-        for i, (req, n) in enumerate(zip(out.requests, out.num_scheduled_tokens)):
-            start = req.num_computed_tokens
-            tokens = req.all_token_ids
-            token_ids.append(tokens[start:start + n])
-            starts.append(start)
-            tables.append(req.block_table)
-            if start + n >= len(tokens):
-                rows.append(i)
-                if tokens[-1] == PENDING:
-                    pending.append(i)
-            # The chunk's rows up to the last prompt token but one predict the prompt's next tokens.
-            end = min(start + n, req.num_prompt_tokens - 1)
-            if req.sampling_params.prompt_logprobs is not None and end > start:
-                scored.append((i, start, end))
-        batch = self._host_batch(token_ids, starts, tables, rows)
-        qsl = batch.query_start_loc
-        batch.prompt_rows = [(i, start, qsl[i] + np.arange(end - start)) for i, start, end in scored]
-        if pending:
-            batch.pending_rows = batch.query_start_loc[1:][pending] - 1
-            batch.pending_from = self._previous_rows([out.requests[i] for i in pending])
-        return batch
-
-    def _previous_rows(self, reqs: list[Request]) -> np.ndarray:
-        """Rows of the previous launch's sampled tokens that belong to `reqs`."""
-        prev_reqs, prev_rows, _ = self._last_sampled
-        row_of = {prev_reqs[i].request_id: j for j, i in enumerate(prev_rows)}
-        return np.fromiter((row_of[r.request_id] for r in reqs), dtype=np.int64, count=len(reqs))
-
-    def _fill_pending(self, input_ids: torch.Tensor, batch: HostBatch) -> None:
-        """Write the previous step's sampled tokens (still on the device) into the PENDING input rows."""
-        dst, src = batch.pending_rows, batch.pending_from
-        prev = self._last_sampled[2]
-        m = len(dst)
-        if np.array_equal(dst, src) and dst[-1] == m - 1:  # the steady decode batch: the same rows
-            input_ids[:m].copy_(prev[:m])
-            return
-        dev = input_ids.device
-        input_ids[torch.from_numpy(dst).to(dev)] = prev[torch.from_numpy(src).to(dev)]
-
-    def _host_batch(self, token_ids: list[list[int]], starts: list[int], tables: list[list[int]],
-                    rows: list[int]) -> HostBatch:
-        """Inputs for sequences whose new tokens `token_ids[i]` follow `starts[i]` tokens already cached."""
-        # Vectorized over tokens: a numpy call per sequence would cost milliseconds a step at batch 256.
-        bs = self.block_size
-        lens = _lengths(token_ids)
-        qsl = np.concatenate(([0], np.cumsum(lens)))
-        seq_index = np.repeat(np.arange(len(lens)), lens)
-        starts = np.asarray(starts, dtype=np.int64)
-        positions = np.arange(qsl[-1]) - qsl[seq_index] + starts[seq_index]
-        widths = _lengths(tables)
-        block_tables = np.zeros((len(tables), widths.max()), dtype=np.int32)
-        table_index = np.repeat(np.arange(len(tables)), widths)
-        column = np.arange(widths.sum()) - np.repeat(np.cumsum(widths) - widths, widths)
-        block_tables[table_index, column] = _flatten(tables, widths.sum())
-        slots = block_tables[seq_index, positions // bs].astype(np.int64) * bs + positions % bs
-        return HostBatch(
-            input_ids=_flatten(token_ids, qsl[-1]).astype(np.int64), positions=positions, slot_mapping=slots,
-            block_tables=block_tables, seq_lens=(starts + lens).astype(np.int32),
-            query_start_loc=qsl.astype(np.int32), max_query_len=int(lens.max()), sample_rows=rows,
-            logits_index=qsl[1:][rows] - 1)
 
     def _graph_batch(self, batch: HostBatch) -> int:
         """The captured batch a decode-only step replays in; 0: eager (prompt logprobs run eagerly too)."""
@@ -379,7 +217,7 @@ class ModelRunner:
             max_query_len=batch.max_query_len, max_seq_len=int(batch.seq_lens.max()))
         input_ids = put(batch.input_ids)
         if batch.pending_rows is not None:
-            self._fill_pending(input_ids, batch)
+            self.pending_tokens.fill(input_ids, batch.pending_rows, batch.pending_from)
         hidden = self.model(input_ids, put(batch.positions), meta)
         rows = np.concatenate([batch.logits_index, *(r for _, _, r in batch.prompt_rows)])
         return self.model.compute_logits(hidden[put(rows)])
@@ -448,6 +286,6 @@ class ModelRunner:
         self._pad_graph_rows(h, n, size)
         self._upload_graph_inputs(turn, size)
         if batch.pending_rows is not None:
-            self._fill_pending(self.graph_inputs.input_ids, batch)
+            self.pending_tokens.fill(self.graph_inputs.input_ids, batch.pending_rows, batch.pending_from)
         self.graphs[size].replay()
         return self.graph_logits[:n]

@@ -47,7 +47,7 @@ from servebench.engine.dummy import resolve_model
 
 if TYPE_CHECKING:
     from servebench.engine.llm_engine import LLMEngine
-    from servebench.engine.model_runner import SampledTokens
+    from servebench.engine.sampled_tokens import SampledTokens
 
 REPO = Path(__file__).resolve().parents[1]
 LINEAR_CHUNK = 128  # tokens per sequence in `linear` points: long enough to be matmul-bound, attention ~0

@@ -10,6 +10,7 @@ import gc
 import numpy as np
 import pytest
 import torch
+from servebench.engine.input_batch import host_batch
 from test_engine_correctness import PROMPTS, assert_matches_hf
 from tiny_model import ONE_B, build_tiny_model, hf_greedy, hf_model, random_prompts
 
@@ -44,7 +45,7 @@ def engine_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
     overwrites whatever prefix they cached: generate nothing with this engine afterwards)."""
     runner = llm.engine.runner
     blocks = list(range(-(-len(ids) // runner.block_size)))
-    batch = runner._host_batch([ids], [0], [blocks], [0])
+    batch = host_batch([ids], [0], [blocks], [0], runner.block_size)
     batch.logits_index = np.arange(len(ids))
     return runner._run_eager(batch)
 
