@@ -73,8 +73,9 @@ class LLMEngine:
         """A fresh scheduler, KV cache index (prefix cache included) and trace on the loaded model: one model
         load serves several benchmark runs. Requests still in flight are dropped."""
         self.recorder = TraceRecorder()
-        self.scheduler = Scheduler(self.scheduler_config, self.cache_config, self.runner.num_gpu_blocks,
-                                   self.runner.num_cpu_blocks, self.recorder)
+        kv_cache = self.runner.kv_cache
+        self.scheduler = Scheduler(self.scheduler_config, self.cache_config, kv_cache.num_gpu_blocks,
+                                   kv_cache.num_cpu_blocks, self.recorder)
         self._tracked: dict[str, _Tracked] = {}
         self._dropped: list[_Tracked] = []  # finished without a step (shed): reported by the next step()
         self._in_flight: tuple[SchedulerOutput, SampledTokens] | None = None  # async: launched, not resolved

@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import torch
 from servebench.engine.config import EngineArgs, ModelConfig
 from servebench.engine.core.config import CacheConfig, SchedulerConfig
 from servebench.engine.core.graphs import graph_batch_sizes, padded_graph_batch
 from servebench.engine.core.scheduler_output import SchedulerOutput
-from servebench.engine.input_batch import HostBatch, host_batch, prepare
+from servebench.engine.input_batch import HostBatch, prepare
+from servebench.engine.kv_cache import KVCache
 from servebench.engine.loader import load_model
 from servebench.engine.models import AttentionMetadata
 from servebench.engine.pending_tokens import PendingTokens
 from servebench.engine.sampled_tokens import SampledTokens
 from servebench.engine.sampler import Logprobs, Sampler
-
-# Without a GPU to measure, the KV cache gets this much host memory unless told otherwise.
-CPU_KV_CACHE_BYTES = 1 << 30
-GiB = 1 << 30
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 class GraphInputs:
@@ -60,92 +51,19 @@ class ModelRunner:
                  ) -> None:
         self.device, self.dtype = args.torch_device, args.torch_dtype(cfg)
         self.block_size, self.max_model_len = cache.block_size, sched.max_model_len
-        self.max_blocks_per_seq = _cdiv(self.max_model_len, self.block_size)
+        self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         torch.manual_seed(args.seed)
         max_position = max(cfg.max_position_embeddings, self.max_model_len)
         self.model = load_model(cfg, self.dtype, self.device, max_position, args.load_format, args.seed)
         self.sampler = Sampler(self.device)
         self.pending_tokens = PendingTokens()
-        self.kv_shape = (cfg.num_layers, self.block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.block_bytes = 2 * int(np.prod(self.kv_shape)) * self.dtype.itemsize
-        self.num_gpu_blocks = self._num_gpu_blocks(args, sched, cache)
-        swap = sched.preemption_mode != "recompute"  # swap, or cost (which may swap)
-        self.num_cpu_blocks = int(cache.swap_space * GiB) // self.block_bytes if swap else 0
-        # One extra block at the end: where padded rows of a CUDA-graph batch write and read.
-        self.pad_block = self.num_gpu_blocks
-        self.kv_cache = self._allocate(self.num_gpu_blocks + 1)
-        self.cpu_cache = self._allocate(self.num_cpu_blocks, swap=True)
-        self._bind_cache(self.kv_cache[0], self.kv_cache[1])
+        self.kv_cache = KVCache(self.model, cfg, self.dtype, self.device, sched, cache,
+                                args.kv_cache_memory_bytes, self._run_eager)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_sizes: list[int] = []  # sorted keys of `graphs`
         self._turn = 0  # which pinned host twin of the graph inputs the next replay fills
         if self.device.type == "cuda" and not args.enforce_eager:
             self._capture_graphs(sched.max_num_seqs)
-
-    # ---- KV cache ----------------------------------------------------------------
-    def _allocate(self, num_blocks: int, swap: bool = False) -> torch.Tensor:
-        """[2 (k, v), layers, blocks, block_size, kv heads, head dim]: a swap is one indexed copy.
-
-        The device cache starts zeroed (a masked kernel load of stale NaNs would still poison a sum); swap
-        space is always written before it is read, and left unzeroed it costs no host memory until used.
-        """
-        layers, *block = self.kv_shape
-        shape = (2, layers, num_blocks, *block)
-        if swap:
-            return torch.empty(shape, dtype=self.dtype, pin_memory=self.device.type == "cuda")
-        return torch.zeros(shape, dtype=self.dtype, device=self.device)
-
-    def _bind_cache(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Point every layer's attention at its k/v cache; a 4-d k, v is shared by all layers."""
-        for i, layer in enumerate(self.model.model.layers):
-            layer.self_attn.k_cache = k if k.dim() == 4 else k[i]
-            layer.self_attn.v_cache = v if v.dim() == 4 else v[i]
-
-    def _num_gpu_blocks(self, args: EngineArgs, sched: SchedulerConfig, cache: CacheConfig) -> int:
-        if cache.num_gpu_blocks_override is not None:
-            return cache.num_gpu_blocks_override
-        if args.kv_cache_memory_bytes is not None:
-            return args.kv_cache_memory_bytes // self.block_bytes
-        if self.device.type == "cpu":
-            return min(CPU_KV_CACHE_BYTES // self.block_bytes, sched.max_num_seqs * self.max_blocks_per_seq)
-        free, total = torch.cuda.mem_get_info()
-        peak = self._profile_run(sched)
-        non_torch = total - free - torch.cuda.memory_reserved()  # CUDA context, other processes
-        budget = int(total * cache.gpu_memory_utilization) - peak - non_torch
-        if budget < self.block_bytes:
-            raise ValueError(
-                f"no GPU memory left for the KV cache: weights and activations take {peak / GiB:.1f} GiB "
-                f"of {total / GiB:.1f} GiB at gpu_memory_utilization={cache.gpu_memory_utilization}; "
-                "raise it, or lower max_num_batched_tokens / max_num_seqs")
-        return budget // self.block_bytes
-
-    @torch.inference_mode()
-    def _profile_run(self, sched: SchedulerConfig) -> int:
-        """Peak memory of the largest step (full token budget, most sequences), one layer's cache shared."""
-        tokens = sched.max_num_batched_tokens
-        seqs = max(min(sched.max_num_seqs, tokens), _cdiv(tokens, self.max_model_len))
-        lens = [tokens // seqs + (i < tokens % seqs) for i in range(seqs)]
-        first = list(itertools.accumulate((_cdiv(n, self.block_size) for n in lens), initial=0))
-        _, *block = self.kv_shape
-        scratch = torch.zeros(first[-1], *block, dtype=self.dtype, device=self.device)
-        self._bind_cache(scratch, scratch)
-        torch.cuda.reset_peak_memory_stats()
-        tables = [list(range(first[i], first[i + 1])) for i in range(seqs)]
-        batch = host_batch([[0] * n for n in lens], [0] * seqs, tables, list(range(seqs)), self.block_size)
-        self._run_eager(batch).sort(dim=-1)  # as the top-p sampler does
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-        del scratch
-        torch.cuda.empty_cache()
-        return peak
-
-    def _swap(self, out: SchedulerOutput) -> None:
-        if out.swap_out:
-            gpu, cpu = (list(x) for x in zip(*out.swap_out))
-            self.cpu_cache[:, :, cpu] = self.kv_cache[:, :, gpu].cpu()
-        if out.swap_in:
-            cpu, gpu = (list(x) for x in zip(*out.swap_in))
-            self.kv_cache[:, :, gpu] = self.cpu_cache[:, :, cpu].to(self.device, non_blocking=True)
 
     # ---- one step -----------------------------------------------------------------
     def execute(self, out: SchedulerOutput) -> SampledTokens:
@@ -159,7 +77,7 @@ class ModelRunner:
     def launch(self, out: SchedulerOutput) -> SampledTokens:
         """`execute` without waiting for the device: the host can schedule the next step meanwhile. Input
         tokens still PENDING are the previous launch's sampled tokens, gathered on the device."""
-        self._swap(out)
+        self.kv_cache.swap(out)
         sampled, rows, prompt, failures, began = None, [], [], {}, None
         if out.requests:
             batch = prepare(out, self.block_size, self.pending_tokens)
@@ -263,9 +181,9 @@ class ModelRunner:
         """Rows [start, end) of a graph batch: a one-token context in the pad block, written there."""
         h.input_ids[start:end] = 0
         h.positions[start:end] = 0
-        h.slot_mapping[start:end] = self.pad_block * self.block_size
+        h.slot_mapping[start:end] = self.kv_cache.pad_block * self.block_size
         h.seq_lens[start:end] = 1
-        h.block_tables[start:end, 0] = self.pad_block
+        h.block_tables[start:end, 0] = self.kv_cache.pad_block
 
     def _upload_graph_inputs(self, turn: int, size: int) -> None:
         h = self.graph_hosts[turn]

@@ -113,7 +113,7 @@ class Profiler:
     def __init__(self, engine: LLMEngine, grid: Grid) -> None:
         self.engine, self.runner, self.grid = engine, engine.runner, grid
         self.mml, self.bs = engine.max_model_len, self.runner.block_size
-        self.kv = KVCacheManager(self.runner.num_gpu_blocks, self.bs, enable_caching=False)
+        self.kv = KVCacheManager(self.runner.kv_cache.num_gpu_blocks, self.bs, enable_caching=False)
         self.cuda = self.runner.device.type == "cuda"
         self.rows: list[dict] = []
         self._ids = 0
@@ -220,14 +220,14 @@ class Profiler:
         return sorted({c for c in self.grid.decode_contexts if c <= longest} | {longest})
 
     def run_swaps(self) -> None:
-        runner = self.runner
+        kv_cache = self.runner.kv_cache
         for n in self.grid.swap_blocks:
-            if n > min(runner.num_cpu_blocks, runner.num_gpu_blocks):
+            if n > min(kv_cache.num_cpu_blocks, kv_cache.num_gpu_blocks):
                 continue
             pairs = [(i, i) for i in range(n)]
             for kind in ("swap_out", "swap_in"):
                 out = SchedulerOutput(**{kind: pairs})
-                self._add(kind, self._time(lambda out=out: runner._swap(out)), blocks=n)
+                self._add(kind, self._time(lambda out=out: kv_cache.swap(out)), blocks=n)
 
     def run_cpu(self) -> list[dict]:
         """Per-step host overhead in the engine loop as `backend=engine` runs it: period minus execute."""
@@ -312,7 +312,7 @@ def profile(model: str, out: Path, grid: Grid, device: str = "auto", dtype: str 
                           enable_prefix_caching=False, preemption_mode="swap", swap_space=swap_space)
         engine = LLMEngine(args)
     prof = Profiler(engine, grid)
-    blocks = engine.runner.num_gpu_blocks
+    blocks = engine.runner.kv_cache.num_gpu_blocks
     _log(f"{name}: engine ready in {time.perf_counter() - t0:.1f} s, {blocks} KV blocks")
     prof.run_steps()
     _log(f"{name}: {len(prof.rows)} step points, {time.perf_counter() - t0:.1f} s")
@@ -329,7 +329,7 @@ def profile(model: str, out: Path, grid: Grid, device: str = "auto", dtype: str 
         "model": name, "hf_config": hf, **environment(runner.device),
         "engine": {"dtype": str(runner.dtype).removeprefix("torch."), "max_model_len": engine.max_model_len,
                    "max_num_seqs": max_num_seqs, "block_size": runner.block_size,
-                   "num_gpu_blocks": runner.num_gpu_blocks, "cuda_graphs": bool(runner.graphs),
+                   "num_gpu_blocks": runner.kv_cache.num_gpu_blocks, "cuda_graphs": bool(runner.graphs),
                    "max_num_batched_tokens": args.max_num_batched_tokens},
         "grid": dataclasses.asdict(grid), "wall_s": round(time.perf_counter() - t0, 1),
         # the code measured: the simulator warns, and tests/test_profile_digest.py fails, once it changes

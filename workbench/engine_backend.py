@@ -88,8 +88,8 @@ def _replay(cfg: dict[str, Any], engine: Any) -> RunResult:
         "device": str(engine.runner.device),
         **_device_names(engine.runner.device),
         "source_digest": source_digest(),  # the engine and kernel code that ran (engine.digest)
-        "num_gpu_blocks": engine.runner.num_gpu_blocks,
-        "num_cpu_blocks": engine.runner.num_cpu_blocks,
+        "num_gpu_blocks": engine.runner.kv_cache.num_gpu_blocks,
+        "num_cpu_blocks": engine.runner.kv_cache.num_cpu_blocks,
         **scheduler_counts([engine.stats()], engine.now() - t0),
         "num_truncated": num_truncated(requests, workload),
         # Host pauses no step-time model predicts: how often Python's garbage collector stopped the loop.
