@@ -107,8 +107,8 @@ def skinny_sweep(shape: Shape) -> None:
 
 
 def kernel_breakdown(llm: LLM, batch: int) -> None:
-    runner = llm.engine.runner
-    graph = runner.graphs[min(s for s in runner.graphs if s >= batch)]
+    graphs = llm.engine.runner.cuda_graphs.graphs
+    graph = graphs[min(s for s in graphs if s >= batch)]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             graph.replay()
@@ -127,8 +127,8 @@ def kernel_breakdown(llm: LLM, batch: int) -> None:
 
 
 def replay_time(llm: LLM, batch: int) -> float:
-    runner = llm.engine.runner
-    graph = runner.graphs[min(s for s in runner.graphs if s >= batch)]
+    graphs = llm.engine.runner.cuda_graphs.graphs
+    graph = graphs[min(s for s in graphs if s >= batch)]
     times = []
     for _ in range(20):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -329,7 +329,8 @@ def profile(model: str, out: Path, grid: Grid, device: str = "auto", dtype: str 
         "model": name, "hf_config": hf, **environment(runner.device),
         "engine": {"dtype": str(runner.dtype).removeprefix("torch."), "max_model_len": engine.max_model_len,
                    "max_num_seqs": max_num_seqs, "block_size": runner.block_size,
-                   "num_gpu_blocks": runner.kv_cache.num_gpu_blocks, "cuda_graphs": bool(runner.graphs),
+                   "num_gpu_blocks": runner.kv_cache.num_gpu_blocks,
+                   "cuda_graphs": runner.cuda_graphs is not None,
                    "max_num_batched_tokens": args.max_num_batched_tokens},
         "grid": dataclasses.asdict(grid), "wall_s": round(time.perf_counter() - t0, 1),
         # the code measured: the simulator warns, and tests/test_profile_digest.py fails, once it changes
