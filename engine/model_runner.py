@@ -161,10 +161,12 @@ class ModelRunner:
         self.max_blocks_per_seq = _cdiv(self.max_model_len, self.block_size)
         torch.manual_seed(args.seed)
         max_position = max(cfg.max_position_embeddings, self.max_model_len)
-        self.model = load_model(cfg, self.dtype, self.device, max_position, args.load_format, args.seed)
+        self.model = load_model(cfg, self.dtype, self.device, max_position, args.load_format, args.seed,
+                                args.quantization)
         self.sampler = Sampler(self.device)
         self.kv_shape = (cfg.num_layers, self.block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.block_bytes = 2 * int(np.prod(self.kv_shape)) * self.dtype.itemsize
+        self.kv_dtype = args.kv_cache_torch_dtype(self.dtype)
+        self.block_bytes = 2 * int(np.prod(self.kv_shape)) * self.kv_dtype.itemsize
         self.num_gpu_blocks = self._num_gpu_blocks(args, sched)
         swap = sched.preemption_mode != "recompute"  # swap, or cost (which may swap)
         self.num_cpu_blocks = int(args.swap_space * GiB) // self.block_bytes if swap else 0
@@ -180,6 +182,16 @@ class ModelRunner:
         if self.device.type == "cuda" and not args.enforce_eager:
             self._capture_graphs(sched.max_num_seqs)
 
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the model's parameters on the device, quantized as they are (a tied one counted once)."""
+        return sum(p.nbytes for p in self.model.parameters())
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes of the KV cache's usable blocks (not the padding block CUDA graphs write to)."""
+        return self.num_gpu_blocks * self.block_bytes
+
     # ---- KV cache ----------------------------------------------------------------
     def _allocate(self, num_blocks: int, swap: bool = False) -> torch.Tensor:
         """[2 (k, v), layers, blocks, block_size, kv heads, head dim]: a swap is one indexed copy.
@@ -190,8 +202,8 @@ class ModelRunner:
         layers, *block = self.kv_shape
         shape = (2, layers, num_blocks, *block)
         if swap:
-            return torch.empty(shape, dtype=self.dtype, pin_memory=self.device.type == "cuda")
-        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+            return torch.empty(shape, dtype=self.kv_dtype, pin_memory=self.device.type == "cuda")
+        return torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
 
     def _bind_cache(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Point every layer's attention at its k/v cache; a 4-d k, v is shared by all layers."""
@@ -225,7 +237,7 @@ class ModelRunner:
         lens = [tokens // seqs + (i < tokens % seqs) for i in range(seqs)]
         first = list(itertools.accumulate((_cdiv(n, self.block_size) for n in lens), initial=0))
         _, *block = self.kv_shape
-        scratch = torch.zeros(first[-1], *block, dtype=self.dtype, device=self.device)
+        scratch = torch.zeros(first[-1], *block, dtype=self.kv_dtype, device=self.device)
         self._bind_cache(scratch, scratch)
         torch.cuda.reset_peak_memory_stats()
         tables = [list(range(first[i], first[i + 1])) for i in range(seqs)]
