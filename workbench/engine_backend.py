@@ -90,6 +90,11 @@ def _replay(cfg: dict[str, Any], engine: Any) -> RunResult:
         "source_digest": source_digest(),  # the engine and kernel code that ran (engine.digest)
         "num_gpu_blocks": engine.runner.num_gpu_blocks,
         "num_cpu_blocks": engine.runner.num_cpu_blocks,
+        # The simulator's names: what the weights (quantized as they run) and the KV cache hold.
+        "quantization": engine.args.quantization or "none",
+        "kv_cache_dtype": engine.args.kv_cache_dtype,
+        "weight_gib": engine.runner.weight_bytes / 2**30,
+        "kv_cache_gib": engine.runner.kv_cache_bytes / 2**30,
         **scheduler_counts([engine.scheduler], engine.now() - t0),
         "num_truncated": num_truncated(requests, workload),
         # Host pauses no step-time model predicts: how often Python's garbage collector stopped the loop.
@@ -163,15 +168,15 @@ def build_engine(cfg: dict[str, Any]) -> Any:
     """The engine the config describes (dummy weights unless backend.model_path), warmed up unless
     backend.warmup is false."""
     from servebench.engine.config import EngineArgs
-    from servebench.engine.dummy import hf_config, write_dummy_model_dir
+    from servebench.engine.dummy import write_dummy_model_dir
     from servebench.engine.llm_engine import LLMEngine
 
     b = cfg["backend"]
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = b.get("model_path") or str(write_dummy_model_dir(hf_config(cfg["model"]), Path(tmp)))
+        model_dir = b.get("model_path") or str(write_dummy_model_dir(_dummy_config(cfg), Path(tmp)))
         sched, cache = scheduler_config(cfg, cfg["model"]["max_model_len"]), cache_config(cfg)
         # The harness's whole scheduler and cache groups, so every engine/core policy runs on the engine too.
-        engine = LLMEngine(_engine_args(cfg["backend"], model_dir, sched, cache, EngineArgs), sched, cache)
+        engine = LLMEngine(_engine_args(cfg, model_dir, sched, cache, EngineArgs), sched, cache)
     if b.get("warmup", True):
         warm_up(engine)
     return engine
@@ -194,8 +199,23 @@ def warm_up(engine: Any) -> None:
     engine.reset()
 
 
-def _engine_args(b: dict[str, Any], model_dir: str, sched: Any, cache: Any, engine_args: type) -> Any:
-    """EngineArgs of the backend group and the vLLM-named knobs of the scheduler and cache configs."""
+def _dummy_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """config.json of the model group's shape; with an int4 quantization group, the quantization_config a
+    checkpoint of that method would carry (bits, group size: null is per channel)."""
+    from servebench.engine.dummy import hf_config
+
+    config = hf_config(cfg["model"])
+    q = cfg.get("quantization") or {}
+    if q.get("method") in ("awq", "gptq"):
+        config["quantization_config"] = {"quant_method": q["method"], "bits": q.get("weight_bits", 4),
+                                         "group_size": q.get("group_size") or -1}
+    return config
+
+
+def _engine_args(cfg: dict[str, Any], model_dir: str, sched: Any, cache: Any, engine_args: type) -> Any:
+    """EngineArgs of the backend group, the vLLM-named knobs of the scheduler and cache configs, and the
+    quantization method and KV-cache dtype."""
+    b, method = cfg["backend"], (cfg.get("quantization") or {}).get("method", "none")
     return engine_args(
         model=model_dir,
         dtype=b.get("dtype", "auto"),
@@ -215,4 +235,6 @@ def _engine_args(b: dict[str, Any], model_dir: str, sched: Any, cache: Any, engi
         swap_space=cache.swap_space,
         block_size=cache.block_size,
         num_gpu_blocks_override=cache.num_gpu_blocks_override,
+        quantization=None if method == "none" else method,
+        kv_cache_dtype=cfg["cache"].get("kv_cache_dtype", "auto"),
     )
