@@ -12,7 +12,7 @@ import pytest
 import torch
 from quantized_checkpoint import quantize_checkpoint
 from test_engine_correctness import PROMPTS, assert_matches_hf
-from test_quantization import CASES, baseline_run, check_near
+from test_quantization import CASES, SWAP, baseline_run, check_near
 from tiny_model import ONE_B, build_tiny_model, hf_greedy, hf_model, random_prompts
 
 from servebench import LLM, SamplingParams
@@ -113,14 +113,14 @@ def test_tiny_fp32_exact_on_gpu(tiny_llama_dir, knobs):
         assert llm.engine.stats.num_preemptions > 0
 
 
-@pytest.mark.parametrize("case", [*CASES, "fp8+kv_fp8"])
+@pytest.mark.parametrize("case", [*CASES, "fp8+kv_fp8", "kv_fp8+swap"])
 def test_quantized_on_gpu(case: str, trained_llama_dir, tmp_path):
     """The quantized paths on the GPU (W8A8 through torch._scaled_mm, the int4 Triton GEMM, the fp8 KV
-    cache in the Triton KV write and attention; CUDA graphs) against the bf16 engine, with the CPU tests'
-    criteria (tests/test_quantization.py)."""
-    method, kwargs, max_kl, min_top1 = CASES[case.split("+")[0]]
-    if case == "fp8+kv_fp8":
-        kwargs = {**kwargs, "kv_cache_dtype": "fp8"}
+    cache in the Triton KV write and attention and in swaps; CUDA graphs) against the bf16 engine, with the
+    CPU tests' criteria (tests/test_quantization.py)."""
+    first, _, second = case.partition("+")
+    method, kwargs, max_kl, min_top1 = CASES[first]
+    kwargs = kwargs | ({"kv_cache_dtype": "fp8"} if second == "kv_fp8" else SWAP if second == "swap" else {})
     common = dict(dtype="bfloat16", gpu_memory_utilization=0.05, enable_prefix_caching=False)
     baseline = baseline_run(LLM(model=str(trained_llama_dir), **common))
     folder = trained_llama_dir

@@ -120,6 +120,17 @@ def test_quantized_logprobs_and_greedy_tokens_near_full_precision(case: str, che
     check_near(baseline, quantized_engine(case, trained_llama_dir, checkpoints), *CASES[case][2:])
 
 
+# 16 blocks of 16 tokens for 6 prompts and their tokens: requests are preempted and swapped out and in.
+SWAP = dict(max_model_len=256, num_gpu_blocks_override=16, preemption_mode="swap", swap_space=0.01)
+
+
+def test_fp8_kv_cache_swaps_out_and_in(trained_llama_dir, baseline) -> None:
+    engine = llm(trained_llama_dir, kv_cache_dtype="fp8", **SWAP)
+    assert engine.engine.runner.cpu_cache.dtype == torch.float8_e4m3fn
+    check_near(baseline, engine, *CASES["kv_fp8"][2:])
+    assert engine.engine.stats.num_preemptions > 0
+
+
 def test_fp8_kv_cache_holds_twice_the_blocks_and_quantized_weights_shrink(trained_llama_dir,
                                                                           checkpoints) -> None:
     budget = 1 << 20
