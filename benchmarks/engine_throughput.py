@@ -175,12 +175,12 @@ def run_engine(llm: LLM, w: Workload) -> float:
     return elapsed
 
 
-def decode_latency(llm: LLM, w: Workload, batch: int, steps: int = DECODE_STEPS) -> float:
-    """Median duration of pure decode steps with `batch` requests of DECODE_PROMPT-token prompts."""
+def decode_latency(llm: LLM, vocab: int, batch: int, steps: int = DECODE_STEPS) -> float:
+    """Median duration of pure decode steps with `batch` requests of DECODE_PROMPT-token prompts (token ids
+    in [100, vocab - 100))."""
     engine = llm.engine
     first = len(engine.recorder.step_rows)
     rng = random.Random(batch)
-    vocab = w.config["vocab_size"]
     prompts = [{"prompt_token_ids": [rng.randrange(100, vocab - 100) for _ in range(DECODE_PROMPT)]}
                for _ in range(batch)]
     llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True), use_tqdm=False)
@@ -273,7 +273,8 @@ def engine_runs(llm: LLM, w: Workload, c: Card, row: dict) -> None:
                     f"engine_{mode}_total_tok_s": total / elapsed,
                     f"engine_{mode}_of_bound": row["bound_s"] / elapsed})
         for batch in (1, 8, 64):
-            step, floor = decode_latency(llm, w, batch), decode_floor_seconds(s, batch, c)
+            step = decode_latency(llm, w.config["vocab_size"], batch)
+            floor = decode_floor_seconds(s, batch, c)
             print(f"  decode step, batch {batch:3d} ({mode}): {step * 1e3:.2f} ms = {step / floor:.2f}x the "
                   f"weights + KV read bound {floor * 1e3:.2f} ms [{c}]")
             row[f"decode_{mode}_ms_b{batch}"] = step * 1e3

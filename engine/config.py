@@ -18,6 +18,12 @@ from servebench.engine.core.config import (
 DTYPES = {"float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
           "float32": torch.float32, "float": torch.float32}
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# vLLM's names: fp8 quantizes a bf16/fp32 checkpoint's weights at load; awq and gptq load 4-bit checkpoints.
+QUANTIZATION_METHODS = ("fp8", "awq", "gptq")
+KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
+FP8_KV_CAPABILITY = (8, 9)  # Triton converts to and from e4m3 on Ada and Hopper GPUs, not before
+# Where older AutoGPTQ and AutoAWQ checkpoints keep their quantization config (config.json has none).
+QUANT_CONFIG_FILES = ("quantize_config.json", "quant_config.json")
 
 
 @dataclass(slots=True)
@@ -43,6 +49,7 @@ class ModelConfig:
     initializer_range: float
     dtype: torch.dtype  # the checkpoint's
     sliding_window: int | None
+    quantization_config: dict | None  # a quantized checkpoint's (engine.quantization reads it)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelConfig:
@@ -70,6 +77,7 @@ class ModelConfig:
             qk_norm=arch == "Qwen3ForCausalLM", initializer_range=cfg.get("initializer_range", 0.02),
             dtype=DTYPES.get(cfg.get("torch_dtype") or cfg.get("dtype") or "float32", torch.float32),
             sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
+            quantization_config=_quantization_config(path, cfg),
         )
 
     @property
@@ -81,6 +89,15 @@ class ModelConfig:
             if eos is not None:
                 return eos if isinstance(eos, list) else [eos]
         return []
+
+
+def _quantization_config(path: Path, cfg: dict) -> dict | None:
+    if cfg.get("quantization_config"):
+        return cfg["quantization_config"]
+    for name in QUANT_CONFIG_FILES:
+        if (path / name).is_file():
+            return json.loads((path / name).read_text())
+    return None
 
 
 def _rope_params(cfg: dict) -> dict:
@@ -126,6 +143,9 @@ class EngineArgs:
     device: str = "auto"
     # vLLM's --async-scheduling: the next step is scheduled and launched while this one runs on the GPU.
     async_scheduling: bool = False
+    # None: the checkpoint's own quantization_config (none: unquantized); else QUANTIZATION_METHODS.
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype) or fp8 / fp8_e4m3 (e4m3, scale 1.0)
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size != 1:
@@ -139,6 +159,12 @@ class EngineArgs:
             raise ValueError(f"device={self.device!r}: choose auto, cuda or cpu")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but torch sees no CUDA device")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization={self.quantization!r} is not supported: choose "
+                             f"{', '.join(QUANTIZATION_METHODS)} (or None: the checkpoint's own)")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported: choose "
+                             f"{', '.join(KV_CACHE_DTYPES)}")
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> EngineArgs:
@@ -159,6 +185,18 @@ class EngineArgs:
         if model_config.dtype == torch.float32 and self.torch_device.type == "cuda":
             return torch.bfloat16
         return model_config.dtype
+
+    def kv_cache_torch_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The KV cache's dtype: the model's, or e4m3 (where this device's kernels can convert it)."""
+        dtype = KV_CACHE_DTYPES[self.kv_cache_dtype] or model_dtype
+        device = self.torch_device
+        if dtype == torch.float8_e4m3fn and device.type == "cuda":
+            capability = torch.cuda.get_device_capability(device)
+            if capability < FP8_KV_CAPABILITY:
+                raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} needs a GPU of compute capability "
+                                 f"8.9 or newer (Ada, Hopper); {torch.cuda.get_device_name(device)} is "
+                                 f"{capability[0]}.{capability[1]}")
+        return dtype
 
     def resolved_max_model_len(self, model_config: ModelConfig) -> int:
         limit = model_config.max_position_embeddings

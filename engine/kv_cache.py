@@ -27,9 +27,9 @@ class KVCache:
     def __init__(self, model: LlamaForCausalLM, model_config: ModelConfig, dtype: torch.dtype,
                  device: torch.device, sched: SchedulerConfig, cache: CacheConfig,
                  kv_cache_memory_bytes: int | None, forward: Callable[[HostBatch], torch.Tensor]) -> None:
-        """Sized by `cache.num_gpu_blocks_override`, else `kv_cache_memory_bytes`, else from the device
-        memory `cache.gpu_memory_utilization` leaves once `forward` (eager) ran the largest step `sched`
-        allows."""
+        """Blocks of `dtype` elements (fp8 with kv_cache_dtype=fp8), as many as
+        `cache.num_gpu_blocks_override`, else `kv_cache_memory_bytes`, else the device memory
+        `cache.gpu_memory_utilization` leaves once `forward` (eager) ran the largest step `sched` allows."""
         self.dtype, self.device, self.block_size = dtype, device, cache.block_size
         self.kv_shape = (model_config.num_layers, self.block_size, model_config.num_kv_heads,
                          model_config.head_dim)

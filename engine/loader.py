@@ -1,4 +1,5 @@
-"""Build a model on its device and fill it from a local HF checkpoint (safetensors) or at random (dummy)."""
+"""Build a model on its device and fill it from a local HF checkpoint (safetensors) or at random (dummy);
+quantized layers then turn what was loaded into what they compute with (engine.quantization)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from safetensors import safe_open
 from servebench.engine.config import ModelConfig
 from servebench.engine.models import LlamaForCausalLM
+from servebench.engine.quantization import get_quant_config, process_weights_after_loading
 
 # HF tensors with no parameter here: rotary tables that some checkpoints still carry.
 SKIPPED = re.compile(r"rotary_emb\.inv_freq$")
@@ -27,13 +29,19 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_position: int,
-               load_format: str = "auto", seed: int = 0) -> LlamaForCausalLM:
+               load_format: str = "auto", seed: int = 0, quantization: str | None = None) -> LlamaForCausalLM:
+    """`quantization`: EngineArgs' (engine.quantization.get_quant_config)."""
+    quant = get_quant_config(quantization, cfg, load_format)
     with _default_dtype(dtype), torch.device(device):
-        model = LlamaForCausalLM(cfg, max_position)
+        model = LlamaForCausalLM(cfg, max_position, quant)
     if load_format == "dummy":
         _init_dummy(model, seed)
     else:
         load_safetensors(model, cfg.path)
+    if quant is not None:
+        process_weights_after_loading(model)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the float weights' memory, now free, goes to the KV cache
     return model.eval().requires_grad_(False)
 
 
@@ -83,9 +91,14 @@ def _load_tensor(model: LlamaForCausalLM, params: dict[str, torch.nn.Parameter],
         target = f"{module_path}.{merged}.{leaf}"
     if target not in params:
         raise ValueError(f"{file}: tensor {hf_name} has no place in {model.config.architecture}")
-    dst = params[target].data
-    if size is not None:
-        dst = dst.narrow(0, start, size)
+    param = params[target]
+    dst = param.data
+    # A quantized parameter's output columns lie along its output_dim, pack_factor of them an element
+    # (engine.quantization); one with none (GPTQ's g_idx) is the same for every shard.
+    dim = getattr(param, "output_dim", 0)
+    if size is not None and dim is not None:
+        factor = getattr(param, "pack_factor", 1)
+        dst = dst.narrow(dim, start // factor, size // factor)
     if dst.shape != tensor.shape:
         raise ValueError(
             f"{file}: tensor {hf_name} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")

@@ -28,15 +28,26 @@ class ModelRunner:
         self.block_size = cache.block_size
         torch.manual_seed(args.seed)
         max_position = max(cfg.max_position_embeddings, sched.max_model_len)
-        self.model = load_model(cfg, self.dtype, self.device, max_position, args.load_format, args.seed)
+        self.model = load_model(cfg, self.dtype, self.device, max_position, args.load_format, args.seed,
+                                args.quantization)
         self.sampler = Sampler(self.device)
         self.pending_tokens = PendingTokens()
-        self.kv_cache = KVCache(self.model, cfg, self.dtype, self.device, sched, cache,
-                                args.kv_cache_memory_bytes, self._run_eager)
+        self.kv_cache = KVCache(self.model, cfg, args.kv_cache_torch_dtype(self.dtype), self.device, sched,
+                                cache, args.kv_cache_memory_bytes, self._run_eager)
         self.cuda_graphs: CudaGraphs | None = None
         if self.device.type == "cuda" and not args.enforce_eager:
             self.cuda_graphs = CudaGraphs(self.model, self.device, sched.max_num_seqs, sched.max_model_len,
                                           self.block_size, self.kv_cache.pad_block)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the model's parameters on the device, quantized as they are (a tied one counted once)."""
+        return sum(p.nbytes for p in self.model.parameters())
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes of the KV cache's usable blocks (not the padding block CUDA graphs write to)."""
+        return self.kv_cache.num_gpu_blocks * self.kv_cache.block_bytes
 
     def execute(self, out: SchedulerOutput) -> SampledTokens:
         """Swap, run the step's forward and sample, and wait for the device (the step is done on return)."""

@@ -14,6 +14,10 @@ the host which sequences decode (no device sync, safe under CUDA graphs, sequenc
 
 In both, key tiles that every row of the program may see run without masks; only the tiles that cross the
 causal diagonal or the end of the context are masked.
+
+An fp8 (e4m3) cache is multiplied by its tensor's scale (k_scale, v_scale) in fp32 as each tile is loaded and
+rounded to the query's dtype, as vLLM's Triton attention does: the dots stay on the 16-bit tensor-core path,
+accumulating in fp32, and the softmax is fp32 as for any cache (an fp32 model's dots: tf32x3, as without fp8).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import triton
 import triton.language as tl
 from servebench.kernels import reference
 from servebench.kernels.dispatch import pdl, pdl_enter, pick
+from servebench.kernels.quant_layout import FP8
 
 
 @dataclass(slots=True, frozen=True)
@@ -59,10 +64,10 @@ def _find_seq(qsl_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def _attend(acc, l_i, m_i, q, pos, start, hi, bt_ptr, k_base, v_base, scale_log2,
+def _attend(acc, l_i, m_i, q, pos, start, hi, bt_ptr, k_base, v_base, scale_log2, k_scale, v_scale,
             stride_kb, stride_ks, stride_vb, stride_vs,
             HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
-            MASK: tl.constexpr, PRECISION: tl.constexpr):
+            MASK: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr):
     """One online-softmax step over keys [start, start + TILE_N) (log2 domain)."""
     n = start + tl.arange(0, TILE_N)
     d = tl.arange(0, HEAD_DIM)
@@ -80,6 +85,9 @@ def _attend(acc, l_i, m_i, q, pos, start, hi, bt_ptr, k_base, v_base, scale_log2
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
+    if KV_FP8:
+        k = (k.to(tl.float32) * k_scale).to(q.dtype)
+        v = (v.to(tl.float32) * v_scale).to(q.dtype)
     s = tl.dot(q, k, input_precision=PRECISION) * scale_log2
     if MASK:
         s = tl.where(n[None, :] <= pos[:, None], s, float("-inf"))
@@ -94,12 +102,13 @@ def _attend(acc, l_i, m_i, q, pos, start, hi, bt_ptr, k_base, v_base, scale_log2
 @triton.jit(do_not_specialize=["num_seqs"])
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
-    block_tables_ptr, seq_lens_ptr, qsl_ptr, scale_log2, num_seqs,
+    block_tables_ptr, seq_lens_ptr, qsl_ptr, scale_log2, k_scale, v_scale, num_seqs,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr,
-    DECODE: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
+    DECODE: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     kv_head = tl.program_id(1)
     if DECODE:
@@ -150,12 +159,12 @@ def _paged_attention_kernel(
     v_base = v_cache_ptr + kv_head * stride_vh
     for start in range(lo, mid, TILE_N):
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, pos, start, hi, bt_ptr, k_base, v_base, scale_log2,
-                                stride_kb, stride_ks, stride_vb, stride_vs,
-                                HEAD_DIM, BLOCK_SIZE, TILE_N, False, PRECISION)
+                                k_scale, v_scale, stride_kb, stride_ks, stride_vb, stride_vs,
+                                HEAD_DIM, BLOCK_SIZE, TILE_N, False, PRECISION, KV_FP8)
     for start in range(mid, hi, TILE_N):
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, pos, start, hi, bt_ptr, k_base, v_base, scale_log2,
-                                stride_kb, stride_ks, stride_vb, stride_vs,
-                                HEAD_DIM, BLOCK_SIZE, TILE_N, True, PRECISION)
+                                k_scale, v_scale, stride_kb, stride_ks, stride_vb, stride_vs,
+                                HEAD_DIM, BLOCK_SIZE, TILE_N, True, PRECISION, KV_FP8)
 
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l_i == 0 only for an empty context (padding)
@@ -199,9 +208,11 @@ def default_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int) -> in
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, max_query_len: int,
-                    max_seq_len: int, num_splits: int | None = None, impl: str = "auto") -> torch.Tensor:
+                    max_seq_len: int, num_splits: int | None = None, impl: str = "auto", *,
+                    k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Causal attention of q [num_tokens, num_heads, head_dim] over the paged cache
-    [num_blocks, block_size, num_kv_heads, head_dim]; returns out shaped like q (dtype of q).
+    [num_blocks, block_size, num_kv_heads, head_dim], in q's dtype or fp8 (k_cache * k_scale, v_cache *
+    v_scale: kernels.kv_write); returns out shaped like q (dtype of q).
 
     Sequence i owns q[query_start_loc[i]:query_start_loc[i + 1]], the last tokens of its seq_lens[i]-token
     context, whose K/V are already in the cache. max_query_len must bound the query lengths (it gates the
@@ -209,7 +220,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     flash-decoding for the single-token sequences). Rows of out past query_start_loc[-1] are left unset.
     """
     if pick("paged_attention", q, impl) == "torch":
-        return reference.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
+        return reference.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+                                         k_scale, v_scale)
     num_tokens, num_heads, head_dim = q.shape
     num_seqs, num_kv_heads = query_start_loc.shape[0] - 1, k_cache.shape[2]
     _check(q, k_cache, v_cache, block_tables, num_splits)
@@ -219,7 +231,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if num_splits is None:
         num_splits = default_num_splits(num_seqs, num_kv_heads, max_seq_len)
     group = num_heads // num_kv_heads
-    args = (q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, scale, group)
+    args = (q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale, group)
     if num_splits == 1:
         _launch(*args, None, DECODE_TILE, decode=True, num_splits=1)
     else:
@@ -245,8 +257,9 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
                          f"num_kv_heads={num_kv_heads}")
     if head_dim < 16 or head_dim & (head_dim - 1):
         raise ValueError(f"paged_attention: head_dim={head_dim} must be a power of two >= 16 (Triton kernel)")
-    if not q.dtype == k_cache.dtype == v_cache.dtype:
-        raise ValueError(f"paged_attention: q ({q.dtype}) and the KV cache ({k_cache.dtype}) need one dtype")
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (q.dtype, FP8):
+        raise ValueError(f"paged_attention: the k and v caches ({k_cache.dtype}, {v_cache.dtype}) need one "
+                         f"dtype, q's ({q.dtype}) or fp8")
     if any(t.stride(-1) != 1 for t in (q, k_cache, v_cache, block_tables)):
         raise ValueError("paged_attention: q, the KV cache and block_tables need a contiguous last dimension")
     if num_splits is not None and (num_splits < 1 or num_splits & (num_splits - 1)):
@@ -255,8 +268,8 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
 
 def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
             block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
-            group: int, parts: tuple[torch.Tensor, ...] | None, tile: TileConfig, decode: bool,
-            num_splits: int) -> None:
+            k_scale: float, v_scale: float, group: int, parts: tuple[torch.Tensor, ...] | None,
+            tile: TileConfig, decode: bool, num_splits: int) -> None:
     num_tokens, num_seqs, num_kv_heads = q.shape[0], query_start_loc.shape[0] - 1, k_cache.shape[2]
     if q.dtype == torch.float32:  # twice the bytes per element (and 3 tf32 dots): halve the tiles
         tile = replace(tile, block_m=max(tile.block_m // 2, 16), tile_n=max(tile.tile_n // 2, 16))
@@ -267,12 +280,14 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: 
     chained = pdl(q)
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, part_acc, part_m, part_l,
-        block_tables, seq_lens, query_start_loc, scale * 1.4426950408889634, num_seqs,  # log2(e): use exp2
+        block_tables, seq_lens, query_start_loc, scale * 1.4426950408889634,  # log2(e): use exp2
+        k_scale, v_scale, num_seqs,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=q.shape[2], BLOCK_SIZE=k_cache.shape[1],
         BLOCK_Q=block_q, BLOCK_M=block_m, TILE_N=tile.tile_n,
         DECODE=decode, NUM_SPLITS=num_splits, PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
-        PDL=chained, num_warps=tile.num_warps, num_stages=tile.num_stages, launch_pdl=chained,
+        KV_FP8=k_cache.dtype == FP8, PDL=chained, num_warps=tile.num_warps, num_stages=tile.num_stages,
+        launch_pdl=chained,
     )

@@ -41,7 +41,8 @@ import triton
 import triton.language as tl
 from servebench.kernels.activation import silu_and_mul
 from servebench.kernels.dispatch import INTERPRET, device_name, pdl, pick
-from servebench.kernels.kv_write import rotary_store_kv
+from servebench.kernels.kv_write import kv_fp8, rotary_store_kv, to_cache
+from servebench.kernels.quant_layout import FP8
 from servebench.kernels.rotary import rotate_halves
 
 SKINNY_MAX_M = 16  # above this, the step is no longer a pure weight stream: cuBLAS
@@ -95,12 +96,13 @@ def _prefetch_l2(ptrs, nbytes):
 
 @triton.jit
 def _rotary_store_kv_tile(x1, x2, out_ptr, rows, row_ok, stride_om, first_pair, pos_ptr, cs_ptr, stride_cs,
-                          slot_ptr, kc_ptr, vc_ptr, stride_cb, stride_cbs, stride_ch,
+                          slot_ptr, kc_ptr, vc_ptr, stride_cb, stride_cbs, stride_ch, k_scale, v_scale,
                           HALF: tl.constexpr, NQ: tl.constexpr, NKV: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          CACHE_BLOCK: tl.constexpr):
+                          CACHE_BLOCK: tl.constexpr, KV_FP8: tl.constexpr):
     """The epilogue of a qkv projection tile: x1, x2 [rows, HALF] are dims c and c + HEAD_DIM / 2 of one head
     (pairs first_pair...); q and k heads are rotated (neox, kernels.rotary's rounding), all are stored to
-    out, and k and v heads also to the paged cache at each row's slot (negative: padding, skipped)."""
+    out, and k and v heads also to the paged cache at each row's slot (negative: padding, skipped), as
+    kernels.kv_write stores them (an fp8 cache: divided by k_scale or v_scale)."""
     dt = out_ptr.dtype.element_ty
     head = first_pair // (HEAD_DIM // 2)
     c = first_pair % (HEAD_DIM // 2) + tl.arange(0, HALF)
@@ -119,23 +121,26 @@ def _rotary_store_kv_tile(x1, x2, out_ptr, rows, row_ok, stride_om, first_pair, 
         slot = tl.load(slot_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
         if head < NQ + NKV:
             cache = kc_ptr
+            scale = k_scale
         else:
             cache = vc_ptr
+            scale = v_scale
         base = ((slot // CACHE_BLOCK) * stride_cb + (slot % CACHE_BLOCK) * stride_cbs
                 + ((head - NQ) % NKV) * stride_ch)
         ok = (row_ok & (slot >= 0))[:, None]
-        tl.store(cache + base[:, None] + c[None, :], o1, mask=ok)
-        tl.store(cache + base[:, None] + (c + HEAD_DIM // 2)[None, :], o2, mask=ok)
+        tl.store(cache + base[:, None] + c[None, :], to_cache(o1, scale, cache, KV_FP8), mask=ok)
+        tl.store(cache + base[:, None] + (c + HEAD_DIM // 2)[None, :], to_cache(o2, scale, cache, KV_FP8),
+                 mask=ok)
 
 
 @triton.jit
 def skinny_matmul_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_os, stride_om,
                          pos_ptr, cs_ptr, stride_cs, slot_ptr, kc_ptr, vc_ptr, stride_cb, stride_cbs,
-                         stride_ch, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                         stride_ch, k_scale, v_scale, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                          SWIGLU: tl.constexpr = False, ROPE: tl.constexpr = False, NQ: tl.constexpr = 0,
                          NKV: tl.constexpr = 0, HEAD_DIM: tl.constexpr = 2, CACHE_BLOCK: tl.constexpr = 1,
-                         PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
+                         KV_FP8: tl.constexpr = False, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
     """out[split] = x[:, Ks] @ w[:, Ks].T over the BLOCK_N columns of program_id(0) and the K slice Ks of
     split = program_id(1). The column pairing modes (SPLIT_K 1), where the program's tile is two halves of
     BLOCK_N / 2 columns each, from first + [0, HALF) and second + [0, HALF):
@@ -194,7 +199,7 @@ def skinny_matmul_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, strid
     if ROPE:
         _rotary_store_kv_tile(first, second, out_ptr, rows, row_ok, stride_om, tl.program_id(0) * HALF,
                               pos_ptr, cs_ptr, stride_cs, slot_ptr, kc_ptr, vc_ptr, stride_cb, stride_cbs,
-                              stride_ch, HALF, NQ, NKV, HEAD_DIM, CACHE_BLOCK)
+                              stride_ch, k_scale, v_scale, HALF, NQ, NKV, HEAD_DIM, CACHE_BLOCK, KV_FP8)
     elif SWIGLU:
         gate, up = first, second
         act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
@@ -279,13 +284,25 @@ class RotaryStoreKV:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    k_scale: float = 1.0  # of an fp8 cache (kernels.kv_write)
+    v_scale: float = 1.0
 
     def fusable(self, x: torch.Tensor) -> bool:
         """Whether the streaming kernel can do it: full neox rotary over heads of a multiple of 64 dims (each
         program's half tile, 16 or 32 pairs, within one head), one cache layout for k and v."""
         return (self.cos_sin_cache.shape[-1] == self.head_dim and self.head_dim % 64 == 0
-                and self.k_cache.stride() == self.v_cache.stride() and self.k_cache.dtype == x.dtype
+                and self.k_cache.stride() == self.v_cache.stride() and self.k_cache.dtype in (x.dtype, FP8)
                 and self.k_cache.stride(-1) == 1 and self.cos_sin_cache.stride(-1) == 1)
+
+    def store(self, qkv: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+        """kernels.rotary_store_kv on the heads of a q/k/v projection's output qkv [rows, (num_heads + 2
+        num_kv_heads) head_dim]: q and k rotated in place, k and v written to the cache. Returns qkv."""
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        rows = qkv.shape[0]
+        q, k, v = (t.view(rows, -1, self.head_dim) for t in qkv.split([q_size, kv_size, kv_size], dim=-1))
+        rotary_store_kv(self.positions, q, k, v, self.cos_sin_cache, self.k_cache, self.v_cache,
+                        self.slot_mapping, impl=impl, k_scale=self.k_scale, v_scale=self.v_scale)
+        return qkv
 
 
 def linear_rotary_store_kv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -297,12 +314,7 @@ def linear_rotary_store_kv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     swiglu pairs gate and up rows): no rotary launch, the same rounding."""
     rows = x.shape[0]
     if not (_streams(x, weight, impl) and rope.fusable(x)):
-        qkv = linear(x, weight, bias, impl)
-        q_size, kv_size = rope.num_heads * rope.head_dim, rope.num_kv_heads * rope.head_dim
-        q, k, v = (t.view(rows, -1, rope.head_dim) for t in qkv.split([q_size, kv_size, kv_size], dim=-1))
-        rotary_store_kv(rope.positions, q, k, v, rope.cos_sin_cache, rope.k_cache, rope.v_cache,
-                        rope.slot_mapping, impl=impl)
-        return qkv
+        return rope.store(linear(x, weight, bias, impl), impl)
     out = torch.empty(1, rows, weight.shape[0], dtype=x.dtype, device=x.device)
     _launch(TUNERS["rope"], x.reshape(rows, -1), weight, bias, out, rope=rope)
     return out.view(rows, -1)
@@ -316,13 +328,13 @@ def _launch(kernel: triton.runtime.Autotuner, x2: torch.Tensor, weight: torch.Te
     n, k = weight.shape
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
     if rope is None:
-        rope_args, consts = (x2, x2, 0, x2, x2, x2, 0, 0, 0), {}
+        rope_args, consts = (x2, x2, 0, x2, x2, x2, 0, 0, 0, 1.0, 1.0), {}
     else:
         kc = rope.k_cache
         rope_args = (rope.positions, rope.cos_sin_cache, rope.cos_sin_cache.stride(0), rope.slot_mapping, kc,
-                     rope.v_cache, kc.stride(0), kc.stride(1), kc.stride(2))
+                     rope.v_cache, kc.stride(0), kc.stride(1), kc.stride(2), rope.k_scale, rope.v_scale)
         consts = {"ROPE": True, "NQ": rope.num_heads, "NKV": rope.num_kv_heads, "HEAD_DIM": rope.head_dim,
-                  "CACHE_BLOCK": kc.shape[1]}
+                  "CACHE_BLOCK": kc.shape[1], "KV_FP8": kv_fp8("linear_rotary_store_kv", kc, rope.v_cache)}
     chained = pdl(x2)
     aligned = weight.stride(0) * weight.element_size() % 16 == 0 and weight.data_ptr() % 16 == 0
     kernel[grid](x2, weight, bias if bias is not None else weight, out, x2.shape[0], n, k,

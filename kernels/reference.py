@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from servebench.kernels.quant_layout import dequantize_int4, dequantize_kv, quantize_kv
 
 
 def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+             slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
     block_size = k_cache.shape[1]
     blocks, offsets = slots // block_size, slots % block_size
-    k_cache[blocks, offsets] = key[keep].to(k_cache.dtype)
-    v_cache[blocks, offsets] = value[keep].to(v_cache.dtype)
+    k_cache[blocks, offsets] = quantize_kv(key[keep], k_cache.dtype, k_scale)
+    v_cache[blocks, offsets] = quantize_kv(value[keep], v_cache.dtype, v_scale)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float) -> torch.Tensor:
+                    seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
+                    k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     out = torch.zeros_like(q)
     block_size, group = k_cache.shape[1], q.shape[1] // k_cache.shape[2]
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
@@ -30,8 +32,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         if q_end == q_start:
             continue
         blocks = block_tables[i, : -(-seq_len // block_size)].long()
-        k = k_cache[blocks].flatten(0, 1)[:seq_len].repeat_interleave(group, dim=1).float()
-        v = v_cache[blocks].flatten(0, 1)[:seq_len].repeat_interleave(group, dim=1).float()
+        k = dequantize_kv(k_cache[blocks].flatten(0, 1)[:seq_len], k_scale, q.dtype)
+        v = dequantize_kv(v_cache[blocks].flatten(0, 1)[:seq_len], v_scale, q.dtype)
+        k, v = (t.repeat_interleave(group, dim=1).float() for t in (k, v))
         scores = torch.einsum("qhd,khd->hqk", q[q_start:q_end].float(), k) * scale
         pos = torch.arange(seq_len - (q_end - q_start), seq_len, device=q.device)
         visible = torch.arange(seq_len, device=q.device)[None, :] <= pos[:, None]
@@ -65,12 +68,25 @@ def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_
 
 def rotary_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    slot_mapping: torch.Tensor, is_neox: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                    slot_mapping: torch.Tensor, is_neox: bool = True, k_scale: float = 1.0,
+                    v_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     q, k = apply_rotary(positions, q, k, cos_sin_cache, k.shape[-1], is_neox)
-    store_kv(k, v, k_cache, v_cache, slot_mapping)
+    store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return q, k
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                bias: torch.Tensor | None, zero_offset: int) -> torch.Tensor:
+    """Dequantize (in fp32, rounded to x's dtype), then matmul: see kernels.quant_layout for the layout."""
+    return F.linear(x, dequantize_int4(qweight, qzeros, scales, zero_offset).t().to(x.dtype), bias)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    """Weight-only FP8: weight [N, K] e4m3 times its per-channel weight_scale [N, 1], rounded to x's dtype."""
+    return F.linear(x, (weight.float() * weight_scale).to(x.dtype), bias)

@@ -11,7 +11,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_model import build_tiny_model
+from tiny_model import build_tiny_model, train_tiny_model
 
 # Property tests that set no max_examples run 150; CI's slow job passes --hypothesis-profile=thorough, whose
 # 20,000 find rare interleavings that 150 miss (a preemption while a first token is in flight).
@@ -28,3 +28,8 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen3_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny_qwen3"), "qwen3")
+
+
+@pytest.fixture(scope="session")
+def trained_llama_dir(tmp_path_factory) -> Path:
+    return train_tiny_model(build_tiny_model(tmp_path_factory.mktemp("trained_llama"), "llama"))

@@ -10,8 +10,10 @@ import gc
 import numpy as np
 import pytest
 import torch
+from quantized_checkpoint import quantize_checkpoint
 from servebench.engine.input_batch import host_batch
 from test_engine_correctness import PROMPTS, assert_matches_hf
+from test_quantization import CASES, SWAP, baseline_run, check_near
 from tiny_model import ONE_B, build_tiny_model, hf_greedy, hf_model, random_prompts
 
 from servebench import LLM, SamplingParams
@@ -110,3 +112,39 @@ def test_tiny_fp32_exact_on_gpu(tiny_llama_dir, knobs):
     assert_matches_hf(tiny_llama_dir, PROMPTS, llm.generate(PROMPTS, params, use_tqdm=False), max_tokens=40)
     if "num_gpu_blocks_override" in knobs:
         assert llm.engine.stats().num_preemptions > 0
+
+
+@pytest.mark.parametrize("case", [*CASES, "fp8+kv_fp8", "kv_fp8+swap"])
+def test_quantized_on_gpu(case: str, trained_llama_dir, tmp_path):
+    """The quantized paths on the GPU (W8A8 through torch._scaled_mm, the int4 Triton GEMM, the fp8 KV
+    cache in the Triton KV write and attention and in swaps; CUDA graphs) against the bf16 engine, with the
+    CPU tests' criteria (tests/test_quantization.py)."""
+    first, _, second = case.partition("+")
+    method, kwargs, max_kl, min_top1 = CASES[first]
+    kwargs = kwargs | ({"kv_cache_dtype": "fp8"} if second == "kv_fp8" else SWAP if second == "swap" else {})
+    common = dict(dtype="bfloat16", gpu_memory_utilization=0.05, enable_prefix_caching=False)
+    baseline = baseline_run(LLM(model=str(trained_llama_dir), **common))
+    folder = trained_llama_dir
+    if method:
+        folder = quantize_checkpoint(trained_llama_dir, tmp_path / method, method)[0]
+    check_near(baseline, LLM(model=str(folder), **common, **kwargs), max_kl, min_top1)
+
+
+@pytest.mark.parametrize("kwargs", [{"quantization": "fp8"}, {"quantization": "awq"},
+                                    {"kv_cache_dtype": "fp8"}], ids=["fp8", "awq", "kv_fp8"])
+def test_quantization_frees_memory_for_kv_blocks(one_b_dir, kwargs):
+    # ~1B parameters: the weights fp8 or int4 no longer hold become KV blocks; an fp8 cache holds twice the
+    # blocks in the same bytes.
+    common = dict(dtype="bfloat16", load_format="dummy", max_model_len=1024, gpu_memory_utilization=0.5)
+    runner = LLM(model=str(one_b_dir), **common).engine.runner
+    plain = (runner.weight_bytes, runner.kv_cache_bytes, runner.kv_cache.num_gpu_blocks)
+    del runner
+    gc.collect()
+    torch.cuda.empty_cache()
+    runner = LLM(model=str(one_b_dir), **common, **kwargs).engine.runner
+    if "kv_cache_dtype" in kwargs:
+        assert runner.kv_cache.num_gpu_blocks == pytest.approx(2 * plain[2], rel=0.01)
+        return
+    freed = plain[0] - runner.weight_bytes
+    assert freed > 0.4 * plain[0]
+    assert runner.kv_cache_bytes - plain[1] == pytest.approx(freed, rel=0.1)

@@ -3,7 +3,7 @@
 Triton decides at import whether kernels run in its CPU interpreter, so the `test_triton_*` cases only run
 with TRITON_INTERPRET=1 in the environment: test_interpreter_suite re-runs them in a subprocess that sets it,
 on machines without CUDA (run them directly with `TRITON_INTERPRET=1 pytest tests/test_kernels.py -k triton`);
-bf16 cases run there with two interpreter ops given the GPU's semantics (interpreter_bf16).
+bf16 and fp8 cases run there with three interpreter ops given the GPU's semantics (interpreter_gpu_casts).
 With CUDA, the `test_gpu_*` cases (marker gpu) run the kernels natively on real shapes, and a small Llama
 layer stack through the fused paths against the unfused references.
 """
@@ -26,9 +26,11 @@ import triton.language as tl
 from servebench.engine.config import ModelConfig
 from servebench.engine.models.llama import AttentionMetadata, LlamaModel
 from servebench.kernels import attention, ops
+from servebench.kernels import quant_layout as ql
 from servebench.kernels import reference as ref
 from servebench.kernels.attention import TileConfig, default_num_splits
 from servebench.kernels.dispatch import INTERPRET
+from servebench.kernels.fp8 import quantize_fp8, scaled_mm_supported
 from servebench.kernels.linear import SPLITS, TUNERS, SplitK
 from servebench.kernels.rotary import build_cos_sin_cache
 
@@ -36,28 +38,40 @@ interp = pytest.mark.skipif(not INTERPRET, reason="runs in test_interpreter_suit
 
 
 @pytest.fixture(autouse=True)
-def interpreter_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+def interpreter_gpu_casts(monkeypatch: pytest.MonkeyPatch) -> None:
     """Triton's interpreter keeps bf16 as raw uint16 bits: its tl.dot multiplies the bit patterns and its
-    fp32 -> bf16 casts truncate (bf16 is unsupported there: triton-lang/triton#11584). Give those two ops
-    the GPU's semantics (bf16 operands exact in fp32, round to nearest even) so bf16 kernels run on CPU."""
+    fp32 -> bf16 casts truncate (bf16 is unsupported there: triton-lang/triton#11584); its fp32 -> fp8 casts
+    drop the carry of a rounding that crosses a power of two (124.3 becomes 64, not 128). Give those ops
+    the GPU's semantics (bf16 operands exact in fp32, round to nearest even): bf16 and fp8 kernels run on
+    CPU."""
     if not INTERPRET:
         return
     from triton.runtime import interpreter
 
     builder = interpreter.InterpreterBuilder
-    cast, dot = builder.cast_impl, builder.create_dot
+    cast, dot, fp_to_fp = builder.cast_impl, builder.create_dot, builder.create_fp_to_fp
+
+    def torch_cast(src, dst: torch.dtype, bits: np.dtype, dst_type: tl.dtype) -> interpreter.TensorHandle:
+        rounded = torch.from_numpy(np.array(src.data, dtype=np.float32)).to(dst)
+        return interpreter.TensorHandle(rounded.view(torch.uint8 if bits == np.uint8 else torch.int16)
+                                        .numpy().view(bits), dst_type)
 
     def cast_rtne(self, src, dst_type):
         if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            bits = torch.from_numpy(np.array(src.data, dtype=np.float32)).to(torch.bfloat16).view(torch.int16)
-            return interpreter.TensorHandle(bits.numpy().view(np.uint16), tl.bfloat16)
+            return torch_cast(src, torch.bfloat16, np.uint16, tl.bfloat16)
         return cast(self, src, dst_type)
+
+    def fp_to_fp_rtne(self, src, dst_type, rounding_mode):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.float8e4nv:
+            return torch_cast(src, torch.float8_e4m3fn, np.uint8, tl.float8e4nv)
+        return fp_to_fp(self, src, dst_type, rounding_mode)
 
     def dot_fp32(self, a, b, *args):
         a, b = (cast(self, t, tl.float32) if t.dtype.scalar == tl.bfloat16 else t for t in (a, b))
         return dot(self, a, b, *args)
 
     monkeypatch.setattr(builder, "cast_impl", cast_rtne)
+    monkeypatch.setattr(builder, "create_fp_to_fp", fp_to_fp_rtne)
     monkeypatch.setattr(builder, "create_dot", dot_fp32)
 
 
@@ -496,6 +510,214 @@ def test_triton_split_k_falls_back_to_a_tensor() -> None:
         torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=1e-2)
 
 
+
+# --- quantized: int4 (AWQ, GPTQ) and fp8 weights, the fp8 KV cache ---
+
+
+def fp8_caches(num_blocks: int, block_size: int, kv_heads: int, head_dim: int) -> torch.Tensor:
+    return torch.zeros(2, num_blocks, block_size, kv_heads, head_dim, dtype=torch.float8_e4m3fn)
+
+
+def bytes_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def autoawq_pack(intweight: torch.Tensor) -> torch.Tensor:
+    """AutoAWQ's WQLinear_GEMM.from_linear packing loop of intweight [K, N], as written there."""
+    qweight = torch.zeros(intweight.shape[0], intweight.shape[1] // 8, dtype=torch.int32)
+    order_map = [0, 2, 4, 6, 1, 3, 5, 7]
+    for col in range(intweight.shape[1] // 8):
+        for i in range(8):
+            qweight[:, col] |= intweight[:, col * 8 + order_map[i]] << (i * 4)
+    return qweight
+
+
+def autogptq_pack(intweight: torch.Tensor) -> torch.Tensor:
+    """AutoGPTQ's QuantLinear.pack loop over rows of intweight [K, N] (4 bits), as written there."""
+    qweight = torch.zeros(intweight.shape[0] // 8, intweight.shape[1], dtype=torch.int32)
+    i = row = 0
+    while row < qweight.shape[0]:
+        for j in range(i, i + 8):
+            qweight[row] |= intweight[j] << (4 * (j - i))
+        i += 8
+        row += 1
+    return qweight
+
+
+@pytest.mark.parametrize("sym", [False, True], ids=["asym", "sym"])
+def test_int4_packing_round_trips_and_matches_the_quantizers(sym: bool) -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(48, 128) * 0.1  # N = 48 outputs, K = 128 inputs, 4 groups of 32
+    q, zeros, scales = ql.quantize_int4(weight, 32, sym=sym)
+    assert q.shape == (128, 48) and zeros.shape == scales.shape == (4, 48) and scales.dtype == torch.float16
+    assert 0 <= q.min() and q.max() <= 15 and 0 <= zeros.min() and zeros.max() <= 15
+    qweight, qzeros = ql.pack_awq(q, zeros)
+    assert torch.equal(qweight, autoawq_pack(q)) and torch.equal(qzeros, autoawq_pack(zeros))
+    assert all(torch.equal(a, b) for a, b in zip(ql.unpack_awq(qweight, qzeros), (q, zeros)))
+    for offset in (1, 0):  # the older GPTQ format (qzeros hold z - 1), gptq_v2 and our runtime layout
+        qweight, qzeros = ql.pack_gptq(q, zeros, offset)
+        assert torch.equal(qweight, autogptq_pack(q))
+        assert all(torch.equal(a, b) for a, b in zip(ql.unpack_gptq(qweight, qzeros, offset), (q, zeros)))
+        w = ql.dequantize_int4(qweight, qzeros, scales, offset)
+        expected = (q - zeros.repeat_interleave(32, 0)).float() * scales.float().repeat_interleave(32, 0)
+        assert torch.equal(w, expected)
+    # Round to nearest: within half a step of its group's scale, but for the values at a group's ends,
+    # which the rounded zero point (or sym's 8 steps down, 7 up) can clip by one step.
+    error = (w - weight.t()).abs() / scales.float().repeat_interleave(32, 0)
+    assert error.max() <= 1.0 + 1e-4 and (error > 0.5 + 1e-4).float().mean() < 0.05
+
+
+def test_gptq_zero_point_zero_reads_back_as_sixteen() -> None:
+    # The older format's known limit: z = 0 is stored as -1 & 0xF = 15 and read as 16 (as vLLM reads it).
+    q, zeros = torch.zeros(32, 8, dtype=torch.int32), torch.zeros(1, 8, dtype=torch.int32)
+    assert (ql.unpack_gptq(*ql.pack_gptq(q, zeros))[1] == 16).all()
+
+
+def test_int4_and_fp8_linear_run_their_references_on_cpu() -> None:
+    torch.manual_seed(0)
+    weight, x, bias = torch.randn(48, 64) * 0.1, torch.randn(3, 2, 64), torch.randn(48)
+    q, zeros, scales = ql.quantize_int4(weight, 32, scale_dtype=torch.float32)
+    qweight, qzeros = ql.pack_gptq(q, zeros, 0)
+    w = ql.dequantize_int4(qweight, qzeros, scales, 0)
+    assert torch.equal(ops.int4_linear(x, qweight, qzeros, scales, bias), F.linear(x, w.t(), bias))
+    wq, w_scale = ql.quantize_fp8(weight)
+    assert wq.dtype == torch.float8_e4m3fn and w_scale.shape == (48, 1)
+    dequantized = wq.float() * w_scale
+    assert torch.equal(ops.fp8_linear(x, wq, w_scale, bias), F.linear(x, dequantized, bias))
+    # e4m3 keeps 3 mantissa bits: each weight within 2^-4 of itself (relative), the smallest of a row
+    # within half the row's subnormal step.
+    assert ((dequantized - weight).abs() <= weight.abs() / 16 + w_scale * 2**-10).all()
+
+
+@interp
+@pytest.mark.parametrize("rows", [1, 5, 16, 40])  # decode candidates up to 16 rows, prefill ones above
+@pytest.mark.parametrize("group,offset", [(32, 1), (64, 0), (128, 0)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_int4_linear(rows: int, group: int, offset: int, dtype: torch.dtype) -> None:
+    # N = 40: a masked column tile; K = 256: several K tiles per group and several groups.
+    torch.manual_seed(rows)
+    weight = torch.randn(40, 256) * 0.1
+    q, zeros, scales = ql.quantize_int4(weight, group, sym=offset == 1, scale_dtype=dtype)
+    qweight, qzeros = ql.pack_gptq(q, zeros, offset)
+    x, bias = torch.randn(rows, 256).to(dtype), torch.randn(40).to(dtype)
+    for b in (None, bias):
+        out = ops.int4_linear(x, qweight, qzeros, scales, b, offset, impl="triton")
+        assert out.shape == (rows, 40) and out.dtype == dtype
+        w = ql.dequantize_int4(qweight, qzeros, scales, offset).to(dtype).float()
+        expected = F.linear(x.float(), w.t(), None if b is None else b.float())
+        torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=1e-2)
+
+
+@interp
+def test_triton_int4_linear_refuses_a_group_off_the_k_tile() -> None:
+    q, zeros, scales = ql.quantize_int4(torch.randn(8, 48), 16)
+    with pytest.raises(ValueError, match="group size 16 is not a multiple of 32"):
+        ops.int4_linear(torch.randn(1, 48).half(), *ql.pack_gptq(q, zeros, 0), scales, impl="triton")
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_quantize_fp8(dtype: torch.dtype) -> None:
+    # Values that round up across a power of two, a row of zeros (the scale's floor) and a wide row.
+    torch.manual_seed(0)
+    x = (torch.randn(5, 300) * 3).to(dtype)
+    x[2] = 0
+    q, scale = quantize_fp8(x, impl="triton")
+    expected_q, expected_scale = ql.quantize_fp8(x)
+    assert torch.equal(scale, expected_scale) and bytes_equal(q, expected_q)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_store_kv_fp8(dtype: torch.dtype) -> None:
+    # Scales of one and a power of two (exact division on any device); values past e4m3's 448 saturate.
+    key, value = (torch.randn(2, 10, 3, 32) * 4).to(dtype)
+    key[0, 0, 0] = 1000.0
+    slots = torch.randperm(6 * 16)[:10]
+    slots[[2, 7]] = -1
+    for k_scale, v_scale in ((1.0, 1.0), (0.5, 4.0)):
+        caches = [fp8_caches(6, 16, 3, 32) for _ in range(2)]
+        ops.store_kv(key, value, *caches[0], slots, impl="triton", k_scale=k_scale, v_scale=v_scale)
+        ref.store_kv(key, value, *caches[1], slots, k_scale, v_scale)
+        assert bytes_equal(caches[0], caches[1])
+        stored = caches[0][0].flatten(0, 1)[slots[0]].float() * k_scale
+        assert stored[0, 0] == 448 * k_scale
+        torch.testing.assert_close(stored[1:], key[0, 1:].float(), atol=0, rtol=2**-4)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_rotary_store_kv_fp8(dtype: torch.dtype) -> None:
+    cos_sin = build_cos_sin_cache(32, 64, 10000.0, None, dtype)
+    positions = torch.randint(0, 64, (9,))
+    slots = torch.randperm(4 * 16)[:9]
+    slots[3] = -1
+    qkv = torch.randn(9, 8, 32).to(dtype)  # 4 q heads, 2 k heads, 2 v heads
+    expected_qkv = qkv.clone()
+    caches, expected_caches = fp8_caches(4, 16, 2, 32), fp8_caches(4, 16, 2, 32)
+    ops.rotary_store_kv(positions, *qkv.split([4, 2, 2], dim=1), cos_sin, *caches, slots, impl="triton",
+                        k_scale=0.5, v_scale=2.0)
+    ref.rotary_store_kv(positions, *expected_qkv.split([4, 2, 2], dim=1), cos_sin, *expected_caches, slots,
+                        k_scale=0.5, v_scale=2.0)
+    torch.testing.assert_close(qkv, expected_qkv, atol=1e-3, rtol=1e-3)
+    # Rotated keys may differ in their last bit (fp16), which moves an e4m3 rounding at most one step.
+    torch.testing.assert_close(caches.float(), expected_caches.float(), atol=0, rtol=2**-3)
+
+
+@interp
+@pytest.mark.parametrize("rows", [1, 5])
+def test_triton_linear_rotary_store_kv_fp8(rows: int) -> None:
+    # The fused qkv projection's epilogue writes an fp8 cache as kernels.kv_write does.
+    x, w, b, cos_sin, positions, slots, _ = qkv_rotary_case(rows, torch.bfloat16, "cpu", (4, 2, 64), 96,
+                                                            bias=False)
+    fused_caches, unfused_caches = fp8_caches(4, 16, 2, 64), fp8_caches(4, 16, 2, 64)
+    rope = ops.RotaryStoreKV(positions, cos_sin, *fused_caches, slots, 4, 2, 64, k_scale=0.5, v_scale=2.0)
+    assert rope.fusable(x)
+    fused = ops.linear_rotary_store_kv(x, w, b, rope, impl="triton")
+    unfused = ops.linear(x, w, b, impl="triton")
+    rope_unfused = ops.RotaryStoreKV(positions, cos_sin, *unfused_caches, slots, 4, 2, 64, 0.5, 2.0)
+    rope_unfused.store(unfused, impl="triton")
+    torch.testing.assert_close(fused, unfused, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(fused_caches.float(), unfused_caches.float(), atol=0, rtol=2**-3)
+    assert fused_caches.float().abs().sum() > 0
+
+
+def fp8_attention_batch(seqs: list[tuple[int, int]], dtype: torch.dtype, k_scale: float,
+                        v_scale: float) -> tuple[dict, dict]:
+    """An attention batch with fp8 caches holding its keys / k_scale and values / v_scale, and the same batch
+    with the caches dequantized (what the fp8 kernels must compute with)."""
+    batch = make_batch(seqs, 4, 2, 32, 16, dtype, seed=1)
+    quantized = dict(batch, k_cache=ql.quantize_kv(batch["k_cache"] * 3, ql.FP8, k_scale),
+                     v_cache=ql.quantize_kv(batch["v_cache"], ql.FP8, v_scale))
+    dequantized = dict(batch, k_cache=ql.dequantize_kv(quantized["k_cache"], k_scale, dtype),
+                       v_cache=ql.dequantize_kv(quantized["v_cache"], v_scale, dtype))
+    return quantized, dequantized
+
+
+def test_reference_attention_fp8_is_attention_over_the_dequantized_cache() -> None:
+    quantized, dequantized = fp8_attention_batch([(5, 40), (1, 17)], torch.bfloat16, 0.5, 2.0)
+    keys = ("q", "k_cache", "v_cache", "block_tables", "seq_lens", "query_start_loc", "scale")
+    got = ref.paged_attention(*(quantized[k] for k in keys), k_scale=0.5, v_scale=2.0)
+    assert torch.equal(got, reference_attention(dequantized))
+
+
+@interp
+@pytest.mark.parametrize("num_splits", [None, 4])
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+def test_triton_paged_attention_fp8(num_splits: int | None, dtype: torch.dtype, atol: float) -> None:
+    quantized, dequantized = fp8_attention_batch([(1, 70), (23, 23), (1, 5), (9, 40)], dtype, 0.5, 2.0)
+    out = ops.paged_attention(**quantized, impl="triton", num_splits=num_splits, k_scale=0.5, v_scale=2.0)
+    torch.testing.assert_close(out.float(), reference_attention(dequantized).float(), atol=atol, rtol=0)
+
+
+@interp
+def test_triton_paged_attention_refuses_mismatched_caches() -> None:
+    batch = make_batch([(1, 20)], 4, 2, 32, 16, torch.float16)
+    batch["v_cache"] = batch["v_cache"].to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="need one dtype"):
+        ops.paged_attention(**batch, impl="triton")
+
+
 # --- real shapes on the GPU ---
 
 MODELS = {"llama2_7b": (32, 32, 128), "qwen3_0.6b": (16, 8, 128)}  # num_heads, num_kv_heads, head_dim
@@ -747,3 +969,65 @@ def test_gpu_llama_layers_fused_match_reference(batch: int, splits: int | None, 
     torch.testing.assert_close(out, expected, atol=5e-2, rtol=5e-2)
     assert (out.float() - expected.float()).abs().mean() < 5e-3
     torch.testing.assert_close(fused, unfused, atol=5e-2, rtol=5e-2)
+
+
+@gpu
+@pytest.mark.parametrize("rows", [1, 16, 17, 300])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_int4_linear(rows: int, dtype: torch.dtype) -> None:
+    # Llama-2-7B's down_proj (K = 11008: 86 groups of 128) and gate_up_proj, AWQ's group size 128.
+    torch.manual_seed(0)
+    for n, k in ((4096, 11008), (22016, 4096)):
+        q, zeros, scales = ql.quantize_int4(torch.randn(n, k, device="cuda") * 0.02, 128, scale_dtype=dtype)
+        qweight, qzeros = ql.pack_gptq(q, zeros, 0)
+        x = torch.randn(rows, k, device="cuda", dtype=dtype)
+        out = ops.int4_linear(x, qweight, qzeros, scales)
+        expected = ref.int4_linear(x, qweight, qzeros, scales, None, 0)
+        torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
+
+
+def w8a8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """What fp8_linear's W8A8 path computes: per-token e4m3 activations times the e4m3 weight, in fp32."""
+    xq, x_scale = ql.quantize_fp8(x)
+    return ((xq.float() * x_scale) @ (weight.float() * weight_scale).t()).to(x.dtype)
+
+
+@gpu
+@pytest.mark.parametrize("rows", [1, 16, 300])
+def test_gpu_fp8_linear_w8a8(rows: int) -> None:
+    torch.manual_seed(0)
+    if not scaled_mm_supported(torch.empty(1, device="cuda", dtype=torch.bfloat16), torch.empty(16, 16)):
+        pytest.skip("no fp8 tensor cores (compute capability < 8.9)")
+    weight, bias = torch.randn(4096, 4096, device="cuda") * 0.02, torch.randn(4096, device="cuda")
+    wq, w_scale = ql.quantize_fp8(weight)
+    x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+    out = ops.fp8_linear(x, wq, w_scale, bias.bfloat16())
+    torch.testing.assert_close(out, w8a8(x, wq, w_scale) + bias.bfloat16(), atol=3e-2, rtol=2e-2)
+    # Against the unquantized layer: fp8's 3 mantissa bits on both operands.
+    exact = F.linear(x.float(), weight, bias)
+    assert (out.float() - exact).norm() / exact.norm() < 0.05
+    q, scale = quantize_fp8(x)
+    expected_q, expected_scale = ql.quantize_fp8(x)
+    torch.testing.assert_close(scale, expected_scale)
+    torch.testing.assert_close(q.float(), expected_q.float(), atol=0, rtol=2**-3)  # division rounding
+
+
+@gpu
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("num_splits", [None, 8])
+def test_gpu_paged_attention_fp8(model: str, num_splits: int | None) -> None:
+    seqs = [(1, 1500), (1, 17), (300, 300), (1, 4000), (77, 77)]
+    batch = make_batch(seqs, *MODELS[model], 16, torch.bfloat16, device="cuda")
+    quantized = dict(batch, k_cache=ql.quantize_kv(batch["k_cache"], ql.FP8, 0.5),
+                     v_cache=ql.quantize_kv(batch["v_cache"], ql.FP8, 1.0))
+    dequantized = dict(batch, k_cache=ql.dequantize_kv(quantized["k_cache"], 0.5, torch.bfloat16),
+                       v_cache=ql.dequantize_kv(quantized["v_cache"], 1.0, torch.bfloat16))
+    out = ops.paged_attention(**quantized, num_splits=num_splits, k_scale=0.5)
+    torch.testing.assert_close(out.float(), reference_attention(dequantized).float(), atol=2e-2, rtol=0)
+    key, value = torch.randn(2, 500, MODELS[model][1], MODELS[model][2], device="cuda", dtype=torch.bfloat16)
+    slots = torch.randperm(quantized["k_cache"].shape[0] * 16, device="cuda")[:500]
+    caches = [(quantized["k_cache"].clone(), quantized["v_cache"].clone()) for _ in range(2)]
+    ops.store_kv(key, value, *caches[0], slots, k_scale=0.5)
+    ref.store_kv(key, value, *caches[1], slots, 0.5)
+    for a, b in zip(caches[0], caches[1]):
+        torch.testing.assert_close(a.float(), b.float(), atol=0, rtol=2**-3)  # division rounding

@@ -107,3 +107,24 @@ def test_a_condition_without_engine_runs_says_not_run(two_backend_sweep, tmp_pat
     assert rows["cache.gpu_memory_utilization=0.9"]["engine"] == "not run"
     assert rows["cache.gpu_memory_utilization=0.9"]["verdict"] == "holds"
     assert rows["cache.gpu_memory_utilization=0.5"]["engine_verdict"] == "holds"
+
+
+def test_quantized_engine_runs_report_their_bytes(tmp_path):
+    # tiny_llama's 64 inputs need a group size under AWQ's 128; on the CPU the KV cache has as many blocks as
+    # max_num_seqs requests of max_model_len need, whatever its dtype: the fp8 one takes half the bytes.
+    def run(*overrides: str) -> dict:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose("config", overrides=["backend=engine", *TINY_ENGINE, "report=false",
+                                               "progress=false", *overrides])
+        return run_experiment(OmegaConf.to_container(cfg, resolve=True), tmp_path / "_".join(overrides))
+
+    plain = run()
+    quantized = run("quantization=awq", "quantization.group_size=32", "cache.kv_cache_dtype=fp8")
+    assert (plain["quantization"], plain["kv_cache_dtype"]) == ("none", "auto")
+    assert (quantized["quantization"], quantized["kv_cache_dtype"]) == ("awq", "fp8")
+    assert quantized["num_finished"] == 6
+    assert quantized["weight_gib"] < plain["weight_gib"]
+    assert quantized["num_gpu_blocks"] == plain["num_gpu_blocks"]
+    assert quantized["kv_cache_gib"] == pytest.approx(plain["kv_cache_gib"] / 4)  # fp32 -> 1 byte
+    with pytest.raises(ValueError, match=r"quantization\.method='fp8': a server runs as it was started"):
+        run("backend=server", "quantization=fp8")

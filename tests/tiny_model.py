@@ -113,3 +113,24 @@ def hf_greedy(model, prompts: list[list[int]], num_tokens: int) -> list[list[int
     return [model.generate(torch.tensor([ids], device=model.device), do_sample=False,
                            max_new_tokens=num_tokens, pad_token_id=0)[0, len(ids):].tolist()
             for ids in prompts]
+
+
+def train_tiny_model(path: Path, steps: int = 100, seed: int = 0) -> Path:
+    """Train the model at `path` in place on CORPUS until it has memorized it (a few seconds): its
+    predictions get the margins of a trained model's, which small weight errors do not cross, where a
+    random model's top two logits are often a rounding apart."""
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ids = tok(CORPUS.replace("\n", " "), return_tensors="pt").input_ids[0]
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    length = 64
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - length, (16,), generator=gen)
+        batch = torch.stack([ids[s:s + length] for s in starts])
+        loss = model(batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(path, safe_serialization=True)
+    return path

@@ -26,6 +26,6 @@ def scheduler_config(cfg: dict[str, Any], model_max_len: int) -> SchedulerConfig
 
 def cache_config(cfg: dict[str, Any]) -> CacheConfig:
     values = dict(cfg["cache"])
-    values.pop("kv_cache_dtype", None)  # bytes per block, not block bookkeeping: read by the simulator only
+    values.pop("kv_cache_dtype", None)  # bytes per block, not block bookkeeping: the backends read it
     return from_group(CacheConfig, "cache", values)
 

@@ -90,6 +90,11 @@ def _replay(cfg: dict[str, Any], engine: Any) -> RunResult:
         "source_digest": source_digest(),  # the engine and kernel code that ran (engine.digest)
         "num_gpu_blocks": engine.runner.kv_cache.num_gpu_blocks,
         "num_cpu_blocks": engine.runner.kv_cache.num_cpu_blocks,
+        # The simulator's names: what the weights (quantized as they run) and the KV cache hold.
+        "quantization": engine.args.quantization or "none",
+        "kv_cache_dtype": engine.args.kv_cache_dtype,
+        "weight_gib": engine.runner.weight_bytes / 2**30,
+        "kv_cache_gib": engine.runner.kv_cache_bytes / 2**30,
         **scheduler_counts([engine.stats()], engine.now() - t0),
         "num_truncated": num_truncated(requests, workload),
         # Host pauses no step-time model predicts: how often Python's garbage collector stopped the loop.
@@ -159,15 +164,15 @@ def build_engine(cfg: dict[str, Any]) -> Any:
     """The engine the config describes (dummy weights unless backend.model_path), warmed up unless
     backend.warmup is false."""
     from servebench.engine.config import EngineArgs
-    from servebench.engine.dummy import hf_config, write_dummy_model_dir
+    from servebench.engine.dummy import write_dummy_model_dir
     from servebench.engine.llm_engine import LLMEngine
 
     b = cfg["backend"]
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = b.get("model_path") or str(write_dummy_model_dir(hf_config(cfg["model"]), Path(tmp)))
+        model_dir = b.get("model_path") or str(write_dummy_model_dir(_dummy_config(cfg), Path(tmp)))
         sched, cache = scheduler_config(cfg, cfg["model"]["max_model_len"]), cache_config(cfg)
         # The harness's whole scheduler and cache groups, so every engine/core policy runs on the engine too.
-        engine = LLMEngine(_engine_args(b, model_dir, sched.max_model_len, EngineArgs), sched, cache)
+        engine = LLMEngine(_engine_args(cfg, model_dir, sched.max_model_len, EngineArgs), sched, cache)
     if b.get("warmup", True):
         warm_up(engine)
     return engine
@@ -190,8 +195,23 @@ def warm_up(engine: Any) -> None:
     engine.reset()
 
 
-def _engine_args(b: dict[str, Any], model_dir: str, max_model_len: int, engine_args: type) -> Any:
-    """EngineArgs of the backend group; the scheduler and cache knobs reach the engine in their configs."""
+def _dummy_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """config.json of the model group's shape; with an int4 quantization group, the quantization_config a
+    checkpoint of that method would carry (bits, group size: null is per channel)."""
+    from servebench.engine.dummy import hf_config
+
+    config = hf_config(cfg["model"])
+    q = cfg.get("quantization") or {}
+    if q.get("method") in ("awq", "gptq"):
+        config["quantization_config"] = {"quant_method": q["method"], "bits": q.get("weight_bits", 4),
+                                         "group_size": q.get("group_size") or -1}
+    return config
+
+
+def _engine_args(cfg: dict[str, Any], model_dir: str, max_model_len: int, engine_args: type) -> Any:
+    """EngineArgs of the backend group, the quantization method and KV-cache dtype; the scheduler and cache
+    knobs reach the engine in their configs."""
+    b, method = cfg["backend"], (cfg.get("quantization") or {}).get("method", "none")
     return engine_args(
         model=model_dir,
         dtype=b.get("dtype", "auto"),
@@ -201,4 +221,6 @@ def _engine_args(b: dict[str, Any], model_dir: str, max_model_len: int, engine_a
         device=b.get("device", "auto"),
         load_format="auto" if b.get("model_path") else "dummy",
         max_model_len=max_model_len,
+        quantization=None if method == "none" else method,
+        kv_cache_dtype=cfg["cache"].get("kv_cache_dtype", "auto"),
     )

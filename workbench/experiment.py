@@ -26,18 +26,25 @@ def num_gpus(cfg: dict[str, Any]) -> int:
 # Deployment features the simulator models and the engine does not (yet): key path and its neutral value.
 SIM_ONLY = (
     (("deployment", "num_replicas"), 1),
-    (("quantization", "method"), "none"),
-    (("cache", "kv_cache_dtype"), "auto"),
     (("lora", "num_adapters"), 0),
     (("multimodal", "images_per_request"), 0),
+)
+# What the engine runs too; a server runs what it was started with (servebench-serve --quantization ...).
+NOT_ON_SERVER = (
+    (("quantization", "method"), "none"),
+    (("cache", "kv_cache_dtype"), "auto"),
 )
 
 
 def _check_sim_only(cfg: dict[str, Any], backend: str) -> None:
-    for (group, key), neutral in SIM_ONLY:
+    for (group, key), neutral in SIM_ONLY + (NOT_ON_SERVER if backend == "server" else ()):
         value = (cfg.get(group) or {}).get(key, neutral)
-        if value != neutral:
-            raise ConfigError(f"{group}.{key}={value!r} is simulated only: use backend=sim, not {backend}")
+        if value == neutral:
+            continue
+        if backend == "server" and ((group, key), neutral) in NOT_ON_SERVER:
+            raise ConfigError(f"{group}.{key}={value!r}: a server runs as it was started (servebench-serve "
+                              "--quantization, --kv-cache-dtype); use backend=sim or engine")
+        raise ConfigError(f"{group}.{key}={value!r} is simulated only: use backend=sim, not {backend}")
 
 
 def run_experiment(cfg: dict[str, Any], run_dir: Path, engine: Any = None) -> dict[str, Any]:

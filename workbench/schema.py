@@ -36,7 +36,7 @@ class SchedulerGroup(SchedulerConfig):
 
 @dataclass(slots=True)
 class CacheGroup(CacheConfig):
-    kv_cache_dtype: str = "auto"  # read by the simulator only (bytes per block)
+    kv_cache_dtype: str = "auto"  # bytes per block: the simulator's memory, the engine's cache dtype
 
 
 @dataclass(slots=True)

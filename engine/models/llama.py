@@ -1,7 +1,8 @@
 """The Llama family: Llama 2/3, CodeLlama, Mistral, Qwen2/2.5 (q/k/v bias) and Qwen3 (per-head q/k norm).
 
 Parameter names follow HF's, except that q/k/v and gate/up are merged (`qkv_proj`, `gate_up_proj`);
-`packed_modules` tells the loader where each HF shard goes.
+`packed_modules` tells the loader where each HF shard goes. With a QuantizationConfig the decoder layers'
+projections are engine.quantization's QuantizedLinear, under the checkpoint's parameter names.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from servebench.engine.config import ModelConfig
+from servebench.engine.quantization import QuantizationConfig, QuantizedLinear
 from servebench.kernels import ops
 from torch import nn
 
@@ -50,21 +52,35 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor | ops.SplitK:
         return ops.linear(x, self.weight, self.bias, split_k=self.split_k, swiglu=self.swiglu)
 
+    def rotary_store_kv(self, x: torch.Tensor, rope: ops.RotaryStoreKV) -> torch.Tensor:
+        """This q/k/v projection of x, then rope's rotary embedding and KV write (one kernel in decode)."""
+        return ops.linear_rotary_store_kv(x, self.weight, self.bias, rope)
+
+
+def make_linear(in_features: int, out_features: int, bias: bool, quant: QuantizationConfig | None, *,
+                split_k: bool = False, swiglu: bool = False) -> Linear | QuantizedLinear:
+    if quant is None:
+        return Linear(in_features, out_features, bias, split_k=split_k, swiglu=swiglu)
+    return QuantizedLinear(in_features, out_features, bias, quant, swiglu=swiglu)
+
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, quant: QuantizationConfig | None) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim**-0.5
-        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False, split_k=True)
+        self.qkv_proj = make_linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.qkv_bias, quant)
+        self.o_proj = make_linear(self.q_size, cfg.hidden_size, False, quant, split_k=True)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         # Views into the model runner's cache tensor, set once it is allocated.
         self.k_cache = self.v_cache = torch.empty(0)
+        # An fp8 cache's per-tensor scales: vLLM's default (no calibration), K and V stored as they are and
+        # saturated at e4m3's 448, far outside Llama-family keys and values.
+        self.k_scale = self.v_scale = 1.0
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, cos_sin: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor | ops.SplitK:
@@ -74,32 +90,35 @@ class Attention(nn.Module):
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(n, self.num_heads, self.head_dim)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(n, self.num_kv_heads, self.head_dim)
             q, k = ops.rotary_store_kv(positions, q, k, v.reshape(n, self.num_kv_heads, self.head_dim),
-                                           cos_sin, self.k_cache, self.v_cache, meta.slot_mapping)
+                                       cos_sin, self.k_cache, self.v_cache, meta.slot_mapping,
+                                       k_scale=self.k_scale, v_scale=self.v_scale)
         else:
             rope = ops.RotaryStoreKV(positions, cos_sin, self.k_cache, self.v_cache, meta.slot_mapping,
-                                         self.num_heads, self.num_kv_heads, self.head_dim)
-            qkv = ops.linear_rotary_store_kv(x, self.qkv_proj.weight, self.qkv_proj.bias, rope)
+                                     self.num_heads, self.num_kv_heads, self.head_dim, self.k_scale,
+                                     self.v_scale)
+            qkv = self.qkv_proj.rotary_store_kv(x, rope)
             q = qkv[:, :self.q_size].view(n, self.num_heads, self.head_dim)
         o = ops.paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
-                                    meta.query_start_loc, self.scale, meta.max_query_len, meta.max_seq_len)
+                                meta.query_start_loc, self.scale, meta.max_query_len, meta.max_seq_len,
+                                k_scale=self.k_scale, v_scale=self.v_scale)
         return self.o_proj(o.reshape(n, self.q_size))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, quant: QuantizationConfig | None) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, swiglu=True)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, split_k=True)
+        self.gate_up_proj = make_linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, quant, swiglu=True)
+        self.down_proj = make_linear(cfg.intermediate_size, cfg.hidden_size, False, quant, split_k=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | ops.SplitK:
         return self.down_proj(self.gate_up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, quant: QuantizationConfig | None) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg)
+        self.self_attn = Attention(cfg, quant)
+        self.mlp = MLP(cfg, quant)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -118,10 +137,10 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, quant: QuantizationConfig | None = None) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, quant) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
@@ -133,10 +152,10 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_position: int) -> None:
+    def __init__(self, cfg: ModelConfig, max_position: int, quant: QuantizationConfig | None = None) -> None:
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg)
+        self.model = LlamaModel(cfg, quant)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
