@@ -90,3 +90,20 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
                bias: torch.Tensor | None) -> torch.Tensor:
     """Weight-only FP8: weight [N, K] e4m3 times its per-channel weight_scale [N, 1], rounded to x's dtype."""
     return F.linear(x, (weight.float() * weight_scale).to(x.dtype), bias)
+
+
+def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+             sorted_rows: torch.Tensor, slot_starts: torch.Tensor, slice_starts: tuple[int, ...]) -> None:
+    """kernels.lora.add_lora, one adapter slot at a time: x @ A^T in fp32 rounded to y's dtype, then times B^T
+    slice by slice in fp32, added to y and rounded."""
+    starts, rank = slot_starts.tolist(), lora_b.shape[-1]
+    bounds = [*slice_starts, y.shape[-1]]
+    for slot in range(1, len(starts) - 1):
+        if starts[slot] == starts[slot + 1]:
+            continue
+        rows = sorted_rows[starts[slot]:starts[slot + 1]].long()
+        a, b = lora_a[slot - 1], lora_b[slot - 1]
+        shrunk = (x[rows].float() @ a.float().T).to(y.dtype).float()
+        delta = torch.cat([shrunk[:, s * rank:(s + 1) * rank] @ b[lo:hi].float().T
+                           for s, (lo, hi) in enumerate(zip(bounds, bounds[1:]))], dim=1)
+        y[rows] = (y[rows].float() + delta).to(y.dtype)

@@ -10,6 +10,7 @@ layer stack through the fused paths against the unfused references.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -716,6 +717,78 @@ def test_triton_paged_attention_refuses_mismatched_caches() -> None:
     batch["v_cache"] = batch["v_cache"].to(torch.float8_e4m3fn)
     with pytest.raises(ValueError, match="need one dtype"):
         ops.paged_attention(**batch, impl="triton")
+
+
+# --- multi-LoRA: each row's adapter added to a projection (SGMV shrink and expand) ---
+
+def lora_case(slots: list[int], num_tables: int, rank: int, slices: tuple[int, ...], k: int,
+              dtype: torch.dtype, device: str = "cpu") -> tuple:
+    """y, x, lora_a, lora_b and the LoRAIndices of rows whose adapter slots are `slots` (0: none), for a
+    projection of k inputs and sum(slices) outputs made of those slices."""
+    gen = torch.Generator().manual_seed(len(slots) + rank)
+    n = sum(slices)
+
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    y, x = randn(len(slots), n), randn(len(slots), k)
+    lora_a = randn(num_tables, len(slices) * rank, k, scale=k ** -0.5)
+    lora_b = randn(num_tables, n, rank, scale=rank ** -0.5)
+    token_slots = torch.tensor(slots)
+    counts = torch.bincount(token_slots, minlength=num_tables + 1)
+    indices = ops.LoRAIndices(
+        torch.argsort(token_slots, stable=True).to(device=device, dtype=torch.int32),
+        torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(device=device, dtype=torch.int32),
+        int(counts[1:].max()))
+    starts = tuple(itertools.accumulate(slices[:-1], initial=0))
+    return y, x, lora_a, lora_b, indices, starts
+
+
+def per_row_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                 slots: list[int], starts: tuple[int, ...]) -> torch.Tensor:
+    """The update row by row, in fp64: y[t] + concat over slices s of (x[t] A_s^T) B_s^T."""
+    out, rank, bounds = y.double().clone(), lora_b.shape[-1], [*starts, y.shape[-1]]
+    for t, slot in enumerate(slots):
+        if slot:
+            a, b = lora_a[slot - 1].double(), lora_b[slot - 1].double()
+            for s, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+                out[t, lo:hi] += (x[t].double() @ a[s * rank:(s + 1) * rank].T) @ b[lo:hi].T
+    return out
+
+
+LORA_CASES = {  # name: (slot of each row, adapter tables, rank, slices, K)
+    "decode_qkv": ([2, 0, 1, 2, 3], 3, 16, (64, 32, 32), 300),  # split-K shrink; a slot with no rows
+    "prefill_gate_up": ([1] * 30 + [0] * 7 + [2] * 45, 2, 32, (96, 96), 130),  # 64-row blocks, two of slot 2
+    "down": ([0, 1, 0, 1], 1, 16, (72,), 200),
+}
+
+
+@pytest.mark.parametrize("case", LORA_CASES)
+def test_lora_reference_is_the_per_row_update(case: str) -> None:
+    slots, tables, rank, slices, k = LORA_CASES[case]
+    y, x, lora_a, lora_b, indices, starts = lora_case(slots, tables, rank, slices, k, torch.float32)
+    expected = per_row_lora(y, x, lora_a, lora_b, slots, starts)
+    ops.add_lora(y, x, lora_a, lora_b, indices, starts)
+    torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_rows_without_an_adapter_are_left_as_they_are() -> None:
+    y, x, lora_a, lora_b, indices, starts = lora_case([0, 0, 0], 2, 16, (40,), 64, torch.float32)
+    before = y.clone()
+    ops.add_lora(y, x, lora_a, lora_b, indices, starts)
+    assert indices.max_rows == 0 and torch.equal(y, before)
+
+
+@interp
+@pytest.mark.parametrize("case", LORA_CASES)
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.float16, 2e-2)], ids=["fp32", "fp16"])
+def test_triton_add_lora(case: str, dtype: torch.dtype, atol: float) -> None:
+    slots, tables, rank, slices, k = LORA_CASES[case]
+    y, x, lora_a, lora_b, indices, starts = lora_case(slots, tables, rank, slices, k, dtype)
+    expected = y.clone()
+    ref.add_lora(expected, x, lora_a, lora_b, indices.sorted_rows, indices.slot_starts, starts)
+    ops.add_lora(y, x, lora_a, lora_b, indices, starts, impl="triton")
+    torch.testing.assert_close(y, expected, atol=atol, rtol=atol)
 
 
 # --- real shapes on the GPU ---
