@@ -68,7 +68,8 @@ def lora_spec(cfg: Mapping[str, Any] | None) -> LoRA:
 
 
 class LoRATerm:
-    """Seconds a step spends loading adapters and in the SGMV kernels of its adapters; counts the loads."""
+    """Seconds a step spends loading adapters (also set as the step's `lora_load_s`, as the engine measures
+    it) and in the SGMV kernels of its adapters."""
 
     def __init__(self, model: ModelSpec, hw: HardwareSpec, parallel: ParallelSpec, lora: LoRA) -> None:
         tp = parallel.tensor_parallel_size
@@ -79,8 +80,6 @@ class LoRATerm:
         self._layers = model.num_layers
         self._flops_per_token = 2 * per_layer / hw.matmul_flops
         self._bytes_per_adapter = per_layer * model.dtype_bytes / hw.mem_bandwidth
-        self.num_loads = self.num_loads_from_disk = 0
-        self.load_s = 0.0
 
     def __call__(self, out: SchedulerOutput) -> float:
         t = self._load(out) if out.loaded_loras else 0.0
@@ -94,8 +93,6 @@ class LoRATerm:
         return t
 
     def _load(self, out: SchedulerOutput) -> float:
-        t = len(out.loaded_loras) * self._load_s + len(out.loaded_loras_from_disk) * self._disk_s
-        self.num_loads += len(out.loaded_loras)
-        self.num_loads_from_disk += len(out.loaded_loras_from_disk)
-        self.load_s += t
-        return t
+        loads, from_disk = len(out.loaded_loras), len(out.loaded_loras_from_disk)
+        out.lora_load_s = loads * self._load_s + from_disk * self._disk_s
+        return out.lora_load_s

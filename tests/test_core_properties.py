@@ -36,8 +36,11 @@ class FakeKV:
         # request id -> content(req, pos) for pos = 0, 1, ...: fixed per position (a PENDING token reads as
         # the token it becomes), so each step checks every computed token against a list, not recomputing it.
         self.expected: dict[str, list[tuple]] = {}
+        self.lora_slots: dict[int, int] = {}  # GPU slot -> the adapter last loaded into it
+        self.host_loras: set[int] = set()  # adapters in the engine's CPU cache
 
     def execute(self, sched: Scheduler, out) -> None:
+        self.check_loras(sched, out)
         bs = sched.block_size
         for gpu_block, cpu_block in out.swap_out:
             for off in range(bs):
@@ -64,6 +67,23 @@ class FakeKV:
                 else:
                     want.append(c)
                 gpu[(table[pos // bs], pos % bs)] = c
+
+
+    def check_loras(self, sched: Scheduler, out) -> None:
+        """Load adapters as the engine does (from disk unless cached on the host, into their slot): every
+        request then finds its own adapter in its slot, and the host cache stays within max_cpu_loras."""
+        if sched.loras is None:  # max_loras=0: every adapter resident, nothing loads
+            return
+        for lora in out.loaded_loras:
+            assert (lora in out.loaded_loras_from_disk) == (lora not in self.host_loras)
+            self.host_loras.add(lora)
+            self.lora_slots[out.lora_slots[lora]] = lora
+        self.host_loras -= set(out.evicted_loras_from_cpu)
+        assert len(self.host_loras) <= sched.config.max_cpu_loras
+        assert set(out.lora_slots.values()) <= set(range(1, sched.config.max_loras + 1))
+        for req in out.requests:
+            if req.lora_id:
+                assert self.lora_slots[out.lora_slots[req.lora_id]] == req.lora_id
 
 
 def check_pool(sched: Scheduler) -> None:

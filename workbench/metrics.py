@@ -106,6 +106,13 @@ def num_truncated(requests: pd.DataFrame, workload: pd.DataFrame) -> int:
     return int((done & (requests["output_tokens"] < asked)).sum())
 
 
+def lora_loads(steps: pd.DataFrame) -> dict[str, Any]:
+    """Adapter loads of a run with LoRA, from its steps table: how many, of which from disk, the mean time."""
+    loads = int(steps["lora_loads"].sum())
+    return {"lora_loads": loads, "lora_loads_from_disk": int(steps["lora_loads_from_disk"].sum()),
+            "mean_lora_load_ms": 1e3 * float(steps["lora_load_s"].sum()) / loads if loads else 0.0}
+
+
 def latencies(requests: pd.DataFrame) -> pd.DataFrame:
     """ttft_ms, tpot_ms (NaN with a single output token) and e2el_ms of each finished request."""
     done = requests[requests["finish_reason"].astype(str).isin(FINISHED)]

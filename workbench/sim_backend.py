@@ -38,11 +38,16 @@ from servebench.sim.specs import (
 from servebench.sim.step_time_models import make_step_time_model
 from servebench.sim.terms import Term, with_terms
 from servebench.workbench.core_configs import cache_config, scheduler_config
-from servebench.workbench.metrics import num_truncated
+from servebench.workbench.metrics import lora_loads, num_truncated
 from servebench.workbench.runs import RunResult
 from servebench.workbench.scheduler_stats import per_replica_counts, scheduler_counts
 from servebench.workbench.terminal import Progress
-from servebench.workbench.workload_requests import assign_adapters, assign_images, iter_requests
+from servebench.workbench.workload_requests import (
+    assign_adapters,
+    assign_images,
+    iter_requests,
+    with_lora_ids,
+)
 from servebench.workbench.workloads import load_workload
 
 
@@ -106,12 +111,12 @@ def run(cfg: dict[str, Any]) -> RunResult:
         info["num_steps_outside_profile"] = base.num_outside
     if len(all_stats) > 1:
         info["per_replica"] = per_replica_counts(stats)
-    info |= _feature_counts([t for replica_terms in terms for t in replica_terms])
+    info |= _images_encoded([t for replica_terms in terms for t in replica_terms])
     requests_df, steps_df, itl = _tables(recorders)
     info["num_truncated"] = num_truncated(requests_df, workload)
     if d.lora.enabled:
-        adapter_of = dict(zip(workload["request_id"], workload["lora_id"], strict=True))
-        requests_df["lora_id"] = requests_df["request_id"].map(adapter_of)
+        info |= lora_loads(steps_df)
+        requests_df = with_lora_ids(requests_df, workload)
     return RunResult(requests_df, steps_df, itl, info)
 
 
@@ -189,19 +194,10 @@ def _feature_terms(quant_term: QuantizationTerm | None, d: _Specs) -> list[Term]
     return terms
 
 
-def _feature_counts(terms: list[Term]) -> dict[str, Any]:
-    """LoRA loads and images encoded, summed over replicas (for summary.json)."""
-    out: dict[str, Any] = {}
-    loras = [t for t in terms if isinstance(t, LoRATerm)]
-    if loras:
-        loads = sum(t.num_loads for t in loras)
-        out["lora_loads"] = loads
-        out["lora_loads_from_disk"] = sum(t.num_loads_from_disk for t in loras)
-        out["mean_lora_load_ms"] = 1e3 * sum(t.load_s for t in loras) / loads if loads else 0.0
+def _images_encoded(terms: list[Term]) -> dict[str, Any]:
+    """Images encoded, summed over replicas (for summary.json)."""
     encoders = [t for t in terms if isinstance(t, EncoderTerm)]
-    if encoders:
-        out["images_encoded"] = sum(t.num_encoded for t in encoders)
-    return out
+    return {"images_encoded": sum(t.num_encoded for t in encoders)} if encoders else {}
 
 
 def _tables(recorders: list[list[TraceRecorder]]) -> tuple[pd.DataFrame, pd.DataFrame, Any]:

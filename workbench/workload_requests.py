@@ -67,6 +67,12 @@ def assign_adapters(df: pd.DataFrame, num_adapters: int, distribution: str, zipf
     return df.assign(lora_id=ids)
 
 
+def with_lora_ids(requests: pd.DataFrame, workload: pd.DataFrame) -> pd.DataFrame:
+    """The requests table with each request's adapter (`lora_id` of the workload row of its id)."""
+    adapter_of = dict(zip(workload["request_id"].astype(str), workload["lora_id"], strict=True))
+    return requests.assign(lora_id=requests["request_id"].astype(str).map(adapter_of))
+
+
 def assign_images(df: pd.DataFrame, images_per_request: int, num_unique_images: int | None,
                   seed: int) -> pd.DataFrame:
     """An `images` column: `images_per_request` image ids per request, drawn uniformly from

@@ -9,10 +9,13 @@ class LoRASlots:
     """Which adapters sit in the `max_loras` GPU slots, and which running requests use them.
 
     An adapter used by a running request stays in its slot; among the others the
-    least recently used is evicted when a new adapter needs a slot. Loads are
-    collected in `loaded` (every load into a GPU slot) and `loaded_from_disk`
-    (those not in the LRU CPU cache of `max_cpu_loras` adapters either), until
-    the scheduler moves them into the step's output.
+    least recently used is evicted when a new adapter needs a slot, which it takes
+    over: `slot_of` numbers the slots 1..max_loras (0 is the base model), the
+    engine's adapter tables' rows. Loads are collected in `loaded` (every load into
+    a GPU slot) and `loaded_from_disk` (those not in the LRU CPU cache of
+    `max_cpu_loras` adapters either), and the adapters that loads pushed out of the
+    CPU cache in `evicted_from_cpu`, until the scheduler moves them into the step's
+    output.
     """
 
     def __init__(self, max_loras: int, max_cpu_loras: int) -> None:
@@ -20,8 +23,10 @@ class LoRASlots:
         self.max_cpu_loras = max_cpu_loras
         self._gpu: OrderedDict[int, int] = OrderedDict()  # adapter -> running requests using it; LRU first
         self._cpu: OrderedDict[int, None] = OrderedDict()
+        self.slot_of: dict[int, int] = {}  # adapter in a GPU slot -> the slot, 1..max_loras
         self.loaded: list[int] = []
         self.loaded_from_disk: list[int] = []
+        self.evicted_from_cpu: list[int] = []
 
     def can_place(self, lora_id: int) -> bool:
         """True if the adapter is in a slot, or one is free or held by an adapter no running request uses."""
@@ -32,9 +37,14 @@ class LoRASlots:
         """A request of this adapter starts running; `can_place(lora_id)` must be True."""
         gpu = self._gpu
         if lora_id not in gpu:
-            if len(gpu) >= self.max_loras:
-                del gpu[next(a for a, users in gpu.items() if users == 0)]
+            if len(gpu) >= self.max_loras:  # full: slots 1..max_loras are taken, the LRU idle one is freed
+                victim = next(a for a, users in gpu.items() if users == 0)
+                del gpu[victim]
+                slot = self.slot_of.pop(victim)
+            else:  # slots are only freed to be taken at once, so 1..len(gpu) are the ones in use
+                slot = len(gpu) + 1
             gpu[lora_id] = 0
+            self.slot_of[lora_id] = slot
             self._load(lora_id)
         gpu[lora_id] += 1
         gpu.move_to_end(lora_id)
@@ -52,4 +62,4 @@ class LoRASlots:
         self.loaded_from_disk.append(lora_id)
         cpu[lora_id] = None
         if len(cpu) > self.max_cpu_loras:
-            cpu.popitem(last=False)
+            self.evicted_from_cpu.append(cpu.popitem(last=False)[0])

@@ -50,12 +50,18 @@ class StepRow:
     # async scheduling while the next step is scheduled as the previous one runs
     host_gap_s: float
     device_s: float  # the device's time for the forward and sampling (CUDA events; NaN on CPU)
+    # LoRA adapters loaded into GPU slots before the forward, of which read from disk, and the loads' time
+    lora_loads: int
+    lora_loads_from_disk: int
+    lora_load_s: float
 
 
 TRACE_STEP_COLUMNS = tuple(f.name for f in fields(StepRow))
-# The columns every backend writes (the server's, empty), then the step's shape (STEP_SHAPE_COLUMNS).
+LORA_STEP_COLUMNS = TRACE_STEP_COLUMNS[TRACE_STEP_COLUMNS.index("lora_loads"):]
+# The columns every backend writes (the server's, empty), then the step's shape (STEP_SHAPE_COLUMNS), then
+# the LoRA loads (LORA_STEP_COLUMNS).
 STEP_COLUMNS = TRACE_STEP_COLUMNS[:TRACE_STEP_COLUMNS.index("num_prefill_chunks")]
-STEP_SHAPE_COLUMNS = TRACE_STEP_COLUMNS[len(STEP_COLUMNS):]
+STEP_SHAPE_COLUMNS = TRACE_STEP_COLUMNS[len(STEP_COLUMNS):-len(LORA_STEP_COLUMNS)]
 NAN = float("nan")
 
 

@@ -228,8 +228,7 @@ class Scheduler:
             budget = self._resume_swapped(out, budget)
             self._admit_waiting(out, budget, now)
         if self.loras is not None:
-            out.loaded_loras, self.loras.loaded = self.loras.loaded, []
-            out.loaded_loras_from_disk, self.loras.loaded_from_disk = self.loras.loaded_from_disk, []
+            self._take_lora_loads(out)
         if self._num_mm:
             self._schedule_encoder_inputs(out)
         out.num_running = len(self.running)
@@ -398,6 +397,15 @@ class Scheduler:
         threshold = self.config.long_prefill_token_threshold
         return sum(len(r.all_token_ids) - r.num_computed_tokens > threshold for r in out.requests)
 
+    def _take_lora_loads(self, out: SchedulerOutput) -> None:
+        """Move the loads (and CPU-cache evictions) of this step's admissions into `out`, with the GPU slot of
+        every adapter the batch uses."""
+        loras = self.loras
+        out.loaded_loras, loras.loaded = loras.loaded, []
+        out.loaded_loras_from_disk, loras.loaded_from_disk = loras.loaded_from_disk, []
+        out.evicted_loras_from_cpu, loras.evicted_from_cpu = loras.evicted_from_cpu, []
+        out.lora_slots = {a: loras.slot_of[a] for a in out.active_loras}
+
     def _lora_fits(self, req: Request) -> bool:
         """A request is admitted only if its adapter can get a GPU slot; the base model always fits."""
         return self.loras is None or not req.lora_id or self.loras.can_place(req.lora_id)
@@ -525,6 +533,9 @@ class Scheduler:
                 swap_out_blocks=len(out.swap_out),
                 host_gap_s=host_gap,
                 device_s=out.device_s,
+                lora_loads=len(out.loaded_loras),
+                lora_loads_from_disk=len(out.loaded_loras_from_disk),
+                lora_load_s=out.lora_load_s,
             )
         )
         self._last_step_end = now

@@ -21,7 +21,9 @@ class SchedulerOutput:
 
     LoRA: `loaded_loras` are the adapters loaded into GPU slots before this step's
     forward, `loaded_loras_from_disk` those of them that were not in the CPU cache
-    either; `active_loras` the distinct adapters the batch uses. Multimodal:
+    either, `evicted_loras_from_cpu` the adapters those loads pushed out of the CPU
+    cache; `active_loras` the distinct adapters the batch uses and `lora_slots`
+    their GPU slots (engine.core.lora). Multimodal:
     `encoder_inputs` are (image hash, placeholder tokens) of the images the encoder
     runs on this step: those whose placeholder tokens are scheduled for the first
     time since the request's (re)admission and whose output is not in the encoder cache.
@@ -42,6 +44,8 @@ class SchedulerOutput:
     shed: list[Request] = field(default_factory=list)  # dropped from the waiting queue this step (TTFT SLO)
     loaded_loras: list[int] = field(default_factory=list)
     loaded_loras_from_disk: list[int] = field(default_factory=list)
+    evicted_loras_from_cpu: list[int] = field(default_factory=list)
+    lora_slots: dict[int, int] = field(default_factory=dict)  # adapter -> its GPU slot, 1..max_loras
     encoder_inputs: list[tuple[str, int]] = field(default_factory=list)
     prefix_hit_tokens: int = 0
     num_running: int = 0
@@ -53,6 +57,7 @@ class SchedulerOutput:
     # the step's forward and sampling (the simulator: its step-time model's price; NaN: not measured).
     graph_batch: int = 0
     device_s: float = math.nan
+    lora_load_s: float = 0.0  # set by the executor: the loads' time (the engine's measured, the simulator's)
 
     @property
     def total_num_scheduled_tokens(self) -> int:
