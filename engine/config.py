@@ -21,6 +21,7 @@ ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "
 # vLLM's names: fp8 quantizes a bf16/fp32 checkpoint's weights at load; awq and gptq load 4-bit checkpoints.
 QUANTIZATION_METHODS = ("fp8", "awq", "gptq")
 KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
+LORA_RANKS = (8, 16, 32, 64)  # max_lora_rank's choices (vLLM's, up to 64)
 FP8_KV_CAPABILITY = (8, 9)  # Triton converts to and from e4m3 on Ada and Hopper GPUs, not before
 # Where older AutoGPTQ and AutoAWQ checkpoints keep their quantization config (config.json has none).
 QUANT_CONFIG_FILES = ("quantize_config.json", "quant_config.json")
@@ -146,6 +147,12 @@ class EngineArgs:
     # None: the checkpoint's own quantization_config (none: unquantized); else QUANTIZATION_METHODS.
     quantization: str | None = None
     kv_cache_dtype: str = "auto"  # auto (the model's dtype) or fp8 / fp8_e4m3 (e4m3, scale 1.0)
+    # Multi-LoRA (vLLM's knobs): adapters in GPU slots at once, the largest rank, adapters in the CPU cache
+    # (None: max_loras). Requests name their adapter with an engine.lora.LoRARequest.
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size != 1:
@@ -165,6 +172,16 @@ class EngineArgs:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported: choose "
                              f"{', '.join(KV_CACHE_DTYPES)}")
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras={self.max_loras} must be >= 1")
+        if self.max_lora_rank not in LORA_RANKS:
+            raise ValueError(f"max_lora_rank={self.max_lora_rank}: choose one of "
+                             f"{', '.join(map(str, LORA_RANKS))}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras={self.max_cpu_loras} must be >= max_loras={self.max_loras}")
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> EngineArgs:
@@ -218,6 +235,7 @@ class EngineArgs:
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget,
             enable_chunked_prefill=self.enable_chunked_prefill, preemption_mode=self.preemption_mode,
             max_model_len=max_model_len, queue_policy=self.scheduling_policy,
+            max_loras=self.max_loras if self.enable_lora else 0, max_cpu_loras=self.max_cpu_loras,
         )
 
     def cache_config(self) -> CacheConfig:

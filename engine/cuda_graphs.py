@@ -7,15 +7,18 @@ import numpy as np
 import torch
 from servebench.engine.core.graphs import graph_batch_sizes, padded_graph_batch
 from servebench.engine.input_batch import HostBatch
+from servebench.engine.lora_layers import LoRATables, group_rows
 from servebench.engine.models import AttentionMetadata, LlamaForCausalLM
 from servebench.engine.pending_tokens import PendingTokens
+from servebench.kernels import ops
 
 
 class GraphInputs:
     """The static tensors every captured decode graph reads, as typed views into one byte buffer, so that a
-    step's inputs reach the device in one copy from a pinned host twin with the same layout."""
+    step's inputs reach the device in one copy from a pinned host twin with the same layout. With
+    `max_loras`, also each row's adapter slot as kernels.lora reads it (rows grouped by slot)."""
 
-    def __init__(self, buffer: torch.Tensor, max_seqs: int, max_blocks: int) -> None:
+    def __init__(self, buffer: torch.Tensor, max_seqs: int, max_blocks: int, max_loras: int = 0) -> None:
         self.buffer = buffer
         offset = 0
 
@@ -30,14 +33,17 @@ class GraphInputs:
         self.positions = take(torch.long, max_seqs)
         self.slot_mapping = take(torch.long, max_seqs)
         self.seq_lens = take(torch.int32, max_seqs)
+        self.lora_rows = take(torch.int32, max_seqs if max_loras else 0)
+        self.lora_starts = take(torch.int32, max_loras + 2 if max_loras else 0)
         self.block_tables = take(torch.int32, max_seqs, max_blocks)
         # The block tables come last, so a batch of n copies bytes [0, end_of_row[n]).
         tables_at = offset - max_seqs * max_blocks * 4
         self.end_of_row = [tables_at + i * max_blocks * 4 for i in range(max_seqs + 1)]
 
     @staticmethod
-    def nbytes(max_seqs: int, max_blocks: int) -> int:
-        return max_seqs * (3 * 8 + 4 + 4 * max_blocks)
+    def nbytes(max_seqs: int, max_blocks: int, max_loras: int = 0) -> int:
+        lora = 4 * (max_seqs + max_loras + 2) if max_loras else 0
+        return max_seqs * (3 * 8 + 4 + 4 * max_blocks) + lora
 
 
 class CudaGraphs:
@@ -46,19 +52,19 @@ class CudaGraphs:
     replays the smallest that holds it, its extra rows a one-token context in the KV cache's pad block."""
 
     def __init__(self, model: LlamaForCausalLM, device: torch.device, max_num_seqs: int, max_model_len: int,
-                 block_size: int, pad_block: int) -> None:
-        self.block_size, self.pad_block = block_size, pad_block
+                 block_size: int, pad_block: int, lora: LoRATables | None = None) -> None:
+        self.block_size, self.pad_block, self.lora = block_size, pad_block, lora
         self.sizes = sizes = graph_batch_sizes(max_num_seqs)  # ascending: the keys of `graphs`
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._turn = 0  # which pinned host twin of the graph inputs the next replay fills
-        m, b = sizes[-1], -(-max_model_len // block_size)
-        nbytes = GraphInputs.nbytes(m, b)
+        m, b, loras = sizes[-1], -(-max_model_len // block_size), lora.max_loras if lora else 0
+        nbytes = GraphInputs.nbytes(m, b, loras)
         # Two pinned host twins, used in turn: with async scheduling the host fills one for the next step
         # while the copy from the other may still be queued behind the running step.
-        self.hosts = [GraphInputs(torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True), m, b)
+        self.hosts = [GraphInputs(torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True), m, b, loras)
                       for _ in range(2)]
         self._host_uploaded = [torch.cuda.Event(), torch.cuda.Event()]  # recorded after each twin's copy
-        self.inputs = g = GraphInputs(torch.zeros(nbytes, dtype=torch.uint8, device=device), m, b)
+        self.inputs = g = GraphInputs(torch.zeros(nbytes, dtype=torch.uint8, device=device), m, b, loras)
         self._pad_rows(self.hosts[0], 0, m)
         self._upload(0, m)
         # Held here: a graph keeps no reference to the tensors it reads.
@@ -71,6 +77,8 @@ class CudaGraphs:
                                          qsl[:size + 1], 1, max_model_len)
 
                 def forward(size: int = size, meta: AttentionMetadata = meta) -> None:
+                    if lora is not None:  # the LoRA kernels' grid covers all `size` rows of every slot
+                        lora.indices = ops.LoRAIndices(g.lora_rows[:size], g.lora_starts, size)
                     hidden = model(g.input_ids[:size], g.positions[:size], meta)
                     logits[:size] = model.compute_logits(hidden)
 
@@ -80,6 +88,8 @@ class CudaGraphs:
                     forward()
                 pool = graph.pool()
                 self.graphs[size] = graph
+        if lora is not None:
+            lora.indices = lora.idle
         torch.cuda.synchronize()
 
     def padded_batch(self, batch: HostBatch) -> int:
@@ -99,12 +109,26 @@ class CudaGraphs:
         h.slot_mapping.numpy()[:n] = batch.slot_mapping
         h.seq_lens.numpy()[:n] = batch.seq_lens
         h.block_tables.numpy()[:n, :batch.block_tables.shape[1]] = batch.block_tables
+        if self.lora is not None:
+            self._lora_rows(h, batch.lora_slots, size)
         self._pad_rows(h, n, size)
         self._upload(turn, size)
         if batch.pending_rows is not None:
             pending_tokens.fill(self.inputs.input_ids, batch.pending_rows, batch.pending_from)
         self.graphs[size].replay()
         return self.logits[:n]
+
+    def _lora_rows(self, h: GraphInputs, token_slots: np.ndarray | None, size: int) -> None:
+        """Each row's adapter slot, grouped by slot (the padded rows: none); no slot has rows when no row
+        has an adapter."""
+        if token_slots is None:
+            h.lora_starts.zero_()
+            return
+        padded = np.zeros(size, dtype=np.int64)
+        padded[:len(token_slots)] = token_slots
+        rows, starts, _ = group_rows(padded, self.lora.max_loras)
+        h.lora_rows.numpy()[:size] = rows
+        h.lora_starts.numpy()[:] = starts
 
     def _pad_rows(self, h: GraphInputs, start: int, end: int) -> None:
         """Rows [start, end) of a graph batch: a one-token context in the pad block, written there."""

@@ -1,7 +1,8 @@
-"""A local model folder from a config alone: config.json and a word-level tokenizer over the whole vocabulary.
+"""A local model folder from a config alone: config.json and a word-level tokenizer over the whole vocabulary;
+and random LoRA adapters for a model, in PEFT's format.
 
 With `load_format="dummy"` the engine fills the weights at random, so benchmarks and the workbench's
-engine backend run any model shape without a checkpoint or a hub.
+engine backend run any model shape without a checkpoint or a hub (and any number of adapters).
 """
 
 from __future__ import annotations
@@ -9,8 +10,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 import transformers
 import yaml
+from safetensors.torch import save_file
+from servebench.engine.config import ModelConfig
+from servebench.engine.lora import CONFIG_FILE, TARGET_MODULES, WEIGHTS_FILE, module_shapes
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 MODEL_CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
@@ -60,3 +65,26 @@ def resolve_model(model: str, tmp: Path) -> tuple[str, Path]:
         raise ValueError(f"model {model!r}: no config.json there, nor one of the model shapes: {known}")
     spec = yaml.safe_load(conf.read_text())
     return spec["name"], write_dummy_model_dir(hf_config(spec), tmp / spec["name"])
+
+
+def write_dummy_adapter(path: Path, cfg: ModelConfig, rank: int, seed: int = 0,
+                        targets: tuple[str, ...] = tuple(TARGET_MODULES), layers: range | None = None,
+                        alpha: float | None = None, use_rslora: bool = False) -> Path:
+    """A PEFT LoRA adapter folder for the model of `cfg`: A and B drawn from N(0, initializer_range) in the
+    model's dtype, on the `targets` projections of `layers` (None: all); lora_alpha 2 x rank unless given."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes, std = module_shapes(cfg), cfg.initializer_range
+    tensors = {}
+    for layer in layers if layers is not None else range(cfg.num_layers):
+        for module in targets:
+            n_in, n_out = shapes[module]
+            prefix = f"base_model.model.model.layers.{layer}.{TARGET_MODULES[module]}.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = (torch.randn(rank, n_in, generator=gen) * std).to(cfg.dtype)
+            tensors[f"{prefix}.lora_B.weight"] = (torch.randn(n_out, rank, generator=gen) * std).to(cfg.dtype)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / WEIGHTS_FILE))
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha if alpha is not None else 2 * rank,
+              "target_modules": list(targets), "use_rslora": use_rslora, "bias": "none",
+              "base_model_name_or_path": str(cfg.path)}
+    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    return path

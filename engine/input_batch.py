@@ -30,6 +30,8 @@ class HostBatch:
     pending_from: np.ndarray | None = None
     # prompt_logprobs: (request index, first position of its chunk, token rows whose logits score the prompt)
     prompt_rows: list[tuple[int, int, np.ndarray]] = field(default_factory=list)
+    # LoRA: each token row's adapter slot (0: the base model); None when no request of the step has one
+    lora_slots: np.ndarray | None = None
 
 
 def prepare(out: SchedulerOutput, block_size: int, pending_tokens: PendingTokens) -> HostBatch:
@@ -56,6 +58,10 @@ def prepare(out: SchedulerOutput, block_size: int, pending_tokens: PendingTokens
     if pending:
         batch.pending_rows = batch.query_start_loc[1:][pending] - 1
         batch.pending_from = pending_tokens.source_rows([out.requests[i] for i in pending])
+    if out.lora_slots:
+        slots = np.fromiter((out.lora_slots.get(req.lora_id, 0) for req in out.requests), dtype=np.int64,
+                            count=len(out.requests))
+        batch.lora_slots = np.repeat(slots, out.num_scheduled_tokens)
     return batch
 
 

@@ -8,6 +8,7 @@ from typing import Any
 from servebench.engine.config import EngineArgs
 from servebench.engine.core.sampling_params import SamplingParams
 from servebench.engine.llm_engine import LLMEngine
+from servebench.engine.lora import LoRARequest
 from servebench.engine.outputs import RequestOutput
 from tqdm import tqdm
 
@@ -24,17 +25,18 @@ class LLM:
 
     def generate(self, prompts: Prompt | list[Prompt],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs in the order of `prompts`."""
+                 use_tqdm: bool = True,
+                 lora_request: LoRARequest | list[LoRARequest | None] | None = None) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs in the order of `prompts`. `lora_request`: the adapter
+        of every prompt, or one per prompt (None: the base model); needs enable_lora=True."""
         prompts = [prompts] if isinstance(prompts, str | dict) else list(prompts)
-        params = sampling_params if sampling_params is not None else SamplingParams()
-        params = params if isinstance(params, list) else [params] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling_params")
+        params = _per_prompt(sampling_params if sampling_params is not None else SamplingParams(), prompts,
+                             "sampling_params")
+        loras = _per_prompt(lora_request, prompts, "lora_request")
         ids = []
         try:
-            for prompt, p in zip(prompts, params):
-                ids.append(self._add(prompt, p))
+            for prompt, p, lora in zip(prompts, params, loras):
+                ids.append(self._add(prompt, p, lora))
         except (ValueError, TypeError):
             for rid in ids:  # all or nothing: no half-submitted batch left in the engine
                 self.engine.abort_request(rid)
@@ -42,7 +44,8 @@ class LLM:
         return self._run(ids, use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
-             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
+             use_tqdm: bool = True, add_generation_prompt: bool = True,
+             lora_request: LoRARequest | list[LoRARequest | None] | None = None) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, through the tokenizer's chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tok = self.engine.tokenizer
@@ -50,14 +53,15 @@ class LLM:
         for conv in conversations:
             text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=add_generation_prompt)
             prompts.append({"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request)
 
-    def _add(self, prompt: Prompt, params: SamplingParams) -> str:
+    def _add(self, prompt: Prompt, params: SamplingParams, lora: LoRARequest | None) -> str:
         rid = str(next(self._ids))
         if isinstance(prompt, str):
-            self.engine.add_request(rid, prompt, None, params)
+            self.engine.add_request(rid, prompt, None, params, lora_request=lora)
         elif isinstance(prompt, dict) and ("prompt_token_ids" in prompt or "prompt" in prompt):
-            self.engine.add_request(rid, prompt.get("prompt"), prompt.get("prompt_token_ids"), params)
+            self.engine.add_request(rid, prompt.get("prompt"), prompt.get("prompt_token_ids"), params,
+                                    lora_request=lora)
         else:
             raise TypeError(
                 f"a prompt must be a str or a dict with prompt_token_ids, got {type(prompt).__name__}")
@@ -71,3 +75,11 @@ class LLM:
                     done[out.request_id] = out
                     bar.update(1)
         return [done[rid] for rid in ids]
+
+
+def _per_prompt(value: Any, prompts: list[Prompt], name: str) -> list:
+    """One value for every prompt, or a list with one per prompt."""
+    values = value if isinstance(value, list) else [value] * len(prompts)
+    if len(values) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(values)} {name}")
+    return values

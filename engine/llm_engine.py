@@ -17,6 +17,7 @@ from servebench.engine.core.sampling_params import SamplingParams
 from servebench.engine.core.scheduler import Scheduler, SchedulerStats
 from servebench.engine.core.scheduler_output import SchedulerOutput
 from servebench.engine.detokenizer import Detokenizer
+from servebench.engine.lora import LoRARequest
 from servebench.engine.model_runner import ModelRunner
 from servebench.engine.outputs import CompletionOutput, PositionLogprobs, RequestMetrics, RequestOutput
 from servebench.engine.sampled_tokens import SampledTokens
@@ -57,6 +58,8 @@ class LLMEngine:
         self.max_model_len = args.resolved_max_model_len(cfg)
         self.scheduler_config = scheduler_config or args.scheduler_config(self.max_model_len)
         self.cache_config = cache_config or args.cache_config()
+        if args.enable_lora and not self.scheduler_config.max_loras:
+            raise ValueError("enable_lora needs GPU slots for the adapters: scheduler.max_loras >= 1")
         self.runner = ModelRunner(args, cfg, self.scheduler_config, self.cache_config)
         self.reset()
         eos = cfg.eos_token_ids
@@ -73,6 +76,8 @@ class LLMEngine:
         """A fresh scheduler, KV cache index (prefix cache included) and trace on the loaded model: one model
         load serves several benchmark runs. Requests still in flight are dropped."""
         self.recorder = TraceRecorder()
+        if self.runner.lora is not None:
+            self.runner.lora.reset()
         kv_cache = self.runner.kv_cache
         self.scheduler = Scheduler(self.scheduler_config, self.cache_config, kv_cache.num_gpu_blocks,
                                    kv_cache.num_cpu_blocks, self.recorder)
@@ -94,8 +99,10 @@ class LLMEngine:
     # ---- requests ------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None = None,
                     params: SamplingParams | None = None, arrival_time: float | None = None,
-                    priority: int = 0, reject_if_too_long: bool = False) -> None:
+                    priority: int = 0, reject_if_too_long: bool = False,
+                    lora_request: LoRARequest | None = None) -> None:
         """Queue a request; `prompt_token_ids` wins over `prompt`, which is then only echoed back.
+        `lora_request`: the adapter it runs with (None: the base model), checked on first sight (add_lora).
 
         A prompt over max_model_len is an error, unless `reject_if_too_long`: then the request ends at once
         as rejected (recorded in the trace, reported by the next `step()`), as the simulator's scheduler
@@ -104,6 +111,8 @@ class LLMEngine:
         params = params or SamplingParams()
         if request_id in self._tracked:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        if lora_request is not None:
+            self.add_lora(lora_request)
         if prompt_token_ids is None:
             if prompt is None:
                 raise ValueError(f"request {request_id}: give a prompt or prompt_token_ids")
@@ -116,7 +125,8 @@ class LLMEngine:
         # Prompt logprobs need every prompt token computed: no prefix-cache hits on other requests' blocks.
         salt = (request_id,) if params.prompt_logprobs is not None else ()
         req = Request(request_id, list(prompt_token_ids), params, arrival, priority,
-                      eos_token_id=self.eos_token_id, cache_salt=salt)
+                      eos_token_id=self.eos_token_id, cache_salt=salt,
+                      lora_id=lora_request.lora_int_id if lora_request is not None else None)
         detok = Detokenizer(self.tokenizer.backend_tokenizer, req.prompt_token_ids, params.stop)
         self._tracked[request_id] = tracked = _Tracked(req, prompt, detok)
         if params.logprobs is not None:
@@ -147,6 +157,15 @@ class LLMEngine:
             if value is not None and value > self.vocab_size:
                 raise ValueError(f"request {request_id}: {name} must be at most the vocabulary size "
                                  f"{self.vocab_size}, got {value}")
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Check an adapter and make its id known (vLLM's add_lora); it loads when a request first needs it.
+        A ValueError names what is wrong (no enable_lora, a bad folder, a rank over max_lora_rank, ...)."""
+        if self.runner.lora is None:
+            raise ValueError(f"LoRA adapter {lora_request.lora_name!r}: the engine runs without LoRA; "
+                             "pass enable_lora=True")
+        self.runner.lora.register(lora_request)
+        return True
 
     def abort_request(self, request_id: str) -> None:
         """End a request now and free its KV blocks; unknown or finished ids are ignored."""

@@ -11,6 +11,7 @@ from servebench.engine.cuda_graphs import CudaGraphs
 from servebench.engine.input_batch import HostBatch, prepare
 from servebench.engine.kv_cache import KVCache
 from servebench.engine.loader import load_model
+from servebench.engine.lora_manager import LoRAManager
 from servebench.engine.models import AttentionMetadata
 from servebench.engine.pending_tokens import PendingTokens
 from servebench.engine.sampled_tokens import SampledTokens
@@ -20,7 +21,8 @@ from servebench.engine.sampler import Logprobs, Sampler
 class ModelRunner:
     """The model on the device and what a step needs around it: the KV cache (kv_cache.py), the step's inputs
     (input_batch.py), the previous launch's tokens for async scheduling (pending_tokens.py), decode graphs
-    (cuda_graphs.py; None when eager) and the sampler. A step is `launch` (or `execute`, which waits)."""
+    (cuda_graphs.py; None when eager), the sampler and, with enable_lora, the adapters (lora_manager.py;
+    None without). A step is `launch` (or `execute`, which waits)."""
 
     def __init__(self, args: EngineArgs, cfg: ModelConfig, sched: SchedulerConfig, cache: CacheConfig
                  ) -> None:
@@ -30,6 +32,11 @@ class ModelRunner:
         max_position = max(cfg.max_position_embeddings, sched.max_model_len)
         self.model = load_model(cfg, self.dtype, self.device, max_position, args.load_format, args.seed,
                                 args.quantization)
+        # Before the KV cache is sized: the adapters' slot tables take their share of the device's memory.
+        self.lora: LoRAManager | None = None
+        if args.enable_lora:
+            self.lora = LoRAManager(self.model, cfg, sched.max_loras, args.max_lora_rank, self.dtype,
+                                    self.device)
         self.sampler = Sampler(self.device)
         self.pending_tokens = PendingTokens()
         self.kv_cache = KVCache(self.model, cfg, args.kv_cache_torch_dtype(self.dtype), self.device, sched,
@@ -37,12 +44,18 @@ class ModelRunner:
         self.cuda_graphs: CudaGraphs | None = None
         if self.device.type == "cuda" and not args.enforce_eager:
             self.cuda_graphs = CudaGraphs(self.model, self.device, sched.max_num_seqs, sched.max_model_len,
-                                          self.block_size, self.kv_cache.pad_block)
+                                          self.block_size, self.kv_cache.pad_block,
+                                          self.lora.tables if self.lora else None)
 
     @property
     def weight_bytes(self) -> int:
         """Bytes of the model's parameters on the device, quantized as they are (a tied one counted once)."""
         return sum(p.nbytes for p in self.model.parameters())
+
+    @property
+    def lora_bytes(self) -> int:
+        """Bytes of the adapters' GPU slot tables (0 without enable_lora)."""
+        return self.lora.tables.nbytes if self.lora else 0
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -59,7 +72,10 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput) -> SampledTokens:
         """`execute` without waiting for the device: the host can schedule the next step meanwhile. Input
-        tokens still PENDING are the previous launch's sampled tokens, gathered on the device."""
+        tokens still PENDING are the previous launch's sampled tokens, gathered on the device. Adapters the
+        step loads are in their slots first (their time in `out.lora_load_s`)."""
+        if out.loaded_loras:
+            out.lora_load_s = self.lora.load(out)
         self.kv_cache.swap(out)
         sampled, rows, prompt, failures, began = None, [], [], {}, None
         if out.requests:
@@ -111,6 +127,8 @@ class ModelRunner:
             seq_lens=put(batch.seq_lens), query_start_loc=put(batch.query_start_loc),
             max_query_len=batch.max_query_len, max_seq_len=int(batch.seq_lens.max()))
         input_ids = put(batch.input_ids)
+        if self.lora is not None:
+            self.lora.set_rows(batch.lora_slots)
         if batch.pending_rows is not None:
             self.pending_tokens.fill(input_ids, batch.pending_rows, batch.pending_from)
         hidden = self.model(input_ids, put(batch.positions), meta)

@@ -112,8 +112,12 @@ class QuantizedLinear(nn.Module):
         self.bias = _param(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.method.apply(self, x)
+        out = self.project(x)
         return ops.silu_and_mul(out) if self.swiglu else out
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T + b, before the SwiGLU (engine.lora_layers adds LoRA updates to it)."""
+        return self.method.apply(self, x)
 
     def rotary_store_kv(self, x: torch.Tensor, rope: ops.RotaryStoreKV) -> torch.Tensor:
         return rope.store(self(x))

@@ -52,6 +52,10 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor | ops.SplitK:
         return ops.linear(x, self.weight, self.bias, split_k=self.split_k, swiglu=self.swiglu)
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T + b, without the fused epilogues (split-K, SwiGLU): what a LoRA update is added to."""
+        return ops.linear(x, self.weight, self.bias)
+
     def rotary_store_kv(self, x: torch.Tensor, rope: ops.RotaryStoreKV) -> torch.Tensor:
         """This q/k/v projection of x, then rope's rotary embedding and KV write (one kernel in decode)."""
         return ops.linear_rotary_store_kv(x, self.weight, self.bias, rope)
