@@ -15,7 +15,10 @@ import openai
 import pytest
 import uvicorn
 from servebench.engine import sampler as sampler_module
-from servebench.engine.config import EngineArgs
+from servebench.engine.config import EngineArgs, ModelConfig
+from servebench.engine.dummy import write_dummy_adapter
+from servebench.engine.lora import LoRARequest
+from servebench.engine.server.__main__ import lora_modules, parse_args
 from servebench.engine.server.api import build_app
 from servebench.workbench.metrics import REQUEST_COLUMNS, summarize
 from servebench.workbench.serve_client import run_serving_benchmark
@@ -303,6 +306,45 @@ def test_api_key(tiny_llama_dir) -> None:
             openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0).models.list()
     finally:
         server.stop()
+
+
+def test_lora_adapters_are_models_and_match_the_offline_engine(tiny_llama_dir, tmp_path) -> None:
+    cfg = ModelConfig.from_dir(tiny_llama_dir)
+    specs = [f"{name}={write_dummy_adapter(tmp_path / name, cfg, rank, seed=rank)}"
+             for name, rank in (("tenant-a", 8), ("tenant-b", 16))]
+    loras = lora_modules(specs, MODEL)
+    kw = {"enable_lora": True, "max_loras": 1, "max_cpu_loras": 2}
+    engine = LLMEngine(EngineArgs(model=str(tiny_llama_dir), **ENGINE_KW, **kw))
+    for lora in loras:
+        engine.add_lora(lora)
+    server = ServerThread(build_app(engine, MODEL, str(tiny_llama_dir), loras=loras))
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        cards = client.models.list().data
+        assert [(c.id, getattr(c, "parent", None)) for c in cards] == [
+            (MODEL, None), ("tenant-a", MODEL), ("tenant-b", MODEL)]
+        llm = LLM(str(tiny_llama_dir), **ENGINE_KW, **kw)
+        for model, lora in ((MODEL, None), ("tenant-a", loras[0]), ("tenant-b", loras[1])):
+            want = llm.generate(PROMPTS, greedy(), use_tqdm=False, lora_request=lora)
+            for prompt, ref in zip(PROMPTS, want, strict=True):
+                resp = client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0)
+                assert resp.model == model and resp.choices[0].text == ref.outputs[0].text, (model, prompt)
+        assert len({r.outputs[0].text for r in want}) > 1
+        with pytest.raises(openai.BadRequestError, match="'tenant-a', 'tenant-b'"):
+            client.completions.create(model="tenant-c", prompt="Hello")
+        assert_idle(server.url, engine)
+    finally:
+        server.stop()
+
+
+def test_lora_modules_flag() -> None:
+    args = parse_args(["--model", "m", "--enable-lora", "--max-loras", "2", "--lora-modules", "a=/x", "b=/y"])
+    assert (args.enable_lora, args.max_loras, args.lora_modules) == (True, 2, ["a=/x", "b=/y"])
+    assert lora_modules(args.lora_modules, "m") == [LoRARequest("a", 1, "/x"), LoRARequest("b", 2, "/y")]
+    for specs, message in ((["a"], "expected NAME=PATH"), (["m=/x"], "'m' is already served"),
+                           (["a=/x", "a=/y"], "'a' is already served")):
+        with pytest.raises(ValueError, match=message):
+            lora_modules(specs, "m")
 
 
 def assert_internal_error(error: dict) -> None:

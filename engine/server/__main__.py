@@ -11,6 +11,7 @@ import typing
 from pathlib import Path
 
 from servebench.engine.config import EngineArgs
+from servebench.engine.lora import LoRARequest
 
 
 def _flag_type(hint: typing.Any) -> type:
@@ -28,6 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--served-model-name", default=None, help="the API's model name (default: --model)")
     p.add_argument("--max-request-body-bytes", type=int, default=None,
                    help="larger bodies get 413 (default: 32 bytes a token of max-model-len, >= 1 MiB)")
+    p.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                   help="PEFT LoRA adapters served as models of these names (needs --enable-lora)")
     # Every EngineArgs field becomes a flag under vLLM's spelling (--max-model-len, --enable-prefix-caching
     # and --no-enable-prefix-caching, ...).
     hints = typing.get_type_hints(EngineArgs)
@@ -42,6 +45,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def lora_modules(specs: list[str], model_name: str) -> list[LoRARequest]:
+    """--lora-modules NAME=PATH ... as LoRARequests with ids 1, 2, ... in order."""
+    loras = []
+    for i, spec in enumerate(specs, start=1):
+        name, sep, path = spec.partition("=")
+        if not (sep and name and path):
+            raise ValueError(f"--lora-modules: expected NAME=PATH, got {spec!r}")
+        if name == model_name or name in (lora.lora_name for lora in loras):
+            raise ValueError(f"--lora-modules: the name {name!r} is already served")
+        loras.append(LoRARequest(name, i, path))
+    return loras
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     # Heavy imports after parsing, so that --help is instant.
@@ -51,16 +67,19 @@ def main(argv: list[str] | None = None) -> None:
     from servebench.engine.server.api import build_app
 
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineArgs)}
+    name = args.served_model_name or args.model
     try:
+        loras = lora_modules(args.lora_modules, name)
         with tempfile.TemporaryDirectory() as tmp:
             # With --load-format dummy a conf/model shape name (tiny_llama, llama2_7b, ...) serves too.
             if args.load_format == "dummy":
                 fields["model"] = str(resolve_model(args.model, Path(tmp))[1])
             engine = LLMEngine(EngineArgs(**fields))
+        for lora in loras:  # checked now, loaded when a request first needs it
+            engine.add_lora(lora)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         raise SystemExit(f"servebench-serve: error: {e}") from None
-    app = build_app(engine, args.served_model_name or args.model, args.model, args.api_key,
-                    args.max_request_body_bytes)
+    app = build_app(engine, name, args.model, args.api_key, args.max_request_body_bytes, loras)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from servebench.engine.core.sampling_params import SamplingParams
+from servebench.engine.lora import LoRARequest
 from servebench.engine.outputs import PositionLogprobs
 from servebench.engine.server.async_engine import AsyncEngine, Update
 from servebench.engine.server.metrics import ServerMetrics
@@ -96,10 +97,12 @@ class Prompt:
 class OpenAIServer:
     """Turns API requests into engine requests and engine updates into OpenAI responses."""
 
-    def __init__(self, engine, model_name: str, model_path: str, max_body_bytes: int | None = None) -> None:
+    def __init__(self, engine, model_name: str, model_path: str, max_body_bytes: int | None = None,
+                 loras: list[LoRARequest] | None = None) -> None:
         # A copy of our own: the engine thread detokenizes with its tokenizer while we encode here.
         self.tokenizer = copy.deepcopy(engine.tokenizer)
         self.model_name, self.model_path, self.max_model_len = model_name, model_path, engine.max_model_len
+        self.loras = {lora.lora_name: lora for lora in loras or ()}  # served as models under their names
         self.vocab_size = engine.vocab_size
         self.max_body_bytes = max_body_bytes or default_max_body_bytes(self.max_model_len)
         self.metrics = ServerMetrics(model_name)
@@ -172,16 +175,26 @@ class OpenAIServer:
         return Prompt(self.tokenizer.encode(text, add_special_tokens=False), text)
 
     def models(self) -> ModelList:
+        """The base model, then each LoRA adapter (vLLM's cards: its folder as root, the base as parent)."""
         card = ModelCard(id=self.model_name, created=self.created, root=self.model_path,
                          max_model_len=self.max_model_len)
-        return ModelList(data=[card])
+        adapters = [ModelCard(id=name, created=self.created, root=lora.lora_path, parent=self.model_name,
+                              max_model_len=self.max_model_len) for name, lora in self.loras.items()]
+        return ModelList(data=[card, *adapters])
+
+    def _lora(self, model: str | None) -> LoRARequest | None:
+        """The adapter a request's `model` names; None: the base model."""
+        if model is None or model == self.model_name:
+            return None
+        if model not in self.loras:
+            served = ", ".join(repr(name) for name in (self.model_name, *self.loras))
+            raise APIError(400, f"model {model!r} does not exist; this server serves {served}", "model")
+        return self.loras[model]
 
     # ---- one API request: engine requests for each prompt x best_of -------------------------
     async def _serve(self, req: GenerationRequest, prompts: list[Prompt], max_tokens: int | None,
                      default: int | None, fmt: type[CompletionFormat]) -> Response:
-        if req.model is not None and req.model != self.model_name:
-            raise APIError(400, f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
-                           "model")
+        lora = self._lora(req.model)
         if req.top_k is not None and req.top_k > self.vocab_size:
             raise APIError(400, f"top_k must be -1, 0 or 1..{self.vocab_size} (the vocabulary size), got "
                            f"{req.top_k}", "top_k")
@@ -192,8 +205,8 @@ class OpenAIServer:
         params = [self._params(req, len(p.ids), max_tokens, default, fmt.prompt_param) for p in prompts]
         response = fmt(self, req, prompts)
         rank = best_of > req.n
-        streams = [self.engine.generate(f"{response.id}-{i}-{j}", p.ids, _choice_params(params[i], j, rank))
-                   for i, p in enumerate(prompts) for j in range(best_of)]
+        streams = [self.engine.generate(f"{response.id}-{i}-{j}", p.ids, _choice_params(params[i], j, rank),
+                                        lora) for i, p in enumerate(prompts) for j in range(best_of)]
         try:
             firsts = await _first_updates(streams)
         except ValueError as e:
@@ -335,7 +348,7 @@ class CompletionFormat:
 
     def __init__(self, server: OpenAIServer, req: GenerationRequest, prompts: list[Prompt]) -> None:
         self.id, self.created = f"{self.prefix}-{uuid.uuid4().hex}", int(time.time())
-        self.model = server.model_name
+        self.model = req.model or server.model_name  # the base model's name or an adapter's
         self.server, self.prompts, self.n = server, prompts, req.n
         self.num_logprobs = req.num_logprobs  # None: no logprobs
         self.echo = getattr(req, "echo", False)
@@ -464,9 +477,10 @@ def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
 
 
 def build_app(engine, model_name: str, model_path: str, api_key: str | None = None,
-              max_body_bytes: int | None = None) -> FastAPI:
-    """The app over `engine` (an `LLMEngine`), which its lifespan steps in a thread of its own."""
-    server = OpenAIServer(engine, model_name, model_path, max_body_bytes)
+              max_body_bytes: int | None = None, loras: list[LoRARequest] | None = None) -> FastAPI:
+    """The app over `engine` (an `LLMEngine`), which its lifespan steps in a thread of its own; `loras`:
+    adapters the engine knows (LLMEngine.add_lora), served as models under their names."""
+    server = OpenAIServer(engine, model_name, model_path, max_body_bytes, loras)
     expected = f"Bearer {api_key}".encode()
 
     @asynccontextmanager

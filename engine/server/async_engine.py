@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from servebench.engine.core.sampling_params import SamplingParams
+from servebench.engine.lora import LoRARequest
 from servebench.engine.outputs import PositionLogprobs
 from servebench.engine.server.metrics import ServerMetrics
 
@@ -73,7 +74,8 @@ class AsyncEngine:
         self._thread.join()
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        lora_request: LoRARequest | None = None,
     ) -> AsyncIterator[Update]:
         """Yield the request's updates until it finishes; the engine's ValueError for a bad request
         comes out of the first `anext`. Leaving early (client gone, cancelled) aborts the request."""
@@ -82,7 +84,7 @@ class AsyncEngine:
         stream: asyncio.Queue[Update | Exception] = asyncio.Queue()
         self._streams[request_id] = stream
         # Arrival is now, in the engine's clock (a pure function of time, safe to read here).
-        self._inbox.put(("add", request_id, prompt_token_ids, params, self.engine.now()))
+        self._inbox.put(("add", request_id, prompt_token_ids, params, self.engine.now(), lora_request))
         finished = False
         try:
             while not finished:
@@ -126,9 +128,10 @@ class AsyncEngine:
                 self._add(*cmd[1:])
 
     def _add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-             arrival: float) -> None:
+             arrival: float, lora_request: LoRARequest | None) -> None:
         try:
-            self.engine.add_request(request_id, None, prompt_token_ids, params, arrival_time=arrival)
+            self.engine.add_request(request_id, None, prompt_token_ids, params, arrival_time=arrival,
+                                    lora_request=lora_request)
         except Exception as e:  # a bad request fails alone (ValueError: HTTP 400); the engine goes on
             self._loop.call_soon_threadsafe(self._dispatch, [(request_id, e)])
             return

@@ -269,6 +269,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "engine"
     root: str
+    parent: str | None = None  # a LoRA adapter's base model
     max_model_len: int
 
 
