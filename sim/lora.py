@@ -34,10 +34,16 @@ class LoRA:
     distribution: str = "uniform"  # uniform | zipf (adapter k drawn with probability ~ k^-zipf_s)
     zipf_s: float = 1.1
     disk_gbs: float = 2.0  # adapter files read from disk (NVMe) into host memory, GB/s
+    # backend=engine: PEFT adapter folders of adapters 1..num_adapters (rank at most `rank`); None: random
+    # adapters of `rank` written for the run (the simulator prices `rank` either way)
+    paths: list[str] | None = None
 
     def __post_init__(self) -> None:
         check_int("lora.num_adapters", self.num_adapters, 0)
         check_int("lora.rank", self.rank, 1)
+        if self.paths is not None and len(self.paths) != self.num_adapters:
+            raise ValueError(f"lora.paths has {len(self.paths)} folders for lora.num_adapters="
+                             f"{self.num_adapters}: one per adapter")
         if self.distribution not in DISTRIBUTIONS:
             choices = ", ".join(DISTRIBUTIONS)
             raise ValueError(f"lora.distribution={self.distribution!r}: choose one of {choices}")

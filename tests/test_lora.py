@@ -7,8 +7,11 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -181,3 +184,34 @@ def test_an_adapter_needs_enable_lora_and_valid_knobs(tiny_llama_dir, adapters):
         with pytest.raises(ValueError, match=message):
             lora_llm(tiny_llama_dir, **kw)
 
+
+REPO = Path(__file__).resolve().parents[1]
+LORA_RUN = ("workload=synthetic", "workload.num_requests=24", "workload.request_rate=null",
+            "workload.input_len=32", "workload.output_len=8", "lora.num_adapters=5", "lora.distribution=zipf",
+            "lora.rank=8", "scheduler.max_loras=2", "scheduler.max_cpu_loras=3", "report=false",
+            "progress=false")
+ENGINE = ("backend=engine", "model=tiny_llama", "++backend.dtype=float32", "++backend.warmup=false")
+
+
+def workbench(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "servebench.workbench", f"hydra.run.dir={run_dir}", *overrides]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_workbench_engine_backend_serves_the_workloads_adapters_as_the_simulator_assigns_them(tmp_path):
+    # Random adapters of lora.rank are written for the run; requests get the simulator's adapters.
+    runs = {}
+    for name, backend in (("sim", ()), ("engine", ENGINE)):
+        res = workbench(tmp_path / name, *backend, *LORA_RUN)
+        assert res.returncode == 0, res.stderr
+        runs[name] = (json.loads((tmp_path / name / "summary.json").read_text()),
+                      pd.read_parquet(tmp_path / name / "requests.parquet").set_index("request_id"),
+                      pd.read_parquet(tmp_path / name / "steps.parquet"))
+    (sim, sim_requests, _), (engine, requests, steps) = runs["sim"], runs["engine"]
+    assert engine["num_finished"] == 24 and requests["lora_id"].nunique() > 2
+    assert sim["lora_loads"] >= requests["lora_id"].nunique()  # both count the slot policy's loads
+    assert requests["lora_id"].sort_index().equals(sim_requests["lora_id"].sort_index())
+    assert engine["lora_loads"] == steps["lora_loads"].sum() >= requests["lora_id"].nunique()
+    assert engine["lora_loads_from_disk"] <= engine["lora_loads"] and engine["mean_lora_load_ms"] > 0
+    res = workbench(tmp_path / "server", "backend=server", *LORA_RUN)
+    assert res.returncode == 2 and "lora.num_adapters=5: a server runs as it was started" in res.stderr
