@@ -33,3 +33,27 @@ def tiny_qwen3_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_llama_dir(tmp_path_factory) -> Path:
     return train_tiny_model(build_tiny_model(tmp_path_factory.mktemp("trained_llama"), "llama"))
+
+
+# (rank, targets, layers, rsLoRA) of the LoRA tests' adapters: every projection; attention only; the MLP of
+# the second layer only
+LORA_ADAPTERS = {
+    "all": (8, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), None, False),
+    "attn": (16, ("q_proj", "k_proj", "v_proj", "o_proj"), None, False),
+    "mlp1": (8, ("gate_proj", "up_proj", "down_proj"), range(1, 2), True),
+}
+
+
+@pytest.fixture(scope="session")
+def lora_adapters(tiny_llama_dir, tmp_path_factory) -> dict:
+    """Random PEFT adapters of tiny_llama_dir (ids 1, 2, 3) as LoRARequests, by name."""
+    from servebench.engine.config import ModelConfig
+    from servebench.engine.dummy import write_dummy_adapter
+    from servebench.engine.lora import LoRARequest
+
+    cfg, root = ModelConfig.from_dir(tiny_llama_dir), tmp_path_factory.mktemp("lora_adapters")
+    out = {}
+    for i, (name, (rank, targets, layers, rslora)) in enumerate(LORA_ADAPTERS.items(), start=1):
+        write_dummy_adapter(root / name, cfg, rank, seed=i, targets=targets, layers=layers, use_rslora=rslora)
+        out[name] = LoRARequest(name, i, str(root / name))
+    return out

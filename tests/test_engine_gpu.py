@@ -13,6 +13,7 @@ import torch
 from quantized_checkpoint import quantize_checkpoint
 from servebench.engine.input_batch import host_batch
 from test_engine_correctness import PROMPTS, assert_matches_hf
+from test_lora import assert_matches_merged, lora_llm, run_mixed
 from test_quantization import CASES, SWAP, baseline_run, check_near
 from tiny_model import ONE_B, build_tiny_model, hf_greedy, hf_model, random_prompts
 
@@ -148,3 +149,16 @@ def test_quantization_frees_memory_for_kv_blocks(one_b_dir, kwargs):
     freed = plain[0] - runner.weight_bytes
     assert freed > 0.4 * plain[0]
     assert runner.kv_cache_bytes - plain[1] == pytest.approx(freed, rel=0.1)
+
+
+@pytest.mark.parametrize("knobs", [{}, {"enforce_eager": True}, {"max_loras": 1, "max_cpu_loras": 2},
+                                   {"async_scheduling": True}], ids=["graphs", "eager", "evict", "async"])
+def test_lora_mixed_batch_matches_hf_merged_on_gpu(tiny_llama_dir, lora_adapters, knobs):
+    """The Triton LoRA kernels in a batch mixing three adapters and the base model (decode steps in CUDA
+    graphs, whose static inputs carry each row's adapter slot), fp32, against HF with each adapter merged:
+    the CPU test's criterion (tests/test_lora.py)."""
+    llm = lora_llm(tiny_llama_dir, device="cuda", gpu_memory_utilization=0.05, **knobs)
+    assert_matches_merged(tiny_llama_dir, run_mixed(llm, lora_adapters))
+    assert (llm.engine.runner.cuda_graphs is None) == bool(knobs.get("enforce_eager"))
+    steps = llm.engine.recorder.steps_table()
+    assert all(s > 0 for s, n in zip(steps["lora_load_s"], steps["lora_loads"]) if n)

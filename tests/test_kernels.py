@@ -869,6 +869,20 @@ def test_gpu_skinny_linear(rows: int, dtype: torch.dtype) -> None:
 
 
 @gpu
+@pytest.mark.parametrize("rows", [1, 9, 300])  # decode groups (split-K shrink) and a prefill
+@pytest.mark.parametrize("rank", [16, 64])
+def test_gpu_add_lora(rows: int, rank: int) -> None:
+    # Llama-2-7B's q/k/v (three slices), gate/up (two) and down projections, bf16, four adapter slots.
+    slots = [(3 * t + 1) % 5 for t in range(rows)]  # every slot, and rows without an adapter
+    for slices, k in [((4096,) * 3, 4096), ((11008,) * 2, 4096), ((4096,), 11008)]:
+        y, x, lora_a, lora_b, indices, starts = lora_case(slots, 4, rank, slices, k, torch.bfloat16, "cuda")
+        expected = y.clone()
+        ref.add_lora(expected, x, lora_a, lora_b, indices.sorted_rows, indices.slot_starts, starts)
+        ops.add_lora(y, x, lora_a, lora_b, indices, starts)
+        torch.testing.assert_close(y.float(), expected.float(), atol=3e-2, rtol=2e-2)
+
+
+@gpu
 @pytest.mark.parametrize("rows", [1, 8, 16])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_skinny_linear_swiglu(rows: int, dtype: torch.dtype) -> None:

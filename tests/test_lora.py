@@ -23,23 +23,7 @@ from transformers import AutoModelForCausalLM
 from servebench import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-# (rank, targets, layers, rsLoRA): every projection; attention only; the MLP of the second layer only
-ADAPTERS = {"all": (8, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), None,
-                    False),
-            "attn": (16, ("q_proj", "k_proj", "v_proj", "o_proj"), None, False),
-            "mlp1": (8, ("gate_proj", "up_proj", "down_proj"), range(1, 2), True)}
 PROMPTS = [[1, 40, 41, 42, 43, 44, 45, 46], [1, *range(100, 140)], [1, 7], [1, 300, 200, 100, 50, 25] * 5]
-
-
-@pytest.fixture(scope="module")
-def adapters(tiny_llama_dir, tmp_path_factory) -> dict[str, LoRARequest]:
-    cfg = ModelConfig.from_dir(tiny_llama_dir)
-    root = tmp_path_factory.mktemp("adapters")
-    out = {}
-    for i, (name, (rank, targets, layers, rslora)) in enumerate(ADAPTERS.items(), start=1):
-        write_dummy_adapter(root / name, cfg, rank, seed=i, targets=targets, layers=layers, use_rslora=rslora)
-        out[name] = LoRARequest(name, i, str(root / name))
-    return out
 
 
 def merged_hf_model(model_dir: Path, adapter: LoRARequest | None):
@@ -94,13 +78,14 @@ def assert_matches_merged(model_dir: Path, results: list) -> None:
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
-def test_mixed_adapter_batch_matches_hf_with_each_adapter_merged(tiny_llama_dir, adapters, async_scheduling):
+def test_mixed_adapter_batch_matches_hf_with_each_adapter_merged(tiny_llama_dir, lora_adapters,
+                                                                 async_scheduling):
     # The same prompts under three adapters and the base model: prefix caching must not share their KV.
     llm = lora_llm(tiny_llama_dir, async_scheduling=async_scheduling)
-    results = run_mixed(llm, adapters)
+    results = run_mixed(llm, lora_adapters)
     assert_matches_merged(tiny_llama_dir, results)
     base = {i: tokens for lora, i, tokens in results if lora is None}
-    for name in adapters:  # every adapter changes some continuation: the comparison above means something
+    for name in lora_adapters:  # each adapter changes some continuation: the comparison above means something
         assert any(tokens != base[i] for lora, i, tokens in results if lora and lora.lora_name == name), name
     steps = llm.engine.recorder.steps_table()
     assert sum(steps["lora_loads"]) == sum(steps["lora_loads_from_disk"]) == 3
@@ -108,10 +93,10 @@ def test_mixed_adapter_batch_matches_hf_with_each_adapter_merged(tiny_llama_dir,
 
 
 @pytest.mark.parametrize("max_cpu_loras", [2, 3])
-def test_more_adapters_than_slots_evict_and_reload(tiny_llama_dir, adapters, max_cpu_loras):
+def test_more_adapters_than_slots_evict_and_reload(tiny_llama_dir, lora_adapters, max_cpu_loras):
     # One GPU slot for three adapters: each request waits for its adapter's turn, which comes round again.
     llm = lora_llm(tiny_llama_dir, max_loras=1, max_cpu_loras=max_cpu_loras, max_num_seqs=4)
-    assert_matches_merged(tiny_llama_dir, run_mixed(llm, adapters))
+    assert_matches_merged(tiny_llama_dir, run_mixed(llm, lora_adapters))
     steps = llm.engine.recorder.steps_table()
     loads, from_disk = sum(steps["lora_loads"]), sum(steps["lora_loads_from_disk"])
     assert loads > 3
@@ -120,9 +105,9 @@ def test_more_adapters_than_slots_evict_and_reload(tiny_llama_dir, adapters, max
     assert len(llm.engine.runner.lora.host) == max_cpu_loras
 
 
-def test_lora_composes_with_fp8_weights(tiny_llama_dir, adapters):
+def test_lora_composes_with_fp8_weights(tiny_llama_dir, lora_adapters):
     llm = lora_llm(tiny_llama_dir, quantization="fp8")
-    outs = {lora and lora.lora_name: tokens for lora, i, tokens in run_mixed(llm, adapters) if i == 1}
+    outs = {lora and lora.lora_name: tokens for lora, i, tokens in run_mixed(llm, lora_adapters) if i == 1}
     assert outs["all"] != outs[None]  # the update reaches the quantized layers' output
 
 
@@ -140,7 +125,7 @@ def edit_config(request: LoRARequest, **changes) -> LoRARequest:
     return request
 
 
-def test_bad_adapters_are_one_clear_error_and_nothing_is_queued(tiny_llama_dir, adapters, tmp_path):
+def test_bad_adapters_are_one_clear_error_and_nothing_is_queued(tiny_llama_dir, lora_adapters, tmp_path):
     llm = lora_llm(tiny_llama_dir)
     missing = LoRARequest("missing", 7, str(tmp_path / "nowhere"))
     no_weights = write_adapter(tmp_path, tiny_llama_dir, "no_weights")
@@ -162,22 +147,22 @@ def test_bad_adapters_are_one_clear_error_and_nothing_is_queued(tiny_llama_dir, 
         (edit_config(write_adapter(tmp_path, tiny_llama_dir, "dora"), use_dora=True), "use_dora=True"),
         (LoRARequest("wide", next(_ids), str(wide)), "has shape .* expected .* an adapter of another model"),
         (bad_tensor, "lm_head.lora_A.weight is not the lora_A or lora_B weight"),
-        (LoRARequest("all", adapters["all"].lora_int_id, str(wide)), "one id names one adapter"),
+        (LoRARequest("all", lora_adapters["all"].lora_int_id, str(wide)), "one id names one adapter"),
     ]
-    llm.generate([{"prompt_token_ids": [1, 2]}], GREEDY, use_tqdm=False, lora_request=adapters["all"])
+    llm.generate([{"prompt_token_ids": [1, 2]}], GREEDY, use_tqdm=False, lora_request=lora_adapters["all"])
     for request, message in cases:
         with pytest.raises(ValueError, match=message):
             llm.generate([{"prompt_token_ids": [1, 2]}] * 2, GREEDY, use_tqdm=False,
-                         lora_request=[adapters["attn"], request])
+                         lora_request=[lora_adapters["attn"], request])
         assert not llm.engine.has_unfinished_requests()  # all or nothing: the good request went too
     with pytest.raises(ValueError, match="lora_int_id must be an integer >= 1"):
         LoRARequest("zero", 0, str(wide))
 
 
-def test_an_adapter_needs_enable_lora_and_valid_knobs(tiny_llama_dir, adapters):
+def test_an_adapter_needs_enable_lora_and_valid_knobs(tiny_llama_dir, lora_adapters):
     llm = LLM(str(tiny_llama_dir), dtype="float32", device="cpu")
     with pytest.raises(ValueError, match="pass enable_lora=True"):
-        llm.generate("Hello", GREEDY, use_tqdm=False, lora_request=adapters["all"])
+        llm.generate("Hello", GREEDY, use_tqdm=False, lora_request=lora_adapters["all"])
     for kw, message in (({"max_lora_rank": 12}, "max_lora_rank=12: choose one of 8, 16, 32, 64"),
                         ({"max_loras": 0}, "max_loras=0 must be >= 1"),
                         ({"max_loras": 4, "max_cpu_loras": 2}, "max_cpu_loras=2 must be >= max_loras=4")):
