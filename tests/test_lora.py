@@ -200,3 +200,14 @@ def test_workbench_engine_backend_serves_the_workloads_adapters_as_the_simulator
     assert engine["lora_loads_from_disk"] <= engine["lora_loads"] and engine["mean_lora_load_ms"] > 0
     res = workbench(tmp_path / "server", "backend=server", *LORA_RUN)
     assert res.returncode == 2 and "lora.num_adapters=5: a server runs as it was started" in res.stderr
+
+
+def test_lora_serving_benchmark_runs_tiny_on_the_cpu(tmp_path):
+    out = tmp_path / "lora.json"
+    cmd = [sys.executable, "benchmarks/lora_serving.py", "--tiny", "--device", "cpu", "--json", str(out)]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    result = json.loads(out.read_text())
+    assert [r["run"] for r in result["rows"]] == ["base", "lora-base", "lora-4"]
+    assert result["rows"][-1]["lora_loads"] >= result["rows"][-1]["adapters"] > 1
+    assert result["memory"]["lora_slots_gib"] > 0 and result["memory"]["host_to_device_ms"] > 0
