@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from servebench.engine.config import ModelConfig
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+PEFT_DEFAULT_ALPHA = 8  # LoraConfig's lora_alpha when a config leaves it out
 # The projections an adapter may target, and the decoder-layer module that holds each.
 TARGET_MODULES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
                   "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
@@ -76,19 +77,21 @@ def check_adapter(request: LoRARequest, cfg: ModelConfig, max_rank: int) -> Adap
     if not weights.is_file():
         raise ValueError(f"LoRA adapter {request.lora_name!r}: {path} has no {WEIGHTS_FILE} (only "
                          "safetensors adapters are supported)")
-    shapes = module_shapes(cfg)
-    with safe_open(weights, framework="pt") as f:
-        names = list(f.keys())
-        for name in names:
-            layer, module, ab = parse_tensor_name(name, weights, cfg.num_layers)
-            n_in, n_out = shapes[module]
-            expected = (config.rank, n_in) if ab == "A" else (n_out, config.rank)
-            shape = tuple(f.get_slice(name).get_shape())
-            if shape != expected:
-                raise ValueError(f"{weights}: tensor {name} has shape {shape}, expected {expected} (r="
-                                 f"{config.rank} of {CONFIG_FILE}, this model's {module}: an adapter of "
-                                 "another model?)")
-    _check_pairs(names, weights)
+    try:
+        with safe_open(weights, framework="pt") as f:
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except SafetensorError as e:
+        raise ValueError(f"{weights}: not a readable safetensors file ({e})") from None
+    expected_shapes = module_shapes(cfg)
+    for name, shape in shapes.items():
+        _, module, ab = parse_tensor_name(name, weights, cfg.num_layers)
+        n_in, n_out = expected_shapes[module]
+        expected = (config.rank, n_in) if ab == "A" else (n_out, config.rank)
+        if shape != expected:
+            raise ValueError(f"{weights}: tensor {name} has shape {shape}, expected {expected} (r="
+                             f"{config.rank} of {CONFIG_FILE}, this model's {module}: an adapter of another "
+                             "model?)")
+    _check_pairs(list(shapes), weights)
     return config
 
 
@@ -97,7 +100,7 @@ def read_config(file: Path, max_rank: int) -> AdapterConfig:
         raw = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{file}: not valid JSON ({e})") from None
-    rank, alpha = raw.get("r"), raw.get("lora_alpha", raw.get("r"))
+    rank, alpha = raw.get("r"), raw.get("lora_alpha", PEFT_DEFAULT_ALPHA)
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"{file}: r={rank!r} must be a positive integer")
     if rank > max_rank:

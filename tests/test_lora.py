@@ -45,12 +45,12 @@ def merged_hf_model(model_dir: Path, adapter: LoRARequest | None):
     return model
 
 
-_hf: dict[str | None, list[list[int]]] = {}
+_hf: dict[tuple[str, str | None], list[list[int]]] = {}
 
 
 def hf_greedy(model_dir: Path, adapter: LoRARequest | None) -> list[list[int]]:
     """HF's greedy continuation of each of PROMPTS under the merged adapter (past EOS, as ignore_eos)."""
-    key = None if adapter is None else adapter.lora_name
+    key = (str(model_dir), None if adapter is None else adapter.lora_name)
     if key not in _hf:
         model = merged_hf_model(model_dir, adapter)
         _hf[key] = [model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=GREEDY.max_tokens,
@@ -77,13 +77,19 @@ def assert_matches_merged(model_dir: Path, results: list) -> None:
         assert tokens == hf_greedy(model_dir, lora)[i], (lora and lora.lora_name, i)
 
 
-@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
-def test_mixed_adapter_batch_matches_hf_with_each_adapter_merged(tiny_llama_dir, lora_adapters,
-                                                                 async_scheduling):
-    # The same prompts under three adapters and the base model: prefix caching must not share their KV.
-    llm = lora_llm(tiny_llama_dir, async_scheduling=async_scheduling)
+MIXED_CASES = {"sync": ("tiny_llama_dir", False), "async": ("tiny_llama_dir", True),
+               "qwen3": ("tiny_qwen3_dir", False)}
+
+
+@pytest.mark.parametrize("model,async_scheduling", MIXED_CASES.values(), ids=MIXED_CASES)
+def test_mixed_adapter_batch_matches_hf_with_each_adapter_merged(model, async_scheduling, lora_adapters,
+                                                                 request):
+    # The same prompts under three adapters and the base model: prefix caching must not share their KV. The
+    # tiny Qwen3 (q/k norms) has the tiny Llama's shapes: the same adapters fit it.
+    model_dir = request.getfixturevalue(model)
+    llm = lora_llm(model_dir, async_scheduling=async_scheduling)
     results = run_mixed(llm, lora_adapters)
-    assert_matches_merged(tiny_llama_dir, results)
+    assert_matches_merged(model_dir, results)
     base = {i: tokens for lora, i, tokens in results if lora is None}
     for name in lora_adapters:  # each adapter changes some continuation: the comparison above means something
         assert any(tokens != base[i] for lora, i, tokens in results if lora and lora.lora_name == name), name
@@ -134,6 +140,8 @@ def test_bad_adapters_are_one_clear_error_and_nothing_is_queued(tiny_llama_dir, 
     wide_model = ModelConfig.from_dir(tiny_llama_dir)
     wide_model.hidden_size = 96  # an adapter of another model: its A has 96 inputs
     write_dummy_adapter(wide, wide_model, 8)
+    garbage = write_adapter(tmp_path, tiny_llama_dir, "garbage")
+    (Path(garbage.lora_path) / WEIGHTS_FILE).write_bytes(b"not safetensors")
     bad_tensor = write_adapter(tmp_path, tiny_llama_dir, "bad_tensor")
     weights = load_file(Path(bad_tensor.lora_path) / WEIGHTS_FILE)
     weights["base_model.model.lm_head.lora_A.weight"] = torch.zeros(8, 64)
@@ -141,6 +149,7 @@ def test_bad_adapters_are_one_clear_error_and_nothing_is_queued(tiny_llama_dir, 
     cases = [
         (missing, "is not a PEFT adapter folder"),
         (no_weights, "has no adapter_model.safetensors"),
+        (garbage, "adapter_model.safetensors: not a readable safetensors file"),
         (write_adapter(tmp_path, tiny_llama_dir, "rank32", rank=32), r"r=32 exceeds max_lora_rank=16"),
         (edit_config(write_adapter(tmp_path, tiny_llama_dir, "embed"),
                      target_modules=["q_proj", "embed_tokens"]), "target_modules has 'embed_tokens'"),
