@@ -111,6 +111,35 @@ def test_more_adapters_than_slots_evict_and_reload(tiny_llama_dir, lora_adapters
     assert len(llm.engine.runner.lora.host) == max_cpu_loras
 
 
+PEFT_CASES = {  # target_modules, layers_to_transform, use_rslora
+    "all_linear": ("all-linear", None, False),
+    "layer1_rslora": (["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"], [1], True),
+}
+
+
+@pytest.mark.parametrize("case", PEFT_CASES)
+def test_an_adapter_saved_by_peft_matches_peft_merged(tiny_llama_dir, tmp_path, case):
+    """PEFT's own save_pretrained output (its config keys, tensor names) and merge_and_unload, where PEFT is
+    installed (it is not a dependency)."""
+    peft = pytest.importorskip("peft")
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    torch.manual_seed(0)
+    targets, layers, rslora = PEFT_CASES[case]
+    config = peft.LoraConfig(r=8, lora_alpha=2, target_modules=targets, use_rslora=rslora,
+                             layers_to_transform=layers, init_lora_weights=False)  # random A and B
+    model = peft.get_peft_model(base, config)
+    model.save_pretrained(tmp_path / "peft")
+    merged = model.merge_and_unload().eval()
+    llm = lora_llm(tiny_llama_dir)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False,
+                        lora_request=LoRARequest("peft", 1, str(tmp_path / "peft")))
+    for ids, out in zip(PROMPTS, outs, strict=True):
+        want = merged.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=GREEDY.max_tokens,
+                               eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+        assert out.outputs[0].token_ids == want
+    assert [o.outputs[0].token_ids for o in outs] != hf_greedy(tiny_llama_dir, None)  # the adapter mattered
+
+
 def test_lora_composes_with_fp8_weights(tiny_llama_dir, lora_adapters):
     llm = lora_llm(tiny_llama_dir, quantization="fp8")
     outs = {lora and lora.lora_name: tokens for lora, i, tokens in run_mixed(llm, lora_adapters) if i == 1}
