@@ -261,7 +261,10 @@ def calibrations(runs: Path, profile_root: Path | None) -> dict[str, Any]:
         path = Path(profile_root or DEFAULT_PROFILE_ROOT) / cfg["hardware"]["name"] / cfg["model"]["name"]
         if (path / CALIBRATION_FILE).is_file():
             meta = json.loads((path / CALIBRATION_FILE).read_text()).get("meta", {})
-            found[str(path / CALIBRATION_FILE)] = {k: meta.get(k) for k in ("fit_error", "heldout_error")}
+            file = (path / CALIBRATION_FILE).resolve()
+            # Relative to the checkout, so that the committed report reproduces from any clone.
+            name = str(file.relative_to(REPO)) if file.is_relative_to(REPO) else str(file)
+            found[name] = {k: meta.get(k) for k in ("fit_error", "heldout_error")}
     return found
 
 
