@@ -3,6 +3,7 @@ device cache and the host swap space, bound to the model's attention layers."""
 
 from __future__ import annotations
 
+import gc
 import itertools
 from collections.abc import Callable
 
@@ -34,6 +35,7 @@ class KVCache:
         self.kv_shape = (model_config.num_layers, self.block_size, model_config.num_kv_heads,
                          model_config.head_dim)
         self.block_bytes = 2 * int(np.prod(self.kv_shape)) * dtype.itemsize
+        self.peak_bytes: int | None = None  # device memory the largest step took, where it was measured
         self.num_gpu_blocks = self._num_gpu_blocks(model, sched, cache, kv_cache_memory_bytes, forward)
         swap = sched.preemption_mode != "recompute"  # swap, or cost (which may swap)
         self.num_cpu_blocks = int(cache.swap_space * GiB) // self.block_bytes if swap else 0
@@ -72,8 +74,11 @@ class KVCache:
         if self.device.type == "cpu":
             max_blocks_per_seq = -(-sched.max_model_len // self.block_size)
             return min(CPU_KV_CACHE_BYTES // self.block_bytes, sched.max_num_seqs * max_blocks_per_seq)
+        gc.collect()  # an engine dropped but not yet collected would count as this one's peak
+        self.peak_bytes = peak = self._profile_run(model, sched, forward)
+        # Both at one moment (after the profile run gave its scratch back): a collection between the two
+        # would count the memory it freed as another process's.
         free, total = torch.cuda.mem_get_info()
-        peak = self._profile_run(model, sched, forward)
         non_torch = total - free - torch.cuda.memory_reserved()  # CUDA context, other processes
         budget = int(total * cache.gpu_memory_utilization) - peak - non_torch
         if budget < self.block_bytes:

@@ -207,6 +207,19 @@ def test_lora_loads_come_from_disk_unless_in_the_cpu_cache():
     assert loads == [([1], [1]), ([2], [2]), ([1], []), ([3], [3]), ([2], [2])]
 
 
+def test_an_adapter_pushed_out_of_the_cpu_cache_by_a_load_of_the_same_step_is_not_read_from_disk():
+    # The host drops a step's CPU-cache evictions only after the step's copies, so adapter 3, pushed out by
+    # adapter 1's load and needed a moment later in the same step, is still there to copy from.
+    sched = Scheduler(SchedulerConfig(max_loras=2, max_cpu_loras=2, max_model_len=64), CacheConfig(), 64)
+    steps = []
+    for t, loras in enumerate(((3,), (2,), (1, 3), (2,))):
+        for lora in loras:
+            sched.add_request(make(8, f"{t}-{lora}", max_tokens=1, base=100 * lora, lora_id=lora), float(t))
+        out = step(sched, float(t))
+        steps.append((out.loaded_loras, out.loaded_loras_from_disk, out.evicted_loras_from_cpu))
+    assert steps == [([3], [3], []), ([2], [2], []), ([1, 3], [1], [2]), ([2], [2], [1])]
+
+
 def test_prefix_cache_never_hits_across_adapters():
     sched = Scheduler(SchedulerConfig(max_model_len=64), CacheConfig(block_size=4), 64)
     for rid, lora in (("base", None), ("base_again", 0), ("adapter", 1), ("adapter_again", 1)):

@@ -59,7 +59,10 @@ class LoRASlots:
         if lora_id in cpu:
             cpu.move_to_end(lora_id)
             return
-        self.loaded_from_disk.append(lora_id)
+        if lora_id in self.evicted_from_cpu:  # pushed out by an earlier load of this step: the host drops it
+            self.evicted_from_cpu.remove(lora_id)  # only at the step's end, so it is still there to copy from
+        else:
+            self.loaded_from_disk.append(lora_id)
         cpu[lora_id] = None
         if len(cpu) > self.max_cpu_loras:
             self.evicted_from_cpu.append(cpu.popitem(last=False)[0])
