@@ -47,22 +47,31 @@ class KVCache:
 
     def _allocate(self, num_blocks: int, swap: bool = False) -> torch.Tensor:
         """The device cache starts zeroed (a masked kernel load of stale NaNs would still poison a sum); swap
-        space is always written before it is read, and left unzeroed it costs no host memory until used."""
+        space is always written before it is read, and left unzeroed it costs no host memory until used.
+        Swap space is block-major ([blocks, 2, layers, ...]): a block is one contiguous stretch of pinned
+        memory, so that it crosses the bus in one asynchronous copy."""
         layers, *block = self.kv_shape
-        shape = (2, layers, num_blocks, *block)
         if swap:
-            return torch.empty(shape, dtype=self.dtype, pin_memory=self.device.type == "cuda")
-        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+            return torch.empty((num_blocks, 2, layers, *block), dtype=self.dtype,
+                               pin_memory=self.device.type == "cuda")
+        return torch.zeros((2, layers, num_blocks, *block), dtype=self.dtype, device=self.device)
 
     def swap(self, out: SchedulerOutput) -> None:
-        """Copy the step's swapped-out blocks to the host and its swapped-in blocks back, before its forward
-        can overwrite or read them."""
+        """Queue the copies of the step's swapped-out blocks to the host and of its swapped-in blocks back, on
+        the stream the step's forward runs on (which therefore cannot overwrite or read them first). The
+        blocks are gathered (or scattered) on the device, and each run of consecutive host blocks is one
+        asynchronous copy: the host never waits for the bus."""
         if out.swap_out:
-            gpu, cpu = (list(x) for x in zip(*out.swap_out))
-            self.cpu[:, :, cpu] = self.gpu[:, :, gpu].cpu()
+            gpu, cpu = zip(*out.swap_out)
+            blocks = self.gpu[:, :, list(gpu)].movedim(2, 0).contiguous()
+            for i, start, n in consecutive_runs(cpu):
+                self.cpu[start:start + n].copy_(blocks[i:i + n], non_blocking=True)
         if out.swap_in:
-            cpu, gpu = (list(x) for x in zip(*out.swap_in))
-            self.gpu[:, :, gpu] = self.cpu[:, :, cpu].to(self.device, non_blocking=True)
+            cpu, gpu = zip(*out.swap_in)
+            blocks = torch.empty((len(cpu), *self.cpu.shape[1:]), dtype=self.dtype, device=self.device)
+            for i, start, n in consecutive_runs(cpu):
+                blocks[i:i + n].copy_(self.cpu[start:start + n], non_blocking=True)
+            self.gpu[:, :, list(gpu)] = blocks.movedim(0, 2)
 
     def _num_gpu_blocks(self, model: LlamaForCausalLM, sched: SchedulerConfig, cache: CacheConfig,
                         kv_cache_memory_bytes: int | None, forward: Callable[[HostBatch], torch.Tensor]
@@ -109,6 +118,17 @@ class KVCache:
         del scratch
         torch.cuda.empty_cache()
         return peak
+
+
+def consecutive_runs(ids: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """(position in `ids`, first id, length) of each run of consecutive ids."""
+    runs: list[tuple[int, int, int]] = []
+    for i, b in enumerate(ids):
+        if runs and runs[-1][1] + runs[-1][2] == b:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((i, b, 1))
+    return runs
 
 
 def _bind(model: LlamaForCausalLM, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -76,15 +76,15 @@ class ModelRunner:
         step loads are in their slots first (their time in `out.lora_load_s`)."""
         if out.loaded_loras:
             out.lora_load_s = self.lora.load(out)
-        self.kv_cache.swap(out)
         sampled, rows, prompt, failures, began = None, [], [], {}, None
+        if self.device.type == "cuda":  # the step's device time: its swap copies, forward and sampling
+            began = torch.cuda.Event(enable_timing=True)
+            began.record()
+        self.kv_cache.swap(out)
         if out.requests:
             batch = prepare(out, self.block_size, self.pending_tokens)
             rows = batch.sample_rows
             out.graph_batch = 0 if self.cuda_graphs is None else self.cuda_graphs.padded_batch(batch)
-            if self.device.type == "cuda":
-                began = torch.cuda.Event(enable_timing=True)
-                began.record()
             logits = self._forward(batch, out.graph_batch)
             if rows:
                 sampled = self.sampler(logits[:len(rows)], [out.requests[i] for i in rows])

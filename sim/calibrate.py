@@ -206,7 +206,7 @@ def fit_host(steps: pd.DataFrame, device: DeviceTerms, measured: bool) -> HostTe
     later = sync[sync["step"] >= FIRST_STEPS]
     pre = np.zeros(3)
     if measured and len(later):
-        target = later["duration_s"] - later["device_s"] - device.swap_s * later["swapped"]
+        target = later["duration_s"] - later["device_s"]
         ok = target > 0
         x = np.column_stack([np.ones(ok.sum()), later.loc[ok, ["seqs", "tokens"]].to_numpy(float)])
         pre = fit_relative(x, target[ok].to_numpy(float))
@@ -241,13 +241,30 @@ def _first_steps(sync: pd.DataFrame, device: DeviceTerms, host: HostTerms, measu
     return [max(float(by_step.get(i, 0.0)), 0.0) for i in range(FIRST_STEPS)]
 
 
+def fit_swap(steps: pd.DataFrame, cal: Calibration, measured: bool) -> float:
+    """Seconds per KV block swapped: the median, over sync steps that swapped, of what the rest of the model
+    leaves unexplained of their duration, per block (0 where no step swapped). The duration, not the device
+    time: an engine may copy on the host before the forward, or on the device within it."""
+    swapped = steps[~steps["async_"] & (steps["swapped"] > 0) & (steps["step"] >= FIRST_STEPS)]
+    if swapped.empty:
+        return 0.0
+    rest = predicted_duration(cal, swapped, measured)  # cal.device.swap_s is still 0
+    return max(float(np.median((swapped["duration_s"] - rest) / swapped["swapped"])), 0.0)
+
+
 def fit(steps: pd.DataFrame, profile: pd.DataFrame | None, swap_s: float) -> Calibration:
+    """The device and host terms on the steps that swapped nothing; the swap cost from the profile's swap
+    points (`swap_s`), else from the steps that swapped."""
     measured = bool(steps["device_s"].notna().any())
     if not measured:  # the CPU engine: all of a step is "device" time
         steps = steps.assign(device_s=steps["duration_s"].where(~steps["async_"]))
-    both = pd.concat([steps, profile]) if profile is not None and measured else steps
+    plain = steps[steps["swapped"] == 0]
+    both = pd.concat([plain, profile]) if profile is not None and measured else plain
     device = fit_device(both, swap_s)
-    return Calibration(device, fit_host(steps, device, measured), {"device_measured": measured})
+    cal = Calibration(device, fit_host(plain, device, measured), {"device_measured": measured})
+    if not swap_s:
+        cal.device.swap_s = fit_swap(steps, cal, measured)
+    return cal
 
 
 # ---- errors ----

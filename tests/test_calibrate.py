@@ -19,12 +19,13 @@ TRUTH = Calibration(
     DeviceTerms(graph_batches=[1, 2, 4, 8, 16], graph_s=[4e-3, 4.1e-3, 4.3e-3, 4.6e-3, 5.2e-3],
                 graph_kv_s=2e-8, graph_tail_s=1e-7, knots=[1, 128, 512, 2048],
                 linear_s=[5e-3, 8e-3, 15e-3, 45e-3], attention_s=4e-11, prefill_kv_s=1e-7, chunk_s=5e-5,
-                eager_kv_s=3e-8, seq_s=2e-5, swap_s=0.0),
+                eager_kv_s=3e-8, seq_s=2e-5, swap_s=3e-4),
     HostTerms(pre_s=3e-4, pre_seq_s=1e-5, pre_token_s=1e-7, post_s=2e-4, post_seq_s=5e-6))
 
 
 def synthetic_steps(cal: Calibration, n: int, seed: int) -> pd.DataFrame:
-    """Sync engine steps priced exactly by `cal`: decode batches in CUDA graphs and eager mixed steps."""
+    """Sync engine steps priced exactly by `cal`: decode batches in CUDA graphs and eager mixed steps, a
+    tenth of them swapping blocks in or out."""
     rng = np.random.default_rng(seed)
     sizes = graph_batch_sizes(16)
     rows = []
@@ -41,7 +42,9 @@ def synthetic_steps(cal: Calibration, n: int, seed: int) -> pd.DataFrame:
                      "decode_context_sum": int(contexts.sum()),
                      "decode_context_max": int(contexts.max(initial=0)),
                      "graph_batch": padded_graph_batch(sizes, b) if graph else 0,
-                     "swap_in_blocks": 0, "swap_out_blocks": 0, "num_running": 1, "num_waiting": 0})
+                     "swap_in_blocks": int(rng.integers(1, 9)) if i % 20 == 1 else 0,
+                     "swap_out_blocks": int(rng.integers(1, 9)) if i % 20 == 2 else 0,
+                     "num_running": 1, "num_waiting": 0})
     steps = with_shape_columns(pd.DataFrame(rows).assign(run="synthetic", async_=False, profile=0.0))
     h = cal.host
     steps["device_s"] = predicted_device(cal, steps)
@@ -55,7 +58,7 @@ def test_fit_recovers_known_terms_from_synthetic_steps():
     cal = fit(synthetic_steps(TRUTH, 3000, seed=0), None, 0.0)
     d, t = cal.device, TRUTH.device
     scalars = ("graph_kv_s", "graph_tail_s", "attention_s", "prefill_kv_s", "chunk_s", "eager_kv_s", "seq_s")
-    for name in scalars:
+    for name in (*scalars, "swap_s"):
         assert getattr(d, name) == pytest.approx(getattr(t, name), rel=1e-3), name
     assert d.graph_batches == t.graph_batches
     assert d.graph_s == pytest.approx(t.graph_s, rel=1e-4)

@@ -114,5 +114,9 @@ def test_committed_fidelity_json_reproduces_from_the_engine_runs(tmp_path):
     for summary in fidelity.RUNS.glob("*/engine*/summary.json"):
         shutil.copytree(summary.parent, runs / summary.parent.parent.name / summary.parent.name)
     fidelity.compare(runs, tmp_path)
-    expected = json.loads((REPO / "reports" / "fidelity.json").read_text())
-    assert json.loads((tmp_path / "fidelity.json").read_text()) == expected
+    expected, got = (json.loads(path.read_text()) for path in (REPO / "reports" / "fidelity.json",
+                                                              tmp_path / "fidelity.json"))
+    for report in (expected, got):  # the stale line names the checkout's code digest, not a figure
+        for case in report["cases"].values():
+            case.pop("step_time_stale")
+    assert got == expected

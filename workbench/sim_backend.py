@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from servebench.engine.core import CacheConfig, Scheduler, SchedulerConfig, SchedulerOutput, TraceRecorder
 from servebench.engine.core.graphs import graph_batch_sizes
-from servebench.engine.digest import stale_warning
+from servebench.engine.digest import REPO, stale_warning
 from servebench.sim.cluster import ClusterSimulation, Deployment, deployment_spec, make_router
 from servebench.sim.lora import LoRA, LoRATerm, lora_spec
 from servebench.sim.multimodal import (
@@ -234,7 +235,8 @@ def _stale(step_time: Any) -> str | None:
     meta = getattr(step_time, "meta", None)
     if meta is None:
         return None
-    warning = stale_warning(str(step_time.folder), meta)
+    folder = Path(step_time.folder).resolve()
+    warning = stale_warning(str(folder.relative_to(REPO) if folder.is_relative_to(REPO) else folder), meta)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
     return warning
