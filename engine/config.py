@@ -155,9 +155,7 @@ class EngineArgs:
     max_cpu_loras: int | None = None
 
     def __post_init__(self) -> None:
-        if self.tensor_parallel_size != 1:
-            raise NotImplementedError(
-                f"tensor_parallel_size={self.tensor_parallel_size}: only 1 GPU is supported")
+        self._check_tensor_parallel()
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}: choose auto, float16, bfloat16 or float32")
         if self.load_format not in ("auto", "safetensors", "dummy"):
@@ -173,6 +171,23 @@ class EngineArgs:
             raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported: choose "
                              f"{', '.join(KV_CACHE_DTYPES)}")
         self._check_lora()
+
+    def _check_tensor_parallel(self) -> None:
+        n = self.tensor_parallel_size
+        if n < 1:
+            raise ValueError(f"tensor_parallel_size={n} must be >= 1")
+        if n == 1:
+            return
+        not_yet = [name for name, on in (("quantization", self.quantization is not None),
+                                         ("enable_lora", self.enable_lora),
+                                         ("async_scheduling", self.async_scheduling)) if on]
+        if not_yet:
+            raise NotImplementedError(
+                f"tensor_parallel_size={n} with {', '.join(not_yet)}: not supported yet (tensor parallelism "
+                "runs unquantized models, sync scheduling, no LoRA)")
+        gpus = torch.cuda.device_count()
+        if self.torch_device.type == "cuda" and gpus < n:
+            raise ValueError(f"tensor_parallel_size={n} needs {n} GPUs; torch sees {gpus}")
 
     def _check_lora(self) -> None:
         if self.max_loras < 1:

@@ -3,7 +3,6 @@ device cache and the host swap space, bound to the model's attention layers."""
 
 from __future__ import annotations
 
-import gc
 import itertools
 from collections.abc import Callable
 
@@ -11,7 +10,6 @@ import numpy as np
 import torch
 from servebench.engine.config import ModelConfig
 from servebench.engine.core.config import CacheConfig, SchedulerConfig
-from servebench.engine.core.scheduler_output import SchedulerOutput
 from servebench.engine.input_batch import HostBatch, host_batch
 from servebench.engine.models import LlamaForCausalLM
 
@@ -36,7 +34,9 @@ class KVCache:
                          model_config.head_dim)
         self.block_bytes = 2 * int(np.prod(self.kv_shape)) * dtype.itemsize
         self.peak_bytes: int | None = None  # device memory the largest step took, where it was measured
-        self.num_gpu_blocks = self._num_gpu_blocks(model, sched, cache, kv_cache_memory_bytes, forward)
+        blocks = self._num_gpu_blocks(model, sched, cache, kv_cache_memory_bytes, forward)
+        # Tensor-parallel ranks hold the same blocks (each its KV heads of them): as many as the fullest has.
+        self.num_gpu_blocks = blocks if model.tp is None else model.tp.min(blocks, device)
         swap = sched.preemption_mode != "recompute"  # swap, or cost (which may swap)
         self.num_cpu_blocks = int(cache.swap_space * GiB) // self.block_bytes if swap else 0
         # One extra block at the end: where padded rows of a CUDA-graph batch write and read.
@@ -56,18 +56,18 @@ class KVCache:
                                pin_memory=self.device.type == "cuda")
         return torch.zeros((2, layers, num_blocks, *block), dtype=self.dtype, device=self.device)
 
-    def swap(self, out: SchedulerOutput) -> None:
-        """Queue the copies of the step's swapped-out blocks to the host and of its swapped-in blocks back, on
-        the stream the step's forward runs on (which therefore cannot overwrite or read them first). The
-        blocks are gathered (or scattered) on the device, and each run of consecutive host blocks is one
-        asynchronous copy: the host never waits for the bus."""
-        if out.swap_out:
-            gpu, cpu = zip(*out.swap_out)
+    def swap(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
+        """Queue the copies of a step's swapped-out (device, host) blocks to the host and of its swapped-in
+        (host, device) blocks back, on the stream the step's forward runs on (which therefore cannot
+        overwrite or read them first). The blocks are gathered (or scattered) on the device, and each run of
+        consecutive host blocks is one asynchronous copy: the host never waits for the bus."""
+        if swap_out:
+            gpu, cpu = zip(*swap_out)
             blocks = self.gpu[:, :, list(gpu)].movedim(2, 0).contiguous()
             for i, start, n in consecutive_runs(cpu):
                 self.cpu[start:start + n].copy_(blocks[i:i + n], non_blocking=True)
-        if out.swap_in:
-            cpu, gpu = zip(*out.swap_in)
+        if swap_in:
+            cpu, gpu = zip(*swap_in)
             blocks = torch.empty((len(cpu), *self.cpu.shape[1:]), dtype=self.dtype, device=self.device)
             for i, start, n in consecutive_runs(cpu):
                 blocks[i:i + n].copy_(self.cpu[start:start + n], non_blocking=True)
@@ -83,7 +83,6 @@ class KVCache:
         if self.device.type == "cpu":
             max_blocks_per_seq = -(-sched.max_model_len // self.block_size)
             return min(CPU_KV_CACHE_BYTES // self.block_bytes, sched.max_num_seqs * max_blocks_per_seq)
-        gc.collect()  # an engine dropped but not yet collected would count as this one's peak
         self.peak_bytes = peak = self._profile_run(model, sched, forward)
         # Both at one moment (after the profile run gave its scratch back): a collection between the two
         # would count the memory it freed as another process's.

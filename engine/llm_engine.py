@@ -20,7 +20,9 @@ from servebench.engine.detokenizer import Detokenizer
 from servebench.engine.lora import LoRARequest
 from servebench.engine.model_runner import ModelRunner
 from servebench.engine.outputs import CompletionOutput, PositionLogprobs, RequestMetrics, RequestOutput
+from servebench.engine.parallel import TensorParallel
 from servebench.engine.sampled_tokens import SampledTokens
+from servebench.engine.workers import Workers
 from transformers import AutoTokenizer
 
 logger = logging.getLogger(__name__)
@@ -51,6 +53,10 @@ class LLMEngine:
         way they are the engine's one source of those knobs: the scheduler and the model runner read them,
         never `args`' copies (max_model_len is `args`', resolved against the model)."""
         self.args = args
+        # An engine dropped but not yet collected (frozen by its own start, below) would still hold device
+        # memory and tensor-parallel ranks while this one measures and starts its own.
+        gc.unfreeze()
+        gc.collect()
         self.model_config = cfg = ModelConfig.from_dir(args.model)
         self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
         if not hasattr(self.tokenizer, "backend_tokenizer"):
@@ -60,7 +66,20 @@ class LLMEngine:
         self.cache_config = cache_config or args.cache_config()
         if args.enable_lora and not self.scheduler_config.max_loras:
             raise ValueError("enable_lora needs GPU slots for the adapters: scheduler.max_loras >= 1")
-        self.runner = ModelRunner(args, cfg, self.scheduler_config, self.cache_config)
+        self.workers, tp = None, None
+        if args.tensor_parallel_size > 1:
+            tp = TensorParallel(0, args.tensor_parallel_size)
+            tp.shard_config(cfg)  # a size that does not divide the model fails before any process starts
+            if cfg.quantization_config:
+                raise NotImplementedError(f"{args.model}: a quantized checkpoint with tensor_parallel_size="
+                                          f"{tp.size} is not supported yet")
+            self.workers = Workers(args, cfg, self.scheduler_config, self.cache_config)
+        try:
+            self.runner = ModelRunner(args, cfg, self.scheduler_config, self.cache_config, tp,
+                                      self.workers and self.workers.send)
+        except BaseException:
+            self.shutdown()
+            raise
         self.reset()
         eos = cfg.eos_token_ids
         self.eos_token_id = next((e for e in [self.tokenizer.eos_token_id, *eos] if e is not None), None)
@@ -71,6 +90,12 @@ class LLMEngine:
         gc.collect()
         gc.freeze()
         atexit.register(gc.unfreeze)  # frozen objects are never freed: native extensions report leaks
+
+    def shutdown(self) -> None:
+        """End the tensor-parallel ranks' processes (also done when the engine is collected or the process
+        exits); the engine cannot step afterwards. Nothing to do without tensor parallelism."""
+        if self.workers is not None:
+            self.workers.stop()
 
     def reset(self) -> None:
         """A fresh scheduler, KV cache index (prefix cache included) and trace on the loaded model: one model

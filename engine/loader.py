@@ -12,10 +12,15 @@ import torch
 from safetensors import safe_open
 from servebench.engine.config import ModelConfig
 from servebench.engine.models import LlamaForCausalLM
+from servebench.engine.parallel import TensorParallel
 from servebench.engine.quantization import get_quant_config, process_weights_after_loading
 
 # HF tensors with no parameter here: rotary tables that some checkpoints still carry.
 SKIPPED = re.compile(r"rotary_emb\.inv_freq$")
+# Under tensor parallelism, the dimension of each HF module's tensors that the ranks split (engine.parallel);
+# the others (norms) every rank holds whole.
+SPLIT_DIM = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "gate_proj": 0, "up_proj": 0, "o_proj": 1, "down_proj": 1,
+             "embed_tokens": 0, "lm_head": 0}
 
 
 @contextlib.contextmanager
@@ -29,11 +34,13 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_position: int,
-               load_format: str = "auto", seed: int = 0, quantization: str | None = None) -> LlamaForCausalLM:
-    """`quantization`: EngineArgs' (engine.quantization.get_quant_config)."""
+               load_format: str = "auto", seed: int = 0, quantization: str | None = None,
+               tp: TensorParallel | None = None) -> LlamaForCausalLM:
+    """`quantization`: EngineArgs' (engine.quantization.get_quant_config); `tp`: the shard to load (None: the
+    whole model)."""
     quant = get_quant_config(quantization, cfg, load_format)
     with _default_dtype(dtype), torch.device(device):
-        model = LlamaForCausalLM(cfg, max_position, quant)
+        model = LlamaForCausalLM(cfg if tp is None else tp.shard_config(cfg), max_position, quant, tp)
     if load_format == "dummy":
         _init_dummy(model, seed)
     else:
@@ -99,8 +106,20 @@ def _load_tensor(model: LlamaForCausalLM, params: dict[str, torch.nn.Parameter],
     if size is not None and dim is not None:
         factor = getattr(param, "pack_factor", 1)
         dst = dst.narrow(dim, start // factor, size // factor)
+    if model.tp is not None and module in SPLIT_DIM:
+        dst, tensor = _shard(model.tp, SPLIT_DIM[module] if tensor.dim() > 1 else 0, dst, tensor)
     if dst.shape != tensor.shape:
         raise ValueError(
             f"{file}: tensor {hf_name} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
     dst.copy_(tensor)
     return target
+
+
+def _shard(tp: TensorParallel, dim: int, dst: torch.Tensor, tensor: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's part of a whole HF tensor along `dim`, and where it goes: the last rank's rows of the
+    vocabulary may run past its end (they stay zero)."""
+    n = dst.shape[dim]
+    start = tp.rank * n
+    have = max(0, min(n, tensor.shape[dim] - start))
+    return dst.narrow(dim, 0, have), tensor.narrow(dim, min(start, tensor.shape[dim]), have)

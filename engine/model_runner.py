@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from servebench.engine.config import EngineArgs, ModelConfig
@@ -13,25 +16,42 @@ from servebench.engine.kv_cache import KVCache
 from servebench.engine.loader import load_model
 from servebench.engine.lora_manager import LoRAManager
 from servebench.engine.models import AttentionMetadata
+from servebench.engine.parallel import TensorParallel
 from servebench.engine.pending_tokens import PendingTokens
 from servebench.engine.sampled_tokens import SampledTokens
 from servebench.engine.sampler import Logprobs, Sampler
+
+
+@dataclass(slots=True)
+class ShardStep:
+    """What tensor-parallel ranks 1.. need of a step to run their shard of it (engine.workers)."""
+
+    swap_out: list[tuple[int, int]]
+    swap_in: list[tuple[int, int]]
+    batch: HostBatch | None  # None: a step that only swaps
+    graph_batch: int
 
 
 class ModelRunner:
     """The model on the device and what a step needs around it: the KV cache (kv_cache.py), the step's inputs
     (input_batch.py), the previous launch's tokens for async scheduling (pending_tokens.py), decode graphs
     (cuda_graphs.py; None when eager), the sampler and, with enable_lora, the adapters (lora_manager.py;
-    None without). A step is `launch` (or `execute`, which waits)."""
+    None without). A step is `launch` (or `execute`, which waits).
 
-    def __init__(self, args: EngineArgs, cfg: ModelConfig, sched: SchedulerConfig, cache: CacheConfig
+    With tensor parallelism (`tp`) the model and KV cache are this rank's shard; rank 0's runner hands each
+    step to the other ranks' runners (`send_step`: engine.workers.Workers.send) before running it, and alone
+    samples; theirs run it in `run_shard`."""
+
+    def __init__(self, args: EngineArgs, cfg: ModelConfig, sched: SchedulerConfig, cache: CacheConfig,
+                 tp: TensorParallel | None = None, send_step: Callable[[ShardStep], None] | None = None
                  ) -> None:
-        self.device, self.dtype = args.torch_device, args.torch_dtype(cfg)
+        self.dtype, self.send_step = args.torch_dtype(cfg), send_step
+        self.device = args.torch_device if tp is None else tp.device(args.torch_device)
         self.block_size = cache.block_size
         torch.manual_seed(args.seed)
         max_position = max(cfg.max_position_embeddings, sched.max_model_len)
         self.model = load_model(cfg, self.dtype, self.device, max_position, args.load_format, args.seed,
-                                args.quantization)
+                                args.quantization, tp)
         # Before the KV cache is sized: the adapters' slot tables take their share of the device's memory.
         self.lora: LoRAManager | None = None
         if args.enable_lora:
@@ -39,8 +59,8 @@ class ModelRunner:
                                     self.device)
         self.sampler = Sampler(self.device)
         self.pending_tokens = PendingTokens()
-        self.kv_cache = KVCache(self.model, cfg, args.kv_cache_torch_dtype(self.dtype), self.device, sched,
-                                cache, args.kv_cache_memory_bytes, self._run_eager)
+        self.kv_cache = KVCache(self.model, self.model.config, args.kv_cache_torch_dtype(self.dtype),
+                                self.device, sched, cache, args.kv_cache_memory_bytes, self._run_eager)
         self.cuda_graphs: CudaGraphs | None = None
         if self.device.type == "cuda" and not args.enforce_eager:
             self.cuda_graphs = CudaGraphs(self.model, self.device, sched.max_num_seqs, sched.max_model_len,
@@ -77,14 +97,17 @@ class ModelRunner:
         if out.loaded_loras:
             out.lora_load_s = self.lora.load(out)
         sampled, rows, prompt, failures, began = None, [], [], {}, None
+        batch = prepare(out, self.block_size, self.pending_tokens) if out.requests else None
+        if batch is not None:
+            out.graph_batch = 0 if self.cuda_graphs is None else self.cuda_graphs.padded_batch(batch)
+        if self.send_step is not None:
+            self.send_step(ShardStep(out.swap_out, out.swap_in, batch, out.graph_batch))
         if self.device.type == "cuda":  # the step's device time: its swap copies, forward and sampling
             began = torch.cuda.Event(enable_timing=True)
             began.record()
-        self.kv_cache.swap(out)
-        if out.requests:
-            batch = prepare(out, self.block_size, self.pending_tokens)
+        self.kv_cache.swap(out.swap_out, out.swap_in)
+        if batch is not None:
             rows = batch.sample_rows
-            out.graph_batch = 0 if self.cuda_graphs is None else self.cuda_graphs.padded_batch(batch)
             logits = self._forward(batch, out.graph_batch)
             if rows:
                 sampled = self.sampler(logits[:len(rows)], [out.requests[i] for i in rows])
@@ -92,6 +115,14 @@ class ModelRunner:
                 failures = {rows[j]: e for j, e in sampled.failed.items()}
             prompt = self._prompt_logprobs(out, batch, logits[len(rows):], failures)
         return SampledTokens.start(sampled, rows, len(out.requests), self.device, prompt, failures, began)
+
+    @torch.inference_mode()
+    def run_shard(self, step: ShardStep) -> None:
+        """A tensor-parallel rank's part of rank 0's step: the same swaps and forward (whose collectives meet
+        rank 0's), no sampling."""
+        self.kv_cache.swap(step.swap_out, step.swap_in)
+        if step.batch is not None:
+            self._forward(step.batch, step.graph_batch)
 
     def _prompt_logprobs(self, out: SchedulerOutput, batch: HostBatch, logits: torch.Tensor,
                          failures: dict[int, Exception]) -> list[tuple[int, int, Logprobs]]:

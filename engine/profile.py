@@ -225,9 +225,8 @@ class Profiler:
             if n > min(kv_cache.num_cpu_blocks, kv_cache.num_gpu_blocks):
                 continue
             pairs = [(i, i) for i in range(n)]
-            for kind in ("swap_out", "swap_in"):
-                out = SchedulerOutput(**{kind: pairs})
-                self._add(kind, self._time(lambda out=out: kv_cache.swap(out)), blocks=n)
+            for kind, out, back in (("swap_out", pairs, []), ("swap_in", [], pairs)):
+                self._add(kind, self._time(lambda out=out, back=back: kv_cache.swap(out, back)), blocks=n)
 
     def run_cpu(self) -> list[dict]:
         """Per-step host overhead in the engine loop as `backend=engine` runs it: period minus execute."""

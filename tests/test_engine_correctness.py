@@ -221,8 +221,8 @@ def test_token_id_prompts_and_chat(llm):
 def test_bad_arguments_are_clear_errors(tiny_llama_dir, tmp_path):
     with pytest.raises(TypeError, match="unknown engine argument.*not_a_knob"):
         LLM(model=str(tiny_llama_dir), not_a_knob=1)
-    with pytest.raises(NotImplementedError, match="tensor_parallel_size=2"):
-        LLM(model=str(tiny_llama_dir), tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="tensor_parallel_size=3 does not divide the model's num_attention"):
+        LLM(model=str(tiny_llama_dir), tensor_parallel_size=3)
     with pytest.raises(FileNotFoundError, match="is not a local Hugging Face model directory"):
         LLM(model=str(tmp_path))
     with pytest.raises(ValueError, match="max_model_len=100000 exceeds"):

@@ -5,13 +5,12 @@
 
 from __future__ import annotations
 
-import gc
-
 import numpy as np
 import pytest
 import torch
 from quantized_checkpoint import quantize_checkpoint
 from servebench.engine.input_batch import host_batch
+from servebench.workbench.engine_backend import release_engines
 from test_engine_correctness import PROMPTS, assert_matches_hf
 from test_lora import assert_matches_merged, lora_llm, run_mixed
 from test_quantization import CASES, SWAP, baseline_run, check_near
@@ -140,11 +139,6 @@ def engine_memory(model_dir, **kwargs) -> dict[str, int]:
     del runner
     release_engines()
     return memory
-
-
-def release_engines() -> None:
-    gc.collect()
-    torch.cuda.empty_cache()
 
 
 @pytest.mark.parametrize("kwargs", [{"quantization": "fp8"}, {"quantization": "awq"},

@@ -43,6 +43,8 @@ def run(cfg: dict[str, Any], engine: Any = None) -> RunResult:
         traceback.clear_frames(e.__traceback__)
         raise
     finally:
+        if engine is not None:
+            engine.shutdown()  # its tensor-parallel ranks, if any
         engine = None
         release_engines()
 
@@ -271,6 +273,7 @@ def _engine_args(cfg: dict[str, Any], model_dir: str, sched: Any, lora: LoRA, en
                      "max_cpu_loras": sched.max_cpu_loras}
     return engine_args(**lora_args,
         model=model_dir,
+        tensor_parallel_size=(cfg.get("parallel") or {}).get("tensor_parallel_size", 1),
         dtype=b.get("dtype", "auto"),
         seed=b.get("seed", 0),
         enforce_eager=b.get("enforce_eager", False),

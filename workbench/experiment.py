@@ -26,10 +26,12 @@ def num_gpus(cfg: dict[str, Any]) -> int:
 # Deployment features the simulator models and the engine does not (yet): key path and its neutral value.
 SIM_ONLY = (
     (("deployment", "num_replicas"), 1),
+    (("parallel", "pipeline_parallel_size"), 1),
     (("multimodal", "images_per_request"), 0),
 )
 # What the engine runs too; a server runs what it was started with (servebench-serve --quantization ...).
 NOT_ON_SERVER = (
+    (("parallel", "tensor_parallel_size"), 1),
     (("quantization", "method"), "none"),
     (("cache", "kv_cache_dtype"), "auto"),
     (("lora", "num_adapters"), 0),
@@ -43,7 +45,8 @@ def _check_sim_only(cfg: dict[str, Any], backend: str) -> None:
             continue
         if backend == "server" and ((group, key), neutral) in NOT_ON_SERVER:
             raise ConfigError(f"{group}.{key}={value!r}: a server runs as it was started (servebench-serve "
-                              "--quantization, --kv-cache-dtype, --lora-modules); use backend=sim or engine")
+                              "--tensor-parallel-size, --quantization, --kv-cache-dtype, --lora-modules); "
+                              "use backend=sim or engine")
         raise ConfigError(f"{group}.{key}={value!r} is simulated only: use backend=sim, not {backend}")
 
 

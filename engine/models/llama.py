@@ -2,7 +2,9 @@
 
 Parameter names follow HF's, except that q/k/v and gate/up are merged (`qkv_proj`, `gate_up_proj`);
 `packed_modules` tells the loader where each HF shard goes. With a QuantizationConfig the decoder layers'
-projections are engine.quantization's QuantizedLinear, under the checkpoint's parameter names.
+projections are engine.quantization's QuantizedLinear, under the checkpoint's parameter names. With tensor
+parallelism (engine.parallel) a model is one rank's shard: built from the shard's config (its heads and MLP
+columns), its o_proj and down_proj outputs all-reduced, its embedding and LM head a slice of the vocabulary.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from servebench.engine.config import ModelConfig
+from servebench.engine.parallel import TensorParallel
 from servebench.engine.quantization import QuantizationConfig, QuantizedLinear
 from servebench.kernels import ops
 from torch import nn
@@ -69,13 +72,15 @@ def make_linear(in_features: int, out_features: int, bias: bool, quant: Quantiza
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, quant: QuantizationConfig | None) -> None:
+    def __init__(self, cfg: ModelConfig, quant: QuantizationConfig | None, tp: TensorParallel | None) -> None:
         super().__init__()
+        self.tp = tp
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim**-0.5
         self.qkv_proj = make_linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.qkv_bias, quant)
-        self.o_proj = make_linear(self.q_size, cfg.hidden_size, False, quant, split_k=True)
+        # Split-K partial sums only where the next RMSNorm reduces them (a shard's output is all-reduced).
+        self.o_proj = make_linear(self.q_size, cfg.hidden_size, False, quant, split_k=tp is None)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -105,24 +110,27 @@ class Attention(nn.Module):
         o = ops.paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
                                 meta.query_start_loc, self.scale, meta.max_query_len, meta.max_seq_len,
                                 k_scale=self.k_scale, v_scale=self.v_scale)
-        return self.o_proj(o.reshape(n, self.q_size))
+        out = self.o_proj(o.reshape(n, self.q_size))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, quant: QuantizationConfig | None) -> None:
+    def __init__(self, cfg: ModelConfig, quant: QuantizationConfig | None, tp: TensorParallel | None) -> None:
         super().__init__()
+        self.tp = tp
         self.gate_up_proj = make_linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, quant, swiglu=True)
-        self.down_proj = make_linear(cfg.intermediate_size, cfg.hidden_size, False, quant, split_k=True)
+        self.down_proj = make_linear(cfg.intermediate_size, cfg.hidden_size, False, quant, split_k=tp is None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | ops.SplitK:
-        return self.down_proj(self.gate_up_proj(x))
+        out = self.down_proj(self.gate_up_proj(x))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, quant: QuantizationConfig | None) -> None:
+    def __init__(self, cfg: ModelConfig, quant: QuantizationConfig | None, tp: TensorParallel | None) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, quant)
-        self.mlp = MLP(cfg, quant)
+        self.self_attn = Attention(cfg, quant, tp)
+        self.mlp = MLP(cfg, quant, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -140,11 +148,30 @@ class DecoderLayer(nn.Module):
         return self.mlp(h), residual
 
 
-class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, quant: QuantizationConfig | None = None) -> None:
+class VocabParallelEmbedding(nn.Module):
+    """One rank's rows of the embedding, [rank x rows, (rank + 1) x rows): ids elsewhere read zeros here, and
+    the all-reduce sums each id's one row from the rank that holds it."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallel) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, quant) for _ in range(cfg.num_layers))
+        self.tp, self.rows = tp, tp.vocab_rows(vocab_size)
+        self.start = tp.rank * self.rows
+        self.weight = nn.Parameter(torch.zeros(self.rows, hidden_size))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        local = input_ids - self.start
+        outside = (local < 0) | (local >= self.rows)
+        h = nn.functional.embedding(local.masked_fill(outside, 0), self.weight)
+        return self.tp.all_reduce(h.masked_fill(outside.unsqueeze(-1), 0))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, quant: QuantizationConfig | None = None,
+                 tp: TensorParallel | None = None) -> None:
+        super().__init__()
+        self.embed_tokens = (nn.Embedding(cfg.vocab_size, cfg.hidden_size) if tp is None
+                             else VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, quant, tp) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
@@ -156,11 +183,14 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_position: int, quant: QuantizationConfig | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, max_position: int, quant: QuantizationConfig | None = None,
+                 tp: TensorParallel | None = None) -> None:
+        """`cfg`: the whole model's config, or with `tp` its shard's (TensorParallel.shard_config)."""
         super().__init__()
-        self.config = cfg
-        self.model = LlamaModel(cfg, quant)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.config, self.tp = cfg, tp
+        self.model = LlamaModel(cfg, quant, tp)
+        vocab_rows = cfg.vocab_size if tp is None else tp.vocab_rows(cfg.vocab_size)
+        self.lm_head = Linear(cfg.hidden_size, vocab_rows, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         cos_sin = ops.build_cos_sin_cache(cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_scaling,
@@ -176,4 +206,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, self.cos_sin_cache, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden)
+        if self.tp is not None:  # every rank's slice of the vocabulary, less the last one's padding
+            logits = self.tp.all_gather_columns(logits)[:, :self.config.vocab_size]
+        return logits.float()

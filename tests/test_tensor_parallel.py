@@ -1,0 +1,128 @@
+"""Tensor parallelism on the CPU (gloo): 2 and 4 ranks give TP 1's greedy tokens under prefix caching, chunked
+prefill and both preemption modes; sizes and features it cannot serve are one clear error before any process
+starts; no rank outlives its engine, however the engine's process ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_engine_correctness import PROMPTS
+from tiny_model import build_tiny_model
+
+from servebench import LLM, SamplingParams
+
+REPO = Path(__file__).resolve().parents[1]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+# A cache of 16 blocks of 16 tokens for 12 prompts of up to ~60 tokens and 32 more each: preemption at once.
+PRESSURE = {"max_model_len": 256, "num_gpu_blocks_override": 16}
+CASES = {  # model, tensor_parallel_size, knobs
+    "llama_tp2_prefix_chunked": ("llama", 2, {"enable_prefix_caching": True, "max_num_batched_tokens": 32}),
+    "llama_tp2_recompute": ("llama", 2, PRESSURE | {"preemption_mode": "recompute"}),
+    "qwen3_tp4_swap_chunked": ("qwen3", 4, PRESSURE | {"preemption_mode": "swap", "swap_space": 0.01,
+                                                       "max_num_batched_tokens": 32}),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    # Four KV heads, so that four ranks hold one each; Qwen3: tied embeddings and q/k norms.
+    return {arch: build_tiny_model(tmp_path_factory.mktemp(arch), arch, num_key_value_heads=4)
+            for arch in ("llama", "qwen3")}
+
+
+def greedy(model: Path, **knobs) -> tuple[list[list[int]], int]:
+    llm = LLM(model=str(model), dtype="float32", device="cpu", **knobs)
+    try:
+        outs = llm.generate(PROMPTS * 2, GREEDY, use_tqdm=False)
+        return [o.outputs[0].token_ids for o in outs], llm.engine.stats().num_preemptions
+    finally:
+        llm.engine.shutdown()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_greedy_tokens_equal_one_rank(models, case):
+    arch, size, knobs = CASES[case]
+    want, preemptions = greedy(models[arch], **knobs)
+    got, tp_preemptions = greedy(models[arch], tensor_parallel_size=size, **knobs)
+    assert got == want
+    assert tp_preemptions == preemptions
+    if "num_gpu_blocks_override" in knobs:
+        assert preemptions > 0
+
+
+def test_what_tensor_parallelism_cannot_serve_is_one_clear_error(tiny_llama_dir, models):
+    with pytest.raises(ValueError, match="tensor_parallel_size=4 does not divide the model's "
+                                         "num_key_value_heads=2"):
+        LLM(model=str(tiny_llama_dir), device="cpu", tensor_parallel_size=4)
+    for knob, value in (("quantization", "fp8"), ("async_scheduling", True), ("enable_lora", True)):
+        with pytest.raises(NotImplementedError, match=f"tensor_parallel_size=2 with {knob}"):
+            LLM(model=str(models["llama"]), device="cpu", tensor_parallel_size=2, **{knob: value})
+    with pytest.raises(ValueError, match="tensor_parallel_size=0 must be >= 1"):
+        LLM(model=str(models["llama"]), device="cpu", tensor_parallel_size=0)
+
+
+DRIVER = """
+import sys, time
+from servebench import LLM, SamplingParams
+if __name__ == "__main__":
+    llm = LLM(model=sys.argv[1], dtype="float32", device="cpu", tensor_parallel_size=2)
+    llm.generate(["hello"], SamplingParams(max_tokens=2), use_tqdm=False)
+    print(*llm.engine.workers.pids, flush=True)
+    if sys.argv[2] == "crash":
+        raise RuntimeError("the driver fails")
+    time.sleep(600)
+"""
+
+
+def alive(pid: int) -> bool:
+    """Running, and not a zombie (a container's init may never reap an orphan)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("end", ["SIGKILL", "SIGINT", "crash"])
+def test_no_rank_outlives_its_engine(models, tmp_path, end):
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    driver = subprocess.Popen([sys.executable, str(script), str(models["llama"]), end], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        pids = [int(p) for p in driver.stdout.readline().split()]
+        assert len(pids) == 1 and alive(pids[0])
+        if end != "crash":
+            driver.send_signal(getattr(signal, end))
+        driver.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(p) for p in pids)
+    finally:
+        driver.kill()
+
+
+def test_the_workbench_runs_the_engine_tensor_parallel(tmp_path):
+    cmd = [sys.executable, "-m", "workbench", f"hydra.run.dir={tmp_path}", "progress=false", "report=false",
+           "backend=engine", "backend.device=cpu", "model=tiny_llama", "parallel=tp2", "workload=synthetic",
+           "workload.num_requests=6", "workload.input_len=48", "workload.output_len=8"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["config"]["parallel"]["tensor_parallel_size"] == 2
+    assert summary["num_finished"] == 6
+    refused = (("engine", "parallel.pipeline_parallel_size=2", "pipeline_parallel_size=2 is simulated only"),
+               ("server", "parallel=tp2", "parallel.tensor_parallel_size=2: a server runs as it was started"))
+    for backend, override, message in refused:
+        res = subprocess.run([*cmd[:5], f"backend={backend}", override], cwd=REPO, capture_output=True,
+                             text=True, timeout=300)
+        assert res.returncode == 2 and message in res.stderr, res.stderr
