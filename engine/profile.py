@@ -297,7 +297,11 @@ def environment(device: torch.device) -> dict:
 
 
 def profile(model: str, out: Path, grid: Grid, device: str = "auto", dtype: str = "auto",
-            max_model_len: int | None = None, max_num_seqs: int = 512, swap_space: float = 1.0) -> Path:
+            max_model_len: int | None = None, max_num_seqs: int = 512, swap_space: float = 1.0,
+            tensor_parallel_size: int = 1) -> Path:
+    """Profile into `out`/<model> (<model>_tp<N> with tensor parallelism: whole steps of N GPUs, where the
+    simulator's profile_dir looks for them). Swaps are timed on rank 0, whose copies the others repeat at once
+    on their own links."""
     from servebench.engine.config import EngineArgs
     from servebench.engine.llm_engine import LLMEngine
 
@@ -308,7 +312,8 @@ def profile(model: str, out: Path, grid: Grid, device: str = "auto", dtype: str 
         args = EngineArgs(model=str(model_dir), dtype=dtype, device=device, load_format="dummy",
                           max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=max(grid.linear_tokens + [max_num_seqs]),
-                          enable_prefix_caching=False, preemption_mode="swap", swap_space=swap_space)
+                          enable_prefix_caching=False, preemption_mode="swap", swap_space=swap_space,
+                          tensor_parallel_size=tensor_parallel_size)
         engine = LLMEngine(args)
     prof = Profiler(engine, grid)
     blocks = engine.runner.kv_cache.num_gpu_blocks
@@ -317,7 +322,7 @@ def profile(model: str, out: Path, grid: Grid, device: str = "auto", dtype: str 
     _log(f"{name}: {len(prof.rows)} step points, {time.perf_counter() - t0:.1f} s")
     prof.run_swaps()
     cpu = prof.run_cpu()
-    folder = out / name
+    folder = out / (name if tensor_parallel_size == 1 else f"{name}_tp{tensor_parallel_size}")
     folder.mkdir(parents=True, exist_ok=True)
     steps = pd.DataFrame(prof.rows).fillna(0)
     counts = [c for c in steps.columns if c != "kind" and not c.endswith("_s")]
@@ -328,6 +333,7 @@ def profile(model: str, out: Path, grid: Grid, device: str = "auto", dtype: str 
         "model": name, "hf_config": hf, **environment(runner.device),
         "engine": {"dtype": str(runner.dtype).removeprefix("torch."), "max_model_len": engine.max_model_len,
                    "max_num_seqs": max_num_seqs, "block_size": runner.block_size,
+                   "tensor_parallel_size": tensor_parallel_size,
                    "num_gpu_blocks": runner.kv_cache.num_gpu_blocks,
                    "cuda_graphs": runner.cuda_graphs is not None,
                    "max_num_batched_tokens": args.max_num_batched_tokens},
@@ -337,6 +343,7 @@ def profile(model: str, out: Path, grid: Grid, device: str = "auto", dtype: str 
     }
     (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     _log(f"{name}: wrote {folder} in {meta['wall_s']} s")
+    engine.shutdown()
     return folder
 
 
@@ -355,10 +362,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="default: the model's")
     p.add_argument("--max-num-seqs", type=int, default=512)
     p.add_argument("--swap-space", type=float, default=1.0, help="GiB of pinned swap space to time swaps")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
     a = p.parse_args(argv)
     try:
         profile(a.model, a.out, GRIDS[a.grid], a.device, a.dtype, a.max_model_len, a.max_num_seqs,
-                a.swap_space)
+                a.swap_space, a.tensor_parallel_size)
     except ValueError as e:
         raise SystemExit(f"profile: error: {e}") from None
 

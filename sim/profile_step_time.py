@@ -54,8 +54,15 @@ SHAPE_KEYS = {  # ModelSpec field -> HF config.json key the profile's meta.json 
 }
 
 
-def profile_dir(model: ModelSpec, hw: HardwareSpec, root: Path | str = DEFAULT_PROFILE_ROOT) -> Path:
-    return Path(root) / hw.name / model.name
+def profile_dir(model: ModelSpec, hw: HardwareSpec, parallel: ParallelSpec,
+                root: Path | str = DEFAULT_PROFILE_ROOT) -> Path:
+    """`root`/<hardware>/<model>: the engine's profile and calibration of one GPU; <model>_tp<N> of a
+    tensor-parallel engine's N GPUs (its steps measured whole, all-reduces included)."""
+    if parallel.pipeline_parallel_size > 1:
+        raise ValueError(f"parallel.pipeline_parallel_size={parallel.pipeline_parallel_size}: the engine "
+                         "runs no pipeline stages, so it has no profile of them (vidur, roofline price them)")
+    tp = parallel.tensor_parallel_size
+    return Path(root) / hw.name / (model.name if tp == 1 else f"{model.name}_tp{tp}")
 
 
 class _DecodeGrid:
@@ -107,15 +114,18 @@ def _lstsq_relative(x: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 
 class ProfileStepTime(RooflineStepTime):
-    """The profile tables of one model on one card (tp = pp = 1); roofline outside them."""
+    """The profile tables of one model on one card, or on the tensor-parallel cards that profile_dir names;
+    roofline outside them."""
 
     def __init__(self, model: ModelSpec, hw: HardwareSpec, parallel: ParallelSpec, block_size: int,
                  profile_root: Path | str = DEFAULT_PROFILE_ROOT) -> None:
         super().__init__(model, hw, parallel, block_size)
-        folder = profile_dir(model, hw, profile_root)
-        if parallel.tensor_parallel_size * parallel.pipeline_parallel_size > 1:
-            raise ValueError(f"{folder}: profiles are of one GPU; tensor/pipeline parallelism needs roofline")
+        folder = profile_dir(model, hw, parallel, profile_root)
         self.meta = self._read_meta(folder, model)
+        profiled_tp = self.meta.get("engine", {}).get("tensor_parallel_size", 1)
+        if profiled_tp != parallel.tensor_parallel_size:
+            raise ValueError(f"{folder / 'meta.json'}: profiled at tensor_parallel_size={profiled_tp}, not "
+                             f"{parallel.tensor_parallel_size}")
         remedy = "rerun python -m servebench.engine.profile for this model"
         steps = read_csv(folder / "steps.csv", ("kind", "tokens", "chunk", "chunk_context", "batch",
                                                 "context", "median_s"), remedy)

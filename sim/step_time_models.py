@@ -25,7 +25,7 @@ def make_step_time_model(
     engine_profile_root: Path | str | None = None,
 ) -> StepTimeModel:
     """`kind`: 'roofline' (any model/device), 'vidur' (needs Vidur's profiles for the model, device and tp),
-    'profile' (the engine's own: `engine_profile_root`/<hardware>/<model>, default data/profiles) or
+    'profile' (the engine's own: `engine_profile_root`/<hardware>/<model>[_tp<N>], default data/profiles) or
     'calibrated' (sim.calibrated: the calibration.json workbench-calibrate wrote in that folder)."""
     if kind == "roofline":
         return RooflineStepTime(model, hw, parallel, block_size)
@@ -34,7 +34,5 @@ def make_step_time_model(
     if kind == "profile":
         return ProfileStepTime(model, hw, parallel, block_size, engine_profile_root or ENGINE_PROFILES)
     if kind == "calibrated":
-        if parallel.tensor_parallel_size * parallel.pipeline_parallel_size > 1:
-            raise ValueError("a calibration is of one GPU; tensor/pipeline parallelism needs roofline")
-        return CalibratedStepTime(profile_dir(model, hw, engine_profile_root or ENGINE_PROFILES))
+        return CalibratedStepTime(profile_dir(model, hw, parallel, engine_profile_root or ENGINE_PROFILES))
     raise ValueError(f"unknown step-time model {kind!r}: choose roofline, vidur, profile or calibrated")

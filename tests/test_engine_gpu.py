@@ -113,6 +113,25 @@ def test_tiny_fp32_exact_on_gpu(tiny_llama_dir, knobs):
         assert llm.engine.stats().num_preemptions > 0
 
 
+TP_SWAP = {"max_model_len": 256, "preemption_mode": "swap", "num_gpu_blocks_override": 16, "swap_space": 0.01}
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("knobs", [{}, {"enforce_eager": True}, TP_SWAP], ids=["graphs", "eager", "swap"])
+def test_tensor_parallel_exact_on_two_gpus(tiny_llama_dir, knobs):
+    """Two ranks over NCCL (decode graphs capture the all-reduces and the logits' all-gather), fp32: HF's
+    greedy tokens, as one GPU gives them."""
+    llm = LLM(model=str(tiny_llama_dir), dtype="float32", gpu_memory_utilization=0.05, tensor_parallel_size=2,
+              **knobs)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=40)
+        outs = llm.generate(PROMPTS, params, use_tqdm=False)
+        assert_matches_hf(tiny_llama_dir, PROMPTS, outs, max_tokens=40)
+        assert (llm.engine.runner.cuda_graphs is None) == bool(knobs.get("enforce_eager"))
+    finally:
+        llm.engine.shutdown()
+
+
 @pytest.mark.parametrize("case", [*CASES, "fp8+kv_fp8", "kv_fp8+swap"])
 def test_quantized_on_gpu(case: str, trained_llama_dir, tmp_path):
     """The quantized paths on the GPU (W8A8 through torch._scaled_mm, the int4 Triton GEMM, the fp8 KV

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
+from servebench.engine.core.scheduler_output import SchedulerOutput
+from servebench.engine.profile import GRIDS, profile
+from servebench.sim.specs import hardware_spec, model_spec, parallel_spec
+from servebench.sim.step_time_models import make_step_time_model
 from test_engine_correctness import PROMPTS
 from tiny_model import build_tiny_model
 
@@ -126,3 +132,37 @@ def test_the_workbench_runs_the_engine_tensor_parallel(tmp_path):
         res = subprocess.run([*cmd[:5], f"backend={backend}", override], cwd=REPO, capture_output=True,
                              text=True, timeout=300)
         assert res.returncode == 2 and message in res.stderr, res.stderr
+
+
+def test_the_simulator_prices_tensor_parallel_steps_from_the_engines_own_profile(tmp_path):
+    """The profiler times whole steps of 2 ranks into <model>_tp2, where the simulator's profile model looks
+    for parallel.tensor_parallel_size=2 (and refuses a profile of another size)."""
+    profile("tiny_llama", tmp_path / "h200", GRIDS["tiny"], device="cpu", dtype="float32", swap_space=0.01,
+            tensor_parallel_size=2)
+    meta = json.loads((tmp_path / "h200" / "tiny_llama_tp2" / "meta.json").read_text())
+    assert meta["engine"]["tensor_parallel_size"] == 2
+    conf = {group: yaml.safe_load((REPO / "conf" / group / f"{name}.yaml").read_text())
+            for group, name in (("model", "tiny_llama"), ("hardware", "h200"))}
+    model, hw = model_spec(conf["model"]), hardware_spec(conf["hardware"])
+    st = make_step_time_model("profile", model, hw, parallel_spec({"tensor_parallel_size": 2}), 16,
+                              engine_profile_root=tmp_path)
+    assert st.predict(SchedulerOutput(num_decode_tokens=2, decode_context_tokens=128)) > 0
+    assert st.num_outside == 0
+    with pytest.raises(ValueError, match="no profile for model tiny_llama"):  # tp 1 has its own folder
+        make_step_time_model("profile", model, hw, parallel_spec({}), 16, engine_profile_root=tmp_path)
+    shutil.copytree(tmp_path / "h200" / "tiny_llama_tp2", tmp_path / "h200" / "tiny_llama_tp4")
+    with pytest.raises(ValueError, match="profiled at tensor_parallel_size=2, not 4"):
+        make_step_time_model("profile", model, hw, parallel_spec({"tensor_parallel_size": 4}), 16,
+                             engine_profile_root=tmp_path)
+
+
+def test_tensor_parallel_benchmark_runs_tiny_on_the_cpu(tmp_path):
+    out = tmp_path / "tp.json"
+    script = REPO / "benchmarks" / "tensor_parallel.py"
+    res = subprocess.run([sys.executable, str(script), "--tiny", "--device", "cpu", "--json", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    result = json.loads(out.read_text())
+    assert [r["tp"] for r in result["runs"]] == [1, 2]
+    assert all(r["output_tok_s"] > 0 for r in result["runs"])
+    assert [r["tokens"] for r in result["all_reduce"]][-1] == 8192
