@@ -64,9 +64,6 @@ class TensorParallel:
 
 def init_distributed(rank: int, size: int, port: int, device: torch.device) -> None:
     """Join the default process group of `size` ranks at 127.0.0.1:`port` (one host)."""
-    if dist.is_initialized():
-        raise ValueError("this process already runs a tensor-parallel engine: shut it down first "
-                         "(LLMEngine.shutdown) or run the other engine in another process")
     if device.type == "cuda":
         torch.cuda.set_device(rank)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",

@@ -32,6 +32,9 @@ class Workers:
 
     def __init__(self, args: EngineArgs, cfg: ModelConfig, sched: SchedulerConfig, cache: CacheConfig
                  ) -> None:
+        if dist.is_initialized():  # torch.distributed has one default group a process
+            raise ValueError("this process already runs a tensor-parallel engine: shut it down first "
+                             "(LLMEngine.shutdown) or run the other engine in another process")
         size, port = args.tensor_parallel_size, free_port()
         ctx = mp.get_context("spawn")
         self._pipes: list[Connection] = []

@@ -72,6 +72,11 @@ def test_what_tensor_parallelism_cannot_serve_is_one_clear_error(tiny_llama_dir,
             LLM(model=str(models["llama"]), device="cpu", tensor_parallel_size=2, **{knob: value})
     with pytest.raises(ValueError, match="tensor_parallel_size=0 must be >= 1"):
         LLM(model=str(models["llama"]), device="cpu", tensor_parallel_size=0)
+    first = LLM(model=str(models["llama"]), device="cpu", tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="already runs a tensor-parallel engine"):  # one default group
+        LLM(model=str(models["llama"]), device="cpu", tensor_parallel_size=2)
+    del first  # dropped without shutdown: the next engine collects it (and ends its ranks) first
+    LLM(model=str(models["llama"]), device="cpu", tensor_parallel_size=2).engine.shutdown()
 
 
 DRIVER = """
