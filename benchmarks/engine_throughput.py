@@ -158,8 +158,9 @@ def decode_floor_seconds(s: Shape, batch: int, c: Card) -> float:
 
 
 # ---- runs ------------------------------------------------------------------------------
-def load_engine(w: Workload, model_dir: Path) -> LLM:
-    llm = LLM(model=str(model_dir), load_format="dummy", dtype="bfloat16", max_model_len=MAX_MODEL_LEN)
+def load_engine(w: Workload, model_dir: Path, cudagraph_mode: str) -> LLM:
+    llm = LLM(model=str(model_dir), load_format="dummy", dtype="bfloat16", max_model_len=MAX_MODEL_LEN,
+              compilation_config={"cudagraph_mode": cudagraph_mode})
     warm = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in w.prompts[:4]], warm, use_tqdm=False)  # Triton JIT
     return llm
@@ -289,12 +290,12 @@ def hf_run(w: Workload, row: dict) -> None:
     row.update(hf_s=hf_s, hf_how=how, speedup_vs_hf=hf_s / row["engine_async_s"])
 
 
-def report(w: Workload, skip_hf: bool, c: Card) -> dict:
+def report(w: Workload, skip_hf: bool, c: Card, cudagraph_mode: str) -> dict:
     print(f"\n== {w.name}: {len(w.prompts)} requests, {w.prompt_tokens} prompt + {w.output_tokens} output "
-          "tokens")
+          f"tokens, cudagraph_mode {cudagraph_mode}")
     with tempfile.TemporaryDirectory() as tmp:
-        llm = load_engine(w, write_dummy_model_dir(w.config, Path(tmp) / w.name))
-    row = {"workload": w.name, **roofline_seconds(w, c)}
+        llm = load_engine(w, write_dummy_model_dir(w.config, Path(tmp) / w.name), cudagraph_mode)
+    row = {"workload": w.name, "cudagraph_mode": cudagraph_mode, **roofline_seconds(w, c)}
     engine_runs(llm, w, c, row)  # one model load, one capture for both scheduling modes
     del llm
     free_gpu()
@@ -346,11 +347,15 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true", help="engine only")
     ap.add_argument("--prefill", action="store_true", help="then prefill alone: 1x4096, 16x2048 tokens")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--cudagraph-mode", nargs="+", default=["FULL_DECODE_ONLY"],
+                    choices=["FULL_DECODE_ONLY", "FULL"], help="each workload once per mode (vLLM's names)")
     args = ap.parse_args()
     c = card()  # before any model takes the card's memory
     print(f"{c}  torch {torch.__version__}  transformers {transformers.__version__}")
     names = {"all": ["W7", "W0.6"], "none": []}.get(args.workload, [args.workload])
-    rows = [report(make_workload(n), args.skip_hf, c) for n in names]
+    # HF once per workload, beside the first mode's engine runs
+    rows = [report(make_workload(n), args.skip_hf or i > 0, c, mode) for n in names
+            for i, mode in enumerate(args.cudagraph_mode)]
     if args.prefill:
         rows += prefill_report(c)
     if args.json:

@@ -3,7 +3,8 @@
 # the engine against bounds computed from them, then the server at saturation against the offline engine.
 #   card              benchmarks/card.py: device-to-device copy bandwidth and bf16 8192^3 GEMM rate
 #   engine_w7         W7 with async scheduling off and on (% of its roofline bound), decode steps at batch 1,
-#                     8 and 64 in both modes (x the weights + KV read bound), then HF transformers' best
+#                     8 and 64 in both modes (x the weights + KV read bound), then HF transformers' best;
+#                     again with cudagraph_mode FULL (mixed steps in CUDA graphs)
 #   prefill           prefill alone, 1 x 4096 and 16 x 2048 tokens (% of the GEMM rate, end to end)
 #   serve_vs_offline  512 requests offline (sync, async) and through the server, 256 streams, a tenth of the
 #                     clients disconnecting after 4 tokens: server / offline and the leak check
@@ -40,7 +41,8 @@ part() {  # name, time limit (s), command...: at most what is left of BUDGET_S; 
 }
 
 part card 60 python3 benchmarks/card.py
-part engine_w7 230 python3 benchmarks/engine_throughput.py --workload W7 --json "$WORK/engine_w7.json"
+part engine_w7 260 python3 benchmarks/engine_throughput.py --workload W7 --json "$WORK/engine_w7.json" \
+    --cudagraph-mode FULL_DECODE_ONLY FULL
 part prefill 100 python3 benchmarks/engine_throughput.py --workload none --prefill --json "$WORK/prefill.json"
 part serve_vs_offline 220 python3 benchmarks/serve_vs_offline.py --server-log "$WORK/server.log" \
     --json "$WORK/serve_vs_offline.json"

@@ -21,6 +21,7 @@ ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "
 # vLLM's names: fp8 quantizes a bf16/fp32 checkpoint's weights at load; awq and gptq load 4-bit checkpoints.
 QUANTIZATION_METHODS = ("fp8", "awq", "gptq")
 KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
+CUDAGRAPH_MODES = ("NONE", "FULL_DECODE_ONLY", "FULL")  # vLLM's names of what CUDA graphs hold
 LORA_RANKS = (8, 16, 32, 64)  # max_lora_rank's choices (vLLM's, up to 64)
 FP8_KV_CAPABILITY = (8, 9)  # Triton converts to and from e4m3 on Ada and Hopper GPUs, not before
 # Where older AutoGPTQ and AutoAWQ checkpoints keep their quantization config (config.json has none).
@@ -133,7 +134,10 @@ class EngineArgs:
     swap_space: float = 4.0
     block_size: int = 16
     seed: int = 0
-    enforce_eager: bool = False
+    enforce_eager: bool = False  # no CUDA graphs at all (cudagraph_mode NONE)
+    # vLLM's compilation_config, of which only {"cudagraph_mode": ...} is read: FULL_DECODE_ONLY (the
+    # default: decode steps replay CUDA graphs) or FULL (steps that prefill too, up to 2048 tokens).
+    compilation_config: dict | None = None
     load_format: str = "auto"
     # The KV cache's size in place of memory profiling: an engine-only knob, so not in engine/core's
     # CacheConfig, which the simulator shares.
@@ -156,6 +160,7 @@ class EngineArgs:
 
     def __post_init__(self) -> None:
         self._check_tensor_parallel()
+        self._check_compilation_config()
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}: choose auto, float16, bfloat16 or float32")
         if self.load_format not in ("auto", "safetensors", "dummy"):
@@ -171,6 +176,23 @@ class EngineArgs:
             raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported: choose "
                              f"{', '.join(KV_CACHE_DTYPES)}")
         self._check_lora()
+
+    def _check_compilation_config(self) -> None:
+        given = self.compilation_config or {}
+        unknown = sorted(set(given) - {"cudagraph_mode"})
+        if unknown:
+            raise ValueError(f"compilation_config: {', '.join(unknown)} not supported; only cudagraph_mode")
+        mode = given.get("cudagraph_mode", "FULL_DECODE_ONLY")
+        if mode not in CUDAGRAPH_MODES:
+            raise ValueError(f"compilation_config.cudagraph_mode={mode!r}: choose "
+                             f"{', '.join(CUDAGRAPH_MODES)}")
+
+    @property
+    def cudagraph_mode(self) -> str:
+        """NONE with enforce_eager, else compilation_config's (default FULL_DECODE_ONLY)."""
+        if self.enforce_eager:
+            return "NONE"
+        return (self.compilation_config or {}).get("cudagraph_mode", "FULL_DECODE_ONLY")
 
     def _check_tensor_parallel(self) -> None:
         n = self.tensor_parallel_size

@@ -1,11 +1,17 @@
-"""Decode steps replayed from CUDA graphs, captured once per batch size, whose inputs reach the device in one
-copy a step."""
+"""Steps replayed from CUDA graphs, whose inputs reach the device in one copy a step.
+
+Decode steps always (a graph per batch size, vLLM's FULL_DECODE_ONLY); with cudagraph_mode FULL also the
+steps that prefill (a graph per token count up to MIXED_GRAPH_MAX_TOKENS, vLLM's FULL): eagerly, such a step
+is ~30 layers of kernels launched one by one from Python, and on a fast GPU the host's launches, not the
+kernels, set its time. The attention kernel needs no host-side knowledge of which sequences prefill, so a
+mixed graph holds any mix: its padding tokens write no KV (slot -1) and its padding sequences are empty.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from servebench.engine.core.graphs import graph_batch_sizes, padded_graph_batch
+from servebench.engine.core.graphs import graph_batch_sizes, mixed_graph_tokens, padded_graph_batch
 from servebench.engine.input_batch import HostBatch
 from servebench.engine.lora_layers import LoRATables, group_rows
 from servebench.engine.models import AttentionMetadata, LlamaForCausalLM
@@ -14,11 +20,13 @@ from servebench.kernels import ops
 
 
 class GraphInputs:
-    """The static tensors every captured decode graph reads, as typed views into one byte buffer, so that a
-    step's inputs reach the device in one copy from a pinned host twin with the same layout. With
-    `max_loras`, also each row's adapter slot as kernels.lora reads it (rows grouped by slot)."""
+    """The static tensors every captured graph reads, as typed views into one byte buffer, so that a step's
+    inputs reach the device in one copy from a pinned host twin with the same layout: per token (ids,
+    positions, KV slots and, with `max_loras`, the adapter slot rows as kernels.lora reads them), per sequence
+    (context lengths, query start offsets, the token whose logits it samples) and the block tables."""
 
-    def __init__(self, buffer: torch.Tensor, max_seqs: int, max_blocks: int, max_loras: int = 0) -> None:
+    def __init__(self, buffer: torch.Tensor, max_tokens: int, max_seqs: int, max_blocks: int,
+                 max_loras: int = 0) -> None:
         self.buffer = buffer
         offset = 0
 
@@ -29,117 +37,187 @@ class GraphInputs:
             offset += nbytes
             return view
 
-        self.input_ids = take(torch.long, max_seqs)
-        self.positions = take(torch.long, max_seqs)
-        self.slot_mapping = take(torch.long, max_seqs)
+        self.input_ids = take(torch.long, max_tokens)
+        self.positions = take(torch.long, max_tokens)
+        self.slot_mapping = take(torch.long, max_tokens)
         self.seq_lens = take(torch.int32, max_seqs)
-        self.lora_rows = take(torch.int32, max_seqs if max_loras else 0)
+        self.query_start_loc = take(torch.int32, max_seqs + 1)
+        self.logits_index = take(torch.int32, max_seqs)
+        self.lora_rows = take(torch.int32, max_tokens if max_loras else 0)
         self.lora_starts = take(torch.int32, max_loras + 2 if max_loras else 0)
         self.block_tables = take(torch.int32, max_seqs, max_blocks)
-        # The block tables come last, so a batch of n copies bytes [0, end_of_row[n]).
+        # The block tables come last, so a batch of n sequences copies bytes [0, end_of_row[n]).
         tables_at = offset - max_seqs * max_blocks * 4
         self.end_of_row = [tables_at + i * max_blocks * 4 for i in range(max_seqs + 1)]
 
     @staticmethod
-    def nbytes(max_seqs: int, max_blocks: int, max_loras: int = 0) -> int:
-        lora = 4 * (max_seqs + max_loras + 2) if max_loras else 0
-        return max_seqs * (3 * 8 + 4 + 4 * max_blocks) + lora
+    def nbytes(max_tokens: int, max_seqs: int, max_blocks: int, max_loras: int = 0) -> int:
+        lora = 4 * (max_tokens + max_loras + 2) if max_loras else 0
+        return max_tokens * 3 * 8 + max_seqs * (4 + 4 + 4 + 4 * max_blocks) + 4 + lora
 
 
 class CudaGraphs:
-    """Graphs of the forward and the LM head for decode batches of graph_batch_sizes(max_num_seqs), captured
-    on construction (the KV cache bound to the model first: the graphs read its tensors). A decode step
-    replays the smallest that holds it, its extra rows a one-token context in the KV cache's pad block."""
+    """Graphs of the forward and the LM head, captured on construction (the KV cache bound to the model
+    first: the graphs read its tensors): for decode batches of graph_batch_sizes(max_num_seqs) and, with
+    `mixed`, for steps of mixed_graph_tokens(max_num_batched_tokens) tokens. A step replays the smallest that
+    holds it; a decode graph's extra rows are one-token contexts in the KV cache's pad block, a mixed
+    graph's extra tokens write nowhere and its extra sequences are empty."""
 
     def __init__(self, model: LlamaForCausalLM, device: torch.device, max_num_seqs: int, max_model_len: int,
-                 block_size: int, pad_block: int, lora: LoRATables | None = None) -> None:
+                 block_size: int, pad_block: int, lora: LoRATables | None = None,
+                 max_num_batched_tokens: int = 0, mixed: bool = False) -> None:
         self.block_size, self.pad_block, self.lora = block_size, pad_block, lora
-        self.sizes = sizes = graph_batch_sizes(max_num_seqs)  # ascending: the keys of `graphs`
+        self.sizes = graph_batch_sizes(max_num_seqs)  # ascending: the keys of `graphs`
+        self.mixed_sizes = mixed_graph_tokens(max_num_batched_tokens) if mixed else []  # of `mixed_graphs`
+        # A mixed graph of t tokens holds up to this many sequences (at least one token each).
+        self.mixed_seqs = {t: min(t, max_num_seqs) for t in self.mixed_sizes}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.mixed_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._turn = 0  # which pinned host twin of the graph inputs the next replay fills
-        m, b, loras = sizes[-1], -(-max_model_len // block_size), lora.max_loras if lora else 0
-        nbytes = GraphInputs.nbytes(m, b, loras)
+        seqs = max(self.sizes[-1], *self.mixed_seqs.values())
+        tokens = max(self.sizes[-1], *self.mixed_sizes)
+        blocks, loras = -(-max_model_len // block_size), lora.max_loras if lora else 0
+        nbytes = GraphInputs.nbytes(tokens, seqs, blocks, loras)
         # Two pinned host twins, used in turn: with async scheduling the host fills one for the next step
         # while the copy from the other may still be queued behind the running step.
-        self.hosts = [GraphInputs(torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True), m, b, loras)
-                      for _ in range(2)]
+        self.hosts = [GraphInputs(torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True), tokens, seqs,
+                                  blocks, loras) for _ in range(2)]
         self._host_uploaded = [torch.cuda.Event(), torch.cuda.Event()]  # recorded after each twin's copy
-        self.inputs = g = GraphInputs(torch.zeros(nbytes, dtype=torch.uint8, device=device), m, b, loras)
-        self._pad_rows(self.hosts[0], 0, m)
-        self._upload(0, m)
+        self.inputs = GraphInputs(torch.zeros(nbytes, dtype=torch.uint8, device=device), tokens, seqs, blocks,
+                                  loras)
+        self.hosts[0].slot_mapping[:] = -1  # what capture runs writes no KV but the decode rows' pad block
+        pad_decode(self.hosts[0], 0, seqs, pad_block, block_size)
+        self._upload(0, seqs)
         # Held here: a graph keeps no reference to the tensors it reads.
-        self.qsl = qsl = torch.arange(m + 1, dtype=torch.int32, device=device)
-        self.logits = logits = torch.zeros(m, model.config.vocab_size, dtype=torch.float32, device=device)
+        self.logits = torch.zeros(seqs, model.config.vocab_size, dtype=torch.float32, device=device)
+        self._capture(model, max_model_len)
+
+    def _capture(self, model: LlamaForCausalLM, max_model_len: int) -> None:
+        g, lora, logits = self.inputs, self.lora, self.logits
+        # (graphs, key, tokens, sequences, max_query_len), largest first: the smaller graphs fit in the memory
+        # pool the largest leaves; a mixed graph always launches the attention's prefill programs.
+        plans = [(self.graphs, s, s, s, 1) for s in self.sizes]
+        plans += [(self.mixed_graphs, t, t, self.mixed_seqs[t], t) for t in self.mixed_sizes]
         pool = None
         with torch.inference_mode():
-            for size in reversed(sizes):  # largest first, so the smaller graphs fit in its memory pool
-                meta = AttentionMetadata(g.slot_mapping[:size], g.block_tables[:size], g.seq_lens[:size],
-                                         qsl[:size + 1], 1, max_model_len)
-
-                def forward(size: int = size, meta: AttentionMetadata = meta) -> None:
-                    if lora is not None:  # the LoRA kernels' grid covers all `size` rows of every slot
-                        lora.indices = ops.LoRAIndices(g.lora_rows[:size], g.lora_starts, size)
-                    hidden = model(g.input_ids[:size], g.positions[:size], meta)
-                    logits[:size] = model.compute_logits(hidden)
-
-                forward()  # compile and autotune outside the capture
+            for graphs, key, tokens, seqs, max_query_len in sorted(plans, key=lambda p: -p[2]):
+                mixed = graphs is self.mixed_graphs
+                args = (model, g, tokens, seqs, max_query_len, max_model_len, lora, mixed, logits)
+                graph_forward(*args)  # compile and autotune outside the capture
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool):
-                    forward()
+                    graph_forward(*args)
                 pool = graph.pool()
-                self.graphs[size] = graph
+                graphs[key] = graph
         if lora is not None:
             lora.indices = lora.idle
         torch.cuda.synchronize()
 
     def padded_batch(self, batch: HostBatch) -> int:
-        """The captured batch a decode-only step replays in; 0: eager (prompt logprobs run eagerly too)."""
+        """The captured batch a decode-only step replays in; 0: none (prompt logprobs run eagerly too)."""
         if batch.max_query_len != 1 or batch.prompt_rows:
             return 0
         return padded_graph_batch(self.sizes, len(batch.seq_lens))
 
+    def mixed_tokens(self, batch: HostBatch) -> int:
+        """The captured token count a step that no decode graph holds replays in; 0: none (eager)."""
+        if batch.prompt_rows:
+            return 0
+        return padded_graph_batch(self.mixed_sizes, len(batch.input_ids))
+
     def replay(self, batch: HostBatch, size: int, pending_tokens: PendingTokens) -> torch.Tensor:
-        """Logits (float32) of the batch's rows, from the graph of `size` rows (`padded_batch`)."""
-        n = len(batch.seq_lens)
+        """Logits (float32) of the batch's rows, from the decode graph of `size` rows (`padded_batch`)."""
+        h = self._next_host()
+        fill_inputs(h, batch)
+        pad_decode(h, len(batch.seq_lens), size, self.pad_block, self.block_size)
+        return self._launch(h, self.graphs[size], batch, size, size, pending_tokens)[:len(batch.seq_lens)]
+
+    def replay_mixed(self, batch: HostBatch, tokens: int, pending_tokens: PendingTokens) -> torch.Tensor:
+        """Logits (float32) of the rows that sample (batch.sample_rows, in order), from the mixed graph of
+        `tokens` tokens (`mixed_tokens`)."""
+        h, seqs = self._next_host(), self.mixed_seqs[tokens]
+        fill_inputs(h, batch)
+        pad_mixed(h, batch, tokens, seqs)
+        logits = self._launch(h, self.mixed_graphs[tokens], batch, tokens, seqs, pending_tokens)
+        return logits[:len(batch.logits_index)]
+
+    def _next_host(self) -> GraphInputs:
         turn = self._turn = self._turn ^ 1
         self._host_uploaded[turn].synchronize()  # its last copy has left: long done unless the GPU lags
-        h = self.hosts[turn]
-        h.input_ids.numpy()[:n] = batch.input_ids
-        h.positions.numpy()[:n] = batch.positions
-        h.slot_mapping.numpy()[:n] = batch.slot_mapping
-        h.seq_lens.numpy()[:n] = batch.seq_lens
-        h.block_tables.numpy()[:n, :batch.block_tables.shape[1]] = batch.block_tables
+        return self.hosts[turn]
+
+    def _launch(self, h: GraphInputs, graph: torch.cuda.CUDAGraph, batch: HostBatch, tokens: int, seqs: int,
+                pending_tokens: PendingTokens) -> torch.Tensor:
         if self.lora is not None:
-            self._lora_rows(h, batch.lora_slots, size)
-        self._pad_rows(h, n, size)
-        self._upload(turn, size)
+            self._lora_rows(h, batch.lora_slots, tokens)
+        self._upload(self._turn, seqs)
         if batch.pending_rows is not None:
             pending_tokens.fill(self.inputs.input_ids, batch.pending_rows, batch.pending_from)
-        self.graphs[size].replay()
-        return self.logits[:n]
+        graph.replay()
+        return self.logits
 
-    def _lora_rows(self, h: GraphInputs, token_slots: np.ndarray | None, size: int) -> None:
+    def _lora_rows(self, h: GraphInputs, token_slots: np.ndarray | None, tokens: int) -> None:
         """Each row's adapter slot, grouped by slot (the padded rows: none); no slot has rows when no row
         has an adapter."""
         if token_slots is None:
             h.lora_starts.zero_()
             return
-        padded = np.zeros(size, dtype=np.int64)
+        padded = np.zeros(tokens, dtype=np.int64)
         padded[:len(token_slots)] = token_slots
         rows, starts, _ = group_rows(padded, self.lora.max_loras)
-        h.lora_rows.numpy()[:size] = rows
+        h.lora_rows.numpy()[:tokens] = rows
         h.lora_starts.numpy()[:] = starts
 
-    def _pad_rows(self, h: GraphInputs, start: int, end: int) -> None:
-        """Rows [start, end) of a graph batch: a one-token context in the pad block, written there."""
-        h.input_ids[start:end] = 0
-        h.positions[start:end] = 0
-        h.slot_mapping[start:end] = self.pad_block * self.block_size
-        h.seq_lens[start:end] = 1
-        h.block_tables[start:end, 0] = self.pad_block
-
-    def _upload(self, turn: int, size: int) -> None:
+    def _upload(self, turn: int, seqs: int) -> None:
         h = self.hosts[turn]
-        end = h.end_of_row[size]
+        end = h.end_of_row[seqs]
         self.inputs.buffer[:end].copy_(h.buffer[:end], non_blocking=True)
         self._host_uploaded[turn].record()
+
+
+def fill_inputs(h: GraphInputs, batch: HostBatch) -> None:
+    """The rows of `batch`'s tokens and sequences, from the first."""
+    n, m, rows = len(batch.input_ids), len(batch.seq_lens), len(batch.logits_index)
+    h.input_ids.numpy()[:n] = batch.input_ids
+    h.positions.numpy()[:n] = batch.positions
+    h.slot_mapping.numpy()[:n] = batch.slot_mapping
+    h.seq_lens.numpy()[:m] = batch.seq_lens
+    h.query_start_loc.numpy()[:m + 1] = batch.query_start_loc
+    h.logits_index.numpy()[:rows] = batch.logits_index
+    h.block_tables.numpy()[:m, :batch.block_tables.shape[1]] = batch.block_tables
+
+
+def pad_decode(h: GraphInputs, start: int, end: int, pad_block: int, block_size: int) -> None:
+    """Rows [start, end) of a decode graph batch: a one-token context in the pad block, written there."""
+    h.input_ids[start:end] = 0
+    h.positions[start:end] = 0
+    h.slot_mapping[start:end] = pad_block * block_size
+    h.seq_lens[start:end] = 1
+    h.query_start_loc[start + 1:end + 1] = torch.arange(start + 1, end + 1, dtype=torch.int32)
+    h.block_tables[start:end, 0] = pad_block
+
+
+def pad_mixed(h: GraphInputs, batch: HostBatch, tokens: int, seqs: int) -> None:
+    """A mixed graph's rows past `batch`'s, up to `tokens` tokens and `seqs` sequences: tokens that write no
+    KV (slot -1) and belong to no sequence, sequences with no query token (every kernel skips them)."""
+    n, m, rows = len(batch.input_ids), len(batch.seq_lens), len(batch.logits_index)
+    h.input_ids[n:tokens] = 0
+    h.positions[n:tokens] = 0
+    h.slot_mapping[n:tokens] = -1
+    h.seq_lens[m:seqs] = 0
+    h.query_start_loc[m + 1:seqs + 1] = n
+    h.logits_index[rows:seqs] = 0
+
+
+def graph_forward(model: LlamaForCausalLM, g: GraphInputs, tokens: int, seqs: int, max_query_len: int,
+                  max_model_len: int, lora: LoRATables | None, mixed: bool, logits: torch.Tensor) -> None:
+    """What a graph holds: the forward of `tokens` rows of `g` and the logits of `seqs` rows (a decode
+    graph: every row; a mixed graph: each sequence's `logits_index` token) into `logits`."""
+    meta = AttentionMetadata(g.slot_mapping[:tokens], g.block_tables[:seqs], g.seq_lens[:seqs],
+                             g.query_start_loc[:seqs + 1], max_query_len, max_model_len)
+    if lora is not None:  # the LoRA kernels' grid covers all `tokens` rows of every slot
+        lora.indices = ops.LoRAIndices(g.lora_rows[:tokens], g.lora_starts, tokens)
+    hidden = model(g.input_ids[:tokens], g.positions[:tokens], meta)
+    if mixed:
+        hidden = hidden[g.logits_index[:seqs].long()]
+    logits[:seqs] = model.compute_logits(hidden)

@@ -62,10 +62,11 @@ class ModelRunner:
         self.kv_cache = KVCache(self.model, self.model.config, args.kv_cache_torch_dtype(self.dtype),
                                 self.device, sched, cache, args.kv_cache_memory_bytes, self._run_eager)
         self.cuda_graphs: CudaGraphs | None = None
-        if self.device.type == "cuda" and not args.enforce_eager:
+        if self.device.type == "cuda" and args.cudagraph_mode != "NONE":
             self.cuda_graphs = CudaGraphs(self.model, self.device, sched.max_num_seqs, sched.max_model_len,
                                           self.block_size, self.kv_cache.pad_block,
-                                          self.lora.tables if self.lora else None)
+                                          self.lora.tables if self.lora else None,
+                                          sched.max_num_batched_tokens, mixed=args.cudagraph_mode == "FULL")
 
     @property
     def weight_bytes(self) -> int:
@@ -141,10 +142,15 @@ class ModelRunner:
         return scored
 
     def _forward(self, batch: HostBatch, graph_batch: int) -> torch.Tensor:
-        """Logits (float32) of the rows that sample, then of `batch.prompt_rows` (eager only)."""
+        """Logits (float32) of the rows that sample, then of `batch.prompt_rows` (eager only): from the decode
+        graph of `graph_batch` rows, else a mixed graph that holds the step (cudagraph_mode FULL), else
+        eagerly."""
+        graphs = self.cuda_graphs
         if graph_batch:
-            logits = self.cuda_graphs.replay(batch, graph_batch, self.pending_tokens)
+            logits = graphs.replay(batch, graph_batch, self.pending_tokens)
             return logits if len(batch.sample_rows) == len(batch.seq_lens) else logits[batch.logits_index]
+        if graphs is not None and (tokens := graphs.mixed_tokens(batch)):
+            return graphs.replay_mixed(batch, tokens, self.pending_tokens)
         return self._run_eager(batch)
 
     def _run_eager(self, batch: HostBatch) -> torch.Tensor:

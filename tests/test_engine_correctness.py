@@ -223,6 +223,10 @@ def test_bad_arguments_are_clear_errors(tiny_llama_dir, tmp_path):
         LLM(model=str(tiny_llama_dir), not_a_knob=1)
     with pytest.raises(ValueError, match="tensor_parallel_size=3 does not divide the model's num_attention"):
         LLM(model=str(tiny_llama_dir), tensor_parallel_size=3)
+    with pytest.raises(ValueError, match="compilation_config.cudagraph_mode='PIECEWISE': choose NONE"):
+        LLM(model=str(tiny_llama_dir), compilation_config={"cudagraph_mode": "PIECEWISE"})
+    with pytest.raises(ValueError, match="compilation_config: level not supported; only cudagraph_mode"):
+        LLM(model=str(tiny_llama_dir), compilation_config={"level": 3})
     with pytest.raises(FileNotFoundError, match="is not a local Hugging Face model directory"):
         LLM(model=str(tmp_path))
     with pytest.raises(ValueError, match="max_model_len=100000 exceeds"):

@@ -281,6 +281,24 @@ def test_triton_paged_attention_strided_q_and_empty_sequence() -> None:
 
 
 @interp
+@pytest.mark.parametrize("num_splits", [None, 4])
+def test_triton_paged_attention_padded_as_a_mixed_cuda_graph(num_splits: int | None) -> None:
+    # A mixed graph's launch: more query rows than tokens (rows past the last sequence belong to none),
+    # empty sequences after the real ones, max_query_len the padded token count: the real rows unchanged.
+    real = make_batch([(1, 40), (9, 9), (1, 3), (5, 30)], 4, 2, 32, 16, torch.float32)
+    padded = dict(real)
+    n, extra_seqs, extra_rows = real["q"].shape[0], 3, 13
+    padded["q"] = torch.cat([real["q"], torch.randn(extra_rows, 4, 32)])
+    padded["seq_lens"] = torch.cat([real["seq_lens"], torch.zeros(extra_seqs, dtype=torch.int32)])
+    padded["query_start_loc"] = torch.cat([real["query_start_loc"],
+                                           torch.full((extra_seqs,), n, dtype=torch.int32)])
+    padded["block_tables"] = torch.cat([real["block_tables"], real["block_tables"][:extra_seqs]])
+    padded["max_query_len"] = n + extra_rows
+    out = ops.paged_attention(**padded, impl="triton", num_splits=num_splits)
+    torch.testing.assert_close(out[:n], reference_attention(real), atol=1e-5, rtol=0)
+
+
+@interp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_store_kv(dtype: torch.dtype) -> None:
     num_blocks, block_size, kv_heads, head_dim = 6, 16, 3, 32

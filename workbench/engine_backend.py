@@ -261,9 +261,12 @@ def _dummy_config(cfg: dict[str, Any]) -> dict[str, Any]:
 def _engine_args(cfg: dict[str, Any], model_dir: str, sched: Any, lora: LoRA, engine_args: type) -> Any:
     """EngineArgs of the backend group, the quantization method, KV-cache dtype and LoRA (max_lora_rank: the
     smallest that holds lora.rank); the scheduler and cache knobs reach the engine in their configs."""
-    from servebench.engine.config import LORA_RANKS
+    from servebench.engine.config import CUDAGRAPH_MODES, LORA_RANKS
 
     b, method = cfg["backend"], (cfg.get("quantization") or {}).get("method", "none")
+    graphs = b.get("cudagraph_mode", "FULL_DECODE_ONLY")
+    if graphs not in CUDAGRAPH_MODES:
+        raise ValueError(f"backend.cudagraph_mode={graphs!r}: choose {', '.join(CUDAGRAPH_MODES)}")
     lora_args = {}
     if lora.enabled:
         rank = next((r for r in LORA_RANKS if r >= lora.rank), None)
@@ -277,6 +280,7 @@ def _engine_args(cfg: dict[str, Any], model_dir: str, sched: Any, lora: LoRA, en
         dtype=b.get("dtype", "auto"),
         seed=b.get("seed", 0),
         enforce_eager=b.get("enforce_eager", False),
+        compilation_config={"cudagraph_mode": graphs},
         async_scheduling=b.get("async_scheduling", False),
         device=b.get("device", "auto"),
         load_format="auto" if b.get("model_path") else "dummy",

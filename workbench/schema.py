@@ -52,6 +52,7 @@ class Backend:
     async_scheduling: bool = False
     # engine
     model_path: str | None = None
+    cudagraph_mode: str = "FULL_DECODE_ONLY"  # vLLM's compilation_config.cudagraph_mode (or FULL)
     dtype: str = "auto"
     device: str = "auto"
     seed: int = 0

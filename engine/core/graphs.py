@@ -17,3 +17,16 @@ def padded_graph_batch(sizes: list[int], num_seqs: int) -> int:
     (or there are no graphs), so the step runs eagerly."""
     j = bisect.bisect_left(sizes, num_seqs)
     return sizes[j] if j < len(sizes) else 0
+
+
+# Mixed graphs (cudagraph_mode FULL) stop here: a larger step's kernels outlast their launches anyway.
+MIXED_GRAPH_MAX_TOKENS = 2048
+MIXED_GRAPH_MIN_TOKENS = 16
+
+
+def mixed_graph_tokens(max_num_batched_tokens: int) -> list[int]:
+    """16, 32, 64, ... up to the step's token budget or MIXED_GRAPH_MAX_TOKENS: a step that prefills runs in
+    the smallest that holds its tokens, with cudagraph_mode FULL."""
+    top = min(max_num_batched_tokens, MIXED_GRAPH_MAX_TOKENS)
+    sizes = [1 << i for i in range(MIXED_GRAPH_MIN_TOKENS.bit_length() - 1, top.bit_length()) if 1 << i < top]
+    return [*sizes, top] if top >= MIXED_GRAPH_MIN_TOKENS else []

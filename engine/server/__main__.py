@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import tempfile
 import types
 import typing
@@ -14,11 +15,22 @@ from servebench.engine.config import EngineArgs
 from servebench.engine.lora import LoRARequest
 
 
-def _flag_type(hint: typing.Any) -> type:
-    """The argparse type of an EngineArgs field: `int | None` parses as int."""
+def _flag_type(hint: typing.Any) -> typing.Callable[[str], typing.Any]:
+    """The argparse type of an EngineArgs field: `int | None` parses as int, a dict as a JSON object (vLLM's
+    --compilation-config '{"cudagraph_mode": "FULL"}')."""
     if isinstance(hint, types.UnionType):
-        return next(t for t in typing.get_args(hint) if t is not type(None))
-    return hint
+        hint = next(t for t in typing.get_args(hint) if t is not type(None))
+    return _json_object if hint is dict else hint
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
