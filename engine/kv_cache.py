@@ -63,7 +63,7 @@ class KVCache:
         consecutive host blocks is one asynchronous copy: the host never waits for the bus."""
         if swap_out:
             gpu, cpu = zip(*swap_out)
-            blocks = self.gpu[:, :, list(gpu)].movedim(2, 0).contiguous()
+            blocks = self.gpu[:, :, self._device_index(gpu)].movedim(2, 0).contiguous()
             for i, start, n in consecutive_runs(cpu):
                 self.cpu[start:start + n].copy_(blocks[i:i + n], non_blocking=True)
         if swap_in:
@@ -71,7 +71,13 @@ class KVCache:
             blocks = torch.empty((len(cpu), *self.cpu.shape[1:]), dtype=self.dtype, device=self.device)
             for i, start, n in consecutive_runs(cpu):
                 blocks[i:i + n].copy_(self.cpu[start:start + n], non_blocking=True)
-            self.gpu[:, :, list(gpu)] = blocks.movedim(0, 2)
+            self.gpu[:, :, self._device_index(gpu)] = blocks.movedim(0, 2)
+
+    def _device_index(self, ids: tuple[int, ...]) -> torch.Tensor:
+        """Block ids on the device, copied from pinned memory without a wait (a Python list as an index
+        would be copied synchronously, stalling the host behind every step in flight)."""
+        pinned = self.device.type == "cuda"
+        return torch.tensor(ids, dtype=torch.long, pin_memory=pinned).to(self.device, non_blocking=pinned)
 
     def _num_gpu_blocks(self, model: LlamaForCausalLM, sched: SchedulerConfig, cache: CacheConfig,
                         kv_cache_memory_bytes: int | None, forward: Callable[[HostBatch], torch.Tensor]

@@ -77,10 +77,10 @@ class LLMEngine:
         try:
             self.runner = ModelRunner(args, cfg, self.scheduler_config, self.cache_config, tp,
                                       self.workers and self.workers.send)
+            self.reset()
         except BaseException:
             self.shutdown()
             raise
-        self.reset()
         eos = cfg.eos_token_ids
         self.eos_token_id = next((e for e in [self.tokenizer.eos_token_id, *eos] if e is not None), None)
         self._extra_eos = [e for e in eos if e != self.eos_token_id]  # Llama 3 ends turns with several
@@ -217,7 +217,7 @@ class LLMEngine:
         self._dropped.clear()
         if not self.args.async_scheduling:
             if not out.empty:
-                result = self.runner.execute(out)
+                result = self._execute(out)
                 sampled = result.tolist()
                 now = self.now()
                 outputs += self._fail(out, result, now)
@@ -240,6 +240,22 @@ class LLMEngine:
             self.scheduler.advance(out)
         self._in_flight = launched
         return outputs
+
+    def _execute(self, out: SchedulerOutput) -> SampledTokens:
+        if self.workers is None:
+            return self.runner.execute(out)
+        if not self.workers.running:
+            return self.runner.execute(out)  # Workers.send's error: stopped earlier
+        try:
+            return self.runner.execute(out)
+        except BaseException as e:
+            # Another rank may be inside a collective this one left: no later step could pair with it.
+            failure = self.workers.failure()
+            self.shutdown()
+            if not isinstance(e, Exception):  # Ctrl-C and exits stay what they are
+                raise
+            why = f"a rank's error:\n{failure}" if failure else f"{type(e).__name__}: {e}"
+            raise RuntimeError(f"a tensor-parallel step failed, the ranks are stopped ({why})") from e
 
     def _fail(self, out: SchedulerOutput, result: SampledTokens, now: float) -> list[RequestOutput]:
         """End the requests whose part of the step failed (finish reason "error"), before their placeholder

@@ -169,6 +169,8 @@ class Profiler:
     def _time(self, fn: Callable[[], object]) -> list[float]:
         for _ in range(self.grid.warmup):
             fn()
+        if self.cuda:  # the warm-up's queued work (asynchronous swap copies) is not the first rep's
+            torch.cuda.synchronize()
         times = []
         for _ in range(self.grid.reps):
             t0 = time.perf_counter()

@@ -10,8 +10,11 @@ tensor-parallel engine needs the usual `if __name__ == "__main__":` guard.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
+import signal
+import traceback
 import weakref
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -39,6 +42,8 @@ class Workers:
         ctx = mp.get_context("spawn")
         self._pipes: list[Connection] = []
         self._procs: list[BaseProcess] = []
+        # Before any start: ranks already started when a later one fails to are ended too.
+        self._stop = weakref.finalize(self, _stop, self._pipes, self._procs)
         for rank in range(1, size):
             ours, theirs = ctx.Pipe()
             proc = ctx.Process(target=worker_main, args=(rank, size, port, args, cfg, sched, cache, theirs),
@@ -47,7 +52,6 @@ class Workers:
             theirs.close()  # the rank's end only: its recv fails once ours closes
             self._pipes.append(ours)
             self._procs.append(proc)
-        self._stop = weakref.finalize(self, _stop, self._pipes, self._procs)
         try:
             init_distributed(0, size, port, args.torch_device)
         except BaseException:
@@ -59,9 +63,26 @@ class Workers:
         """The ranks' process ids, rank 1 first."""
         return [proc.pid for proc in self._procs]
 
+    @property
+    def running(self) -> bool:
+        return self._stop.alive
+
     def send(self, step: ShardStep) -> None:
+        if not self.running:
+            raise RuntimeError("the tensor-parallel ranks are stopped (LLMEngine.shutdown, or a failed "
+                               "step): build a new engine")
         for pipe in self._pipes:
             pipe.send(step)
+
+    def failure(self) -> str | None:
+        """What a rank that failed sent before it exited (its traceback), if any did."""
+        for pipe in self._pipes:
+            try:
+                if pipe.poll():
+                    return pipe.recv()
+            except (EOFError, OSError):
+                continue
+        return None
 
     def stop(self) -> None:
         self._stop()
@@ -69,35 +90,38 @@ class Workers:
 
 def _stop(pipes: list[Connection], procs: list[BaseProcess]) -> None:
     for pipe in pipes:
-        try:
+        with contextlib.suppress(OSError):  # that rank is gone already
             pipe.send(None)
-        except OSError:  # that rank is gone already
-            pass
         pipe.close()
+    if dist.is_initialized():  # before the joins: a communicator's teardown may wait for its peers'
+        dist.destroy_process_group()
     for proc in procs:
         proc.join(JOIN_S)
         if proc.is_alive():
             proc.terminate()
             proc.join(JOIN_S)
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def worker_main(rank: int, size: int, port: int, args: EngineArgs, cfg: ModelConfig, sched: SchedulerConfig,
                 cache: CacheConfig, pipe: Connection) -> None:
     """Rank `rank`'s process: build its ModelRunner (in step with the others' collectives), then run each
     step rank 0 sends until it sends None or its pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle: it then ends the ranks
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))  # the ranks share the host's cores
-    init_distributed(rank, size, port, args.torch_device)
     try:
+        init_distributed(rank, size, port, args.torch_device)
         runner = ModelRunner(args, cfg, sched, cache, TensorParallel(rank, size))
-        while True:
-            try:
-                step = pipe.recv()
-            except (EOFError, OSError):  # rank 0's process ended
-                break
-            if step is None:
-                break
+        while (step := _next_step(pipe)) is not None:
             runner.run_shard(step)
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        with contextlib.suppress(OSError):
+            pipe.send(traceback.format_exc())  # for rank 0's error (Workers.failure)
+        os._exit(1)
+    dist.destroy_process_group()
+
+
+def _next_step(pipe: Connection) -> ShardStep | None:
+    try:
+        return pipe.recv()
+    except (EOFError, OSError):  # rank 0's process ended: no collective can complete, so no teardown either
+        os._exit(0)

@@ -307,11 +307,12 @@ def step_errors(cal: Calibration, steps: pd.DataFrame) -> dict[str, dict[str, fl
 
 def calibrate(runs: list[Path], out: Path, heldout: list[Path], profile: Path | None) -> Calibration:
     folders = run_folders(runs)
+    tp = _tensor_parallel_size(folders + run_folders(heldout), profile)
     steps = pd.concat([run_steps(f) for f in folders], ignore_index=True)
     grid, swap_s = profile_steps(profile) if profile is not None else (None, 0.0)
     cal = fit(steps, grid, swap_s)
     config = json.loads((folders[0] / "summary.json").read_text()).get("config", {})
-    cal.meta |= {"model": config.get("model", {}).get("name"),
+    cal.meta |= {"model": config.get("model", {}).get("name"), "tensor_parallel_size": tp,
                  "hardware": config.get("hardware", {}).get("name"), "runs": [str(f) for f in folders],
                  "profile": str(profile) if profile else None,
                  "source_digest": _digest(folders), "fit_error": step_errors(cal, steps)}
@@ -322,6 +323,20 @@ def calibrate(runs: list[Path], out: Path, heldout: list[Path], profile: Path | 
     out.mkdir(parents=True, exist_ok=True)
     cal.save(out / CALIBRATION_FILE)
     return cal
+
+
+def _tensor_parallel_size(folders: list[Path], profile: Path | None) -> int:
+    """The one tensor_parallel_size the runs (and the profile) were measured at: steps of different sizes
+    are different steps."""
+    sizes = {f: (json.loads((f / "summary.json").read_text()).get("config", {}).get("parallel") or {}).get(
+        "tensor_parallel_size", 1) for f in folders}
+    if profile is not None:
+        meta = json.loads((profile / "meta.json").read_text())
+        sizes[profile] = meta.get("engine", {}).get("tensor_parallel_size", 1)
+    if len(set(sizes.values())) > 1:
+        raise ValueError("runs and profile of different tensor_parallel_size: " + ", ".join(
+            f"{f} ({n})" for f, n in sizes.items()))
+    return next(iter(sizes.values()), 1)
 
 
 def _digest(folders: list[Path]) -> str | None:

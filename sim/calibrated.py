@@ -114,9 +114,13 @@ class Calibration:
 class CalibratedStepTime:
     """`predict`: a step's device time from a calibration; `host`: its host terms, for the engine loop."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, tensor_parallel_size: int = 1) -> None:
         self.folder = folder
         self.calibration = Calibration.load(folder / CALIBRATION_FILE)
+        fitted_tp = self.calibration.meta.get("tensor_parallel_size", 1)
+        if fitted_tp != tensor_parallel_size:
+            raise ValueError(f"{folder / CALIBRATION_FILE}: fitted at tensor_parallel_size={fitted_tp}, not "
+                             f"{tensor_parallel_size}")
         self.host = self.calibration.host
         self.meta = self.calibration.meta  # source_digest: the engine code its runs measured
         self.sources = {"all": str(folder / CALIBRATION_FILE)}

@@ -34,5 +34,6 @@ def make_step_time_model(
     if kind == "profile":
         return ProfileStepTime(model, hw, parallel, block_size, engine_profile_root or ENGINE_PROFILES)
     if kind == "calibrated":
-        return CalibratedStepTime(profile_dir(model, hw, parallel, engine_profile_root or ENGINE_PROFILES))
+        return CalibratedStepTime(profile_dir(model, hw, parallel, engine_profile_root or ENGINE_PROFILES),
+                                  parallel.tensor_parallel_size)
     raise ValueError(f"unknown step-time model {kind!r}: choose roofline, vidur, profile or calibrated")

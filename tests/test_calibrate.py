@@ -3,6 +3,7 @@ engine loop places the host terms as the engine does (async scheduling hides the
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -121,3 +122,19 @@ def test_calibrate_names_the_file_of_an_unusable_run(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main([str(tmp_path / folder), "--out", str(tmp_path / "cal")])
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_calibration_is_of_one_tensor_parallel_size(tmp_path):
+    from servebench.sim.calibrate import calibrate
+    from servebench.sim.calibrated import CalibratedStepTime
+
+    Calibration(TRUTH.device, TRUTH.host, {"tensor_parallel_size": 2}).save(tmp_path / CALIBRATION_FILE)
+    with pytest.raises(ValueError, match="fitted at tensor_parallel_size=2, not 1"):
+        CalibratedStepTime(tmp_path)
+    assert CalibratedStepTime(tmp_path, 2).calibration.device == TRUTH.device
+    for name, tp in (("one", 1), ("two", 2)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(
+            {"backend": "engine", "config": {"parallel": {"tensor_parallel_size": tp}}}))
+    with pytest.raises(ValueError, match="runs and profile of different tensor_parallel_size"):
+        calibrate([tmp_path / "one", tmp_path / "two"], tmp_path / "out", [], None)

@@ -171,3 +171,13 @@ def test_tensor_parallel_benchmark_runs_tiny_on_the_cpu(tmp_path):
     assert [r["tp"] for r in result["runs"]] == [1, 2]
     assert all(r["output_tok_s"] > 0 for r in result["runs"])
     assert [r["tokens"] for r in result["all_reduce"]][-1] == 8192
+
+
+def test_a_rank_that_dies_fails_the_step_and_stops_the_engine(models):
+    llm = LLM(model=str(models["llama"]), device="cpu", tensor_parallel_size=2)
+    llm.generate(["hello"], GREEDY, use_tqdm=False)
+    os.kill(llm.engine.workers.pids[0], signal.SIGKILL)
+    with pytest.raises(RuntimeError, match="a tensor-parallel step failed, the ranks are stopped"):
+        llm.generate(["hello again"], GREEDY, use_tqdm=False)
+    with pytest.raises(RuntimeError, match="build a new engine"):
+        llm.generate(["and again"], GREEDY, use_tqdm=False)
