@@ -7,6 +7,7 @@ import dataclasses
 import gc
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from servebench.engine.config import EngineArgs, ModelConfig
@@ -217,7 +218,7 @@ class LLMEngine:
         self._dropped.clear()
         if not self.args.async_scheduling:
             if not out.empty:
-                result = self._execute(out)
+                result = self._on_ranks(self.runner.execute, out)
                 sampled = result.tolist()
                 now = self.now()
                 outputs += self._fail(out, result, now)
@@ -226,7 +227,7 @@ class LLMEngine:
                 outputs += self._collect(out, now, final_only)
             return outputs
         # Async: launch this step, then wait for the previous one's tokens while the GPU runs it.
-        launched = None if out.empty else (out, self.runner.launch(out))
+        launched = None if out.empty else (out, self._on_ranks(self.runner.launch, out))
         if self._in_flight is not None:
             prev, result = self._in_flight
             sampled = result.tolist()
@@ -241,13 +242,13 @@ class LLMEngine:
         self._in_flight = launched
         return outputs
 
-    def _execute(self, out: SchedulerOutput) -> SampledTokens:
-        if self.workers is None:
-            return self.runner.execute(out)
-        if not self.workers.running:
-            return self.runner.execute(out)  # Workers.send's error: stopped earlier
+    def _on_ranks(self, run: Callable[[SchedulerOutput], SampledTokens], out: SchedulerOutput
+                  ) -> SampledTokens:
+        """run(out) (the runner's execute or launch); under tensor parallelism, a failure stops every rank."""
+        if self.workers is None or not self.workers.running:  # stopped earlier: Workers.send says so
+            return run(out)
         try:
-            return self.runner.execute(out)
+            return run(out)
         except BaseException as e:
             # Another rank may be inside a collective this one left: no later step could pair with it.
             failure = self.workers.failure()

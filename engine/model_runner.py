@@ -46,6 +46,9 @@ class ModelRunner:
                  tp: TensorParallel | None = None, send_step: Callable[[ShardStep], None] | None = None
                  ) -> None:
         self.dtype, self.send_step = args.torch_dtype(cfg), send_step
+        # Async scheduling under tensor parallelism: the next step's PENDING inputs are this step's tokens,
+        # which rank 0 samples and broadcasts, so that every rank fills them on its own device.
+        self.tp_pending = tp if tp is not None and args.async_scheduling else None
         self.device = args.torch_device if tp is None else tp.device(args.torch_device)
         self.block_size = cache.block_size
         torch.manual_seed(args.seed)
@@ -113,6 +116,8 @@ class ModelRunner:
             if rows:
                 sampled = self.sampler(logits[:len(rows)], [out.requests[i] for i in rows])
                 self.pending_tokens.remember(out.requests, rows, sampled.tokens)
+                if self.tp_pending is not None:
+                    self.tp_pending.broadcast(sampled.tokens)
                 failures = {rows[j]: e for j, e in sampled.failed.items()}
             prompt = self._prompt_logprobs(out, batch, logits[len(rows):], failures)
         return SampledTokens.start(sampled, rows, len(out.requests), self.device, prompt, failures, began)
@@ -120,10 +125,15 @@ class ModelRunner:
     @torch.inference_mode()
     def run_shard(self, step: ShardStep) -> None:
         """A tensor-parallel rank's part of rank 0's step: the same swaps and forward (whose collectives meet
-        rank 0's), no sampling."""
+        rank 0's); no sampling, but with async scheduling rank 0's sampled tokens, for the next step."""
         self.kv_cache.swap(step.swap_out, step.swap_in)
-        if step.batch is not None:
-            self._forward(step.batch, step.graph_batch)
+        batch = step.batch
+        if batch is None:
+            return
+        self._forward(batch, step.graph_batch)
+        if self.tp_pending is not None and batch.sample_rows:
+            tokens = torch.empty(len(batch.sample_rows), dtype=torch.long, device=self.device)
+            self.pending_tokens.remember([], [], self.tp_pending.broadcast(tokens))
 
     def _prompt_logprobs(self, out: SchedulerOutput, batch: HostBatch, logits: torch.Tensor,
                          failures: dict[int, Exception]) -> list[tuple[int, int, Logprobs]]:

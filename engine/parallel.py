@@ -55,6 +55,11 @@ class TensorParallel:
         dist.all_gather(parts, x.contiguous())
         return torch.cat(parts, dim=-1)
 
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's x, on every rank."""
+        dist.broadcast(x, src=0)
+        return x
+
     def min(self, n: int, device: torch.device) -> int:
         """The smallest of every rank's n (the KV blocks all ranks can hold)."""
         t = torch.tensor([n], dtype=torch.int64, device=device)

@@ -123,7 +123,8 @@ TP_SWAP = {"max_model_len": 256, "preemption_mode": "swap", "num_gpu_blocks_over
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-@pytest.mark.parametrize("knobs", [{}, {"enforce_eager": True}, TP_SWAP], ids=["graphs", "eager", "swap"])
+@pytest.mark.parametrize("knobs", [{}, {"enforce_eager": True}, TP_SWAP, {"async_scheduling": True}],
+                         ids=["graphs", "eager", "swap", "async"])
 def test_tensor_parallel_exact_on_two_gpus(tiny_llama_dir, knobs):
     """Two ranks over NCCL (decode graphs capture the all-reduces and the logits' all-gather), fp32: HF's
     greedy tokens, as one GPU gives them."""

@@ -33,6 +33,11 @@ CASES = {  # model, tensor_parallel_size, knobs
     "llama_tp2_recompute": ("llama", 2, PRESSURE | {"preemption_mode": "recompute"}),
     "qwen3_tp4_swap_chunked": ("qwen3", 4, PRESSURE | {"preemption_mode": "swap", "swap_space": 0.01,
                                                        "max_num_batched_tokens": 32}),
+    # async scheduling: rank 0 broadcasts each step's tokens, the next step's inputs on every rank
+    "llama_tp2_async_prefix_chunked": ("llama", 2, {"async_scheduling": True, "enable_prefix_caching": True,
+                                                    "max_num_batched_tokens": 32}),
+    "qwen3_tp2_async_recompute": ("qwen3", 2, PRESSURE | {"async_scheduling": True,
+                                                          "preemption_mode": "recompute"}),
 }
 
 
@@ -67,7 +72,7 @@ def test_what_tensor_parallelism_cannot_serve_is_one_clear_error(tiny_llama_dir,
     with pytest.raises(ValueError, match="tensor_parallel_size=4 does not divide the model's "
                                          "num_key_value_heads=2"):
         LLM(model=str(tiny_llama_dir), device="cpu", tensor_parallel_size=4)
-    for knob, value in (("quantization", "fp8"), ("async_scheduling", True), ("enable_lora", True)):
+    for knob, value in (("quantization", "fp8"), ("enable_lora", True)):
         with pytest.raises(NotImplementedError, match=f"tensor_parallel_size=2 with {knob}"):
             LLM(model=str(models["llama"]), device="cpu", tensor_parallel_size=2, **{knob: value})
     with pytest.raises(ValueError, match="tensor_parallel_size=0 must be >= 1"):
