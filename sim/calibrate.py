@@ -242,14 +242,19 @@ def _first_steps(sync: pd.DataFrame, device: DeviceTerms, host: HostTerms, measu
 
 
 def fit_swap(steps: pd.DataFrame, cal: Calibration, measured: bool) -> float:
-    """Seconds per KV block swapped: the median, over sync steps that swapped, of what the rest of the model
-    leaves unexplained of their duration, per block (0 where no step swapped). The duration, not the device
-    time: an engine may copy on the host before the forward, or on the device within it."""
-    swapped = steps[~steps["async_"] & (steps["swapped"] > 0) & (steps["step"] >= FIRST_STEPS)]
-    if swapped.empty:
+    """Seconds per KV block swapped: the median, over the steps that swapped, of what the rest of the model
+    (its swap_s still 0) leaves unexplained, per block; 0 where no step swapped. Of a sync step's duration
+    where there are such steps (an engine may copy on the host before the forward, or on the device within
+    it), else of async steps' device time (today's engine queues the copies on the device)."""
+    swapped = steps[(steps["swapped"] > 0) & (steps["step"] >= FIRST_STEPS)]
+    sync = swapped[~swapped["async_"]]
+    if len(sync):
+        miss, blocks = sync["duration_s"] - predicted_duration(cal, sync, measured), sync["swapped"]
+    elif len(swapped) and measured:
+        miss, blocks = swapped["device_s"] - predicted_device(cal, swapped), swapped["swapped"]
+    else:
         return 0.0
-    rest = predicted_duration(cal, swapped, measured)  # cal.device.swap_s is still 0
-    return max(float(np.median((swapped["duration_s"] - rest) / swapped["swapped"])), 0.0)
+    return max(float(np.median(miss / blocks)), 0.0)
 
 
 def fit(steps: pd.DataFrame, profile: pd.DataFrame | None, swap_s: float) -> Calibration:

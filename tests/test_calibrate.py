@@ -72,6 +72,11 @@ def test_fit_recovers_known_terms_from_synthetic_steps():
     assert set(held) == {"decode", "prefill", "mixed"} and all(e["p90"] < 1e-6 for e in held.values())
 
 
+def test_fit_takes_the_swap_cost_from_async_steps_device_time():
+    steps = synthetic_steps(TRUTH, 2000, seed=3).assign(async_=True)  # no sync step to read it from
+    assert fit(steps, None, 0.0).device.swap_s == pytest.approx(TRUTH.device.swap_s, rel=1e-3)
+
+
 def test_fit_drops_stalled_steps():
     steps = synthetic_steps(TRUTH, 2000, seed=2)
     stalled = steps.index[::50]
