@@ -6,13 +6,13 @@ all-reduce it pays per step against the link's measured bandwidth.
     python benchmarks/tensor_parallel.py --tiny --device cpu                  # a smoke test: gloo, < 1 minute
 
 The model is the shape of conf/model/<--model>.yaml with dummy weights; a size that does not fit one card
-fails at its start and the next size runs. The workload (W7-like): --requests requests, prompts of
-U[--prompt-len] random token ids, --output-len tokens each (ignore_eos), all submitted at once, after an
-untimed warm-up. Printed and in the JSON, per size: output and total tokens/s, and the median decode step of
-the steps table at batch 1-8 and 33-128; then the all-reduce of one step's hidden states, timed alone in a
-process group of the largest size (NCCL on GPUs, gloo on the CPU) for 1 to 8192 tokens, as time and bus
-bandwidth (2 (n - 1) / n x bytes / time, nccl-tests' convention), and the share of a decode step it takes
-(2 all-reduces a layer).
+fails at its start and the next size runs. The workload (W7-like; lora_serving.py's): --requests requests,
+prompts of U[--prompt-len] random token ids, --output-len tokens each (ignore_eos), all submitted at once,
+after an untimed warm-up. Printed and in the JSON, per size: output and total tokens/s, and the median
+decode step of the steps table at batch 1-8 and 33-128; then the all-reduce of one step's hidden states,
+timed alone in a process group of the largest size (NCCL on GPUs, gloo on the CPU) for 1 to 8192 tokens, as
+time and bus bandwidth (2 (n - 1) / n x bytes / time, nccl-tests' convention), and the share of a decode step
+it takes (2 all-reduces a layer).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import random
 import statistics
 import tempfile
 import time
@@ -30,6 +29,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 import yaml
+from lora_serving import workload
 from servebench.engine.dummy import MODEL_CONF, hf_config, write_dummy_model_dir
 from servebench.engine.parallel import free_port, init_distributed
 
@@ -39,12 +39,6 @@ TINY = {"model": "tiny_llama", "requests": 8, "prompt_len": (16, 48), "output_le
         "tp": [1, 2]}
 TOKENS = (1, 8, 64, 256, 1024, 8192)  # all-reduce message sizes: tokens x hidden
 REPS = 20
-
-
-def workload(args: argparse.Namespace, vocab: int) -> list[list[int]]:
-    rng = random.Random(0)
-    return [[rng.randrange(1, vocab - 1) for _ in range(rng.randint(*args.prompt_len))]
-            for _ in range(args.requests)]
 
 
 def throughput(folder: Path, tp: int, args: argparse.Namespace) -> dict:
