@@ -200,12 +200,8 @@ class EngineArgs:
             raise ValueError(f"tensor_parallel_size={n} must be >= 1")
         if n == 1:
             return
-        not_yet = [name for name, on in (("quantization", self.quantization is not None),
-                                         ("enable_lora", self.enable_lora)) if on]
-        if not_yet:
-            raise NotImplementedError(
-                f"tensor_parallel_size={n} with {', '.join(not_yet)}: not supported yet (tensor parallelism "
-                "runs unquantized models, no LoRA)")
+        if self.enable_lora:
+            raise NotImplementedError(f"tensor_parallel_size={n} with enable_lora: not supported yet")
         gpus = torch.cuda.device_count()
         if self.torch_device.type == "cuda" and gpus < n:
             raise ValueError(f"tensor_parallel_size={n} needs {n} GPUs; torch sees {gpus}")

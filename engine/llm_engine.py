@@ -71,9 +71,6 @@ class LLMEngine:
         if args.tensor_parallel_size > 1:
             tp = TensorParallel(0, args.tensor_parallel_size)
             tp.shard_config(cfg)  # a size that does not divide the model fails before any process starts
-            if cfg.quantization_config:
-                raise NotImplementedError(f"{args.model}: a quantized checkpoint with tensor_parallel_size="
-                                          f"{tp.size} is not supported yet")
             self.workers = Workers(args, cfg, self.scheduler_config, self.cache_config)
         try:
             self.runner = ModelRunner(args, cfg, self.scheduler_config, self.cache_config, tp,

@@ -17,10 +17,11 @@ from servebench.engine.quantization import get_quant_config, process_weights_aft
 
 # HF tensors with no parameter here: rotary tables that some checkpoints still carry.
 SKIPPED = re.compile(r"rotary_emb\.inv_freq$")
-# Under tensor parallelism, the dimension of each HF module's tensors that the ranks split (engine.parallel);
-# the others (norms) every rank holds whole.
-SPLIT_DIM = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "gate_proj": 0, "up_proj": 0, "o_proj": 1, "down_proj": 1,
-             "embed_tokens": 0, "lm_head": 0}
+# Under tensor parallelism (engine.parallel) the ranks split these modules' outputs, or inputs, or rows of the
+# vocabulary; the others (norms) every rank holds whole.
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+ROW_PARALLEL = ("o_proj", "down_proj")
+VOCAB_PARALLEL = ("embed_tokens", "lm_head")
 
 
 @contextlib.contextmanager
@@ -102,17 +103,30 @@ def _load_tensor(model: LlamaForCausalLM, params: dict[str, torch.nn.Parameter],
     dst = param.data
     # A quantized parameter's output columns lie along its output_dim, pack_factor of them an element
     # (engine.quantization); one with none (GPTQ's g_idx) is the same for every shard.
-    dim = getattr(param, "output_dim", 0)
-    if size is not None and dim is not None:
+    out_dim = getattr(param, "output_dim", 0)
+    if size is not None and out_dim is not None:
         factor = getattr(param, "pack_factor", 1)
-        dst = dst.narrow(dim, start // factor, size // factor)
-    if model.tp is not None and module in SPLIT_DIM:
-        dst, tensor = _shard(model.tp, SPLIT_DIM[module] if tensor.dim() > 1 else 0, dst, tensor)
+        dst = dst.narrow(out_dim, start // factor, size // factor)
+    split = None if model.tp is None else _split_dim(module, param, tensor)
+    if split is not None:
+        dst, tensor = _shard(model.tp, split, dst, tensor)
     if dst.shape != tensor.shape:
         raise ValueError(
             f"{file}: tensor {hf_name} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
     dst.copy_(tensor)
     return target
+
+
+def _split_dim(module: str, param: torch.nn.Parameter, tensor: torch.Tensor) -> int | None:
+    """The dimension of an HF tensor the ranks split: a column-parallel layer's outputs (a quantized
+    parameter's `output_dim`; None: one over its inputs, GPTQ's g_idx), a row-parallel one's inputs (a 1-d
+    tensor of it: g_idx), the vocabulary's rows; None: every rank holds it whole."""
+    out = getattr(param, "output_dim", 0)
+    if module in COLUMN_PARALLEL:
+        return out
+    if module in ROW_PARALLEL:
+        return 0 if tensor.dim() == 1 else 1 - out
+    return 0 if module in VOCAB_PARALLEL else None
 
 
 def _shard(tp: TensorParallel, dim: int, dst: torch.Tensor, tensor: torch.Tensor

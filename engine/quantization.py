@@ -183,7 +183,8 @@ class Int4LinearMethod(LinearMethod):
         else:
             group = layer.in_features // layer.scales.shape[0]
             sequential = torch.arange(layer.in_features, device=layer.g_idx.device) // group
-            if not torch.equal(layer.g_idx.data, sequential.to(layer.g_idx.dtype)):
+            # A tensor-parallel shard of a row-parallel layer holds groups from its first input's on.
+            if not torch.equal(layer.g_idx.data - layer.g_idx.data[0], sequential.to(layer.g_idx.dtype)):
                 raise ValueError("gptq: a layer's g_idx is not input row // group_size (act-order): "
                                  "only GPTQ checkpoints without desc_act are supported")
             del layer.g_idx
