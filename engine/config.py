@@ -200,8 +200,6 @@ class EngineArgs:
             raise ValueError(f"tensor_parallel_size={n} must be >= 1")
         if n == 1:
             return
-        if self.enable_lora:
-            raise NotImplementedError(f"tensor_parallel_size={n} with enable_lora: not supported yet")
         gpus = torch.cuda.device_count()
         if self.torch_device.type == "cuda" and gpus < n:
             raise ValueError(f"tensor_parallel_size={n} needs {n} GPUs; torch sees {gpus}")

@@ -14,10 +14,15 @@ import numpy as np
 import torch
 from servebench.engine.lora import LoRAWeights
 from servebench.engine.models import LlamaForCausalLM
+from servebench.engine.parallel import TensorParallel
 from servebench.kernels import ops
 from torch import nn
 
 ADAPTED = (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"), ("mlp", "down_proj"))
+# Tensor parallelism (engine.parallel): these take a slice of the inputs (a rank holds A's matching columns
+# and all of B: its update is a partial sum, added up by the layer's all-reduce); the others a slice of the
+# outputs (all of A, B's matching rows).
+ROW_PARALLEL = ("o_proj", "down_proj")
 MIN_RANK = 16
 
 # (A [slices x rank, in], B [out, rank]) of one adapter for one LoRALinear, in the table's layout
@@ -45,9 +50,11 @@ class LoRALinear(nn.Module):
     (split-K partials, SwiGLU and rotary in the streaming kernel) give way to its plain projection."""
 
     def __init__(self, base: nn.Module, layer: int, sources: list[tuple[str, int, int]], tables: LoRATables,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, tp: TensorParallel | None = None,
+                 row_parallel: bool = False) -> None:
         super().__init__()
         self.base, self.layer, self.tables = base, layer, tables
+        self.tp, self.row_parallel = tp, row_parallel
         self.sources = [(name, start, size) for name, start, size in sources]  # (PEFT module, columns)
         self.slice_starts = tuple(start for _, start, _ in sources)
         shape_a = (tables.max_loras, len(sources) * tables.rank, base.in_features)
@@ -71,10 +78,21 @@ class LoRALinear(nn.Module):
         for s, (name, start, size) in enumerate(self.sources):
             pair = weights.get((self.layer, name))
             if pair is not None:
-                r = pair[0].shape[0]
-                a[s * rank:s * rank + r] = pair[0]
-                b[start:start + size, :r] = pair[1]
+                lora_a, lora_b = self._shard(*pair, size)
+                r = lora_a.shape[0]
+                a[s * rank:s * rank + r] = lora_a
+                b[start:start + size, :r] = lora_b
         return a, b
+
+    def _shard(self, lora_a: torch.Tensor, lora_b: torch.Tensor, size: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's part of a module's A [rank, in] and B [out, rank] (ROW_PARALLEL says which)."""
+        if self.tp is None:
+            return lora_a, lora_b
+        if self.row_parallel:
+            n = self.base.in_features
+            return lora_a[:, self.tp.rank * n:(self.tp.rank + 1) * n], lora_b
+        return lora_a, lora_b[self.tp.rank * size:(self.tp.rank + 1) * size]
 
 
 class LoRATables:
@@ -91,7 +109,8 @@ class LoRATables:
             for parent, name in ADAPTED:
                 module = getattr(decoder_layer, parent)
                 base = getattr(module, name)
-                lora = LoRALinear(base, i, _sources(model, name, base.out_features), self, dtype, device)
+                lora = LoRALinear(base, i, _sources(model, name, base.out_features), self, dtype, device,
+                                  model.tp, name in ROW_PARALLEL)
                 setattr(module, name, lora)
                 self.layers.append(lora)
 

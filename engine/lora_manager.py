@@ -6,6 +6,7 @@ before the step's forward, its `evicted_loras_from_cpu` dropped from the host ca
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -15,6 +16,18 @@ from servebench.engine.lora import AdapterConfig, LoRARequest, check_adapter, re
 from servebench.engine.lora_layers import LoRATables, PackedLoRA, group_rows
 from servebench.engine.models import LlamaForCausalLM
 from servebench.kernels import ops
+
+
+@dataclass(slots=True)
+class LoRALoads:
+    """A step's adapter loads (engine.core.lora's decisions, in the SchedulerOutput): into which slots, which
+    from disk (and their LoRARequests), which leave the host cache."""
+
+    loaded: list[int]
+    from_disk: list[int]
+    evicted: list[int]
+    slots: dict[int, int]
+    requests: list[LoRARequest]
 
 
 class LoRAManager:
@@ -42,18 +55,31 @@ class LoRAManager:
         self.requests.clear()
         self.host.clear()
 
-    def load(self, out: SchedulerOutput) -> float:
+    def loads(self, out: SchedulerOutput) -> LoRALoads:
+        """The step's loads, with the adapters that come from disk (for tensor-parallel ranks 1..)."""
+        return LoRALoads(out.loaded_loras, out.loaded_loras_from_disk, out.evicted_loras_from_cpu,
+                         out.lora_slots, [self.requests[lora][0] for lora in out.loaded_loras_from_disk])
+
+    def load(self, loads: LoRALoads) -> float:
         """Put the step's loads in their slots; returns their seconds: disk to host, host to device."""
         start = time.perf_counter()
         pin = self.device.type == "cuda"
-        for lora in out.loaded_loras_from_disk:
+        for lora in loads.from_disk:
             weights = read_adapter(*self.requests[lora], self.model_config.num_layers)
             self.host[lora] = self.tables.pack(weights, pin)
         disk_s = time.perf_counter() - start
-        copy_s = self._copy([(out.lora_slots[lora], self.host[lora]) for lora in out.loaded_loras])
-        for lora in out.evicted_loras_from_cpu:
+        copy_s = self._copy([(loads.slots[lora], self.host[lora]) for lora in loads.loaded])
+        for lora in loads.evicted:
             del self.host[lora]
         return disk_s + copy_s
+
+    def follow(self, loads: LoRALoads) -> None:
+        """A tensor-parallel rank's part of rank 0's loads: the same adapters (each checked again as it
+        comes from disk: its id may name another adapter since an engine reset) into its shard's slots."""
+        for request in loads.requests:
+            self.requests.pop(request.lora_int_id, None)
+            self.register(request)
+        self.load(loads)
 
     def _copy(self, loads: list[tuple[int, list[PackedLoRA]]]) -> float:
         """Write each (slot, adapter); the copies' time. On a GPU they queue behind the step in flight (which

@@ -14,7 +14,7 @@ from servebench.engine.cuda_graphs import CudaGraphs
 from servebench.engine.input_batch import HostBatch, prepare
 from servebench.engine.kv_cache import KVCache
 from servebench.engine.loader import load_model
-from servebench.engine.lora_manager import LoRAManager
+from servebench.engine.lora_manager import LoRALoads, LoRAManager
 from servebench.engine.models import AttentionMetadata
 from servebench.engine.parallel import TensorParallel
 from servebench.engine.pending_tokens import PendingTokens
@@ -30,6 +30,7 @@ class ShardStep:
     swap_in: list[tuple[int, int]]
     batch: HostBatch | None  # None: a step that only swaps
     graph_batch: int
+    lora: LoRALoads | None = None  # adapters to load first
 
 
 class ModelRunner:
@@ -98,14 +99,15 @@ class ModelRunner:
         """`execute` without waiting for the device: the host can schedule the next step meanwhile. Input
         tokens still PENDING are the previous launch's sampled tokens, gathered on the device. Adapters the
         step loads are in their slots first (their time in `out.lora_load_s`)."""
-        if out.loaded_loras:
-            out.lora_load_s = self.lora.load(out)
+        loads = self.lora.loads(out) if out.loaded_loras else None
+        if loads is not None:
+            out.lora_load_s = self.lora.load(loads)
         sampled, rows, prompt, failures, began = None, [], [], {}, None
         batch = prepare(out, self.block_size, self.pending_tokens) if out.requests else None
         if batch is not None:
             out.graph_batch = 0 if self.cuda_graphs is None else self.cuda_graphs.padded_batch(batch)
         if self.send_step is not None:
-            self.send_step(ShardStep(out.swap_out, out.swap_in, batch, out.graph_batch))
+            self.send_step(ShardStep(out.swap_out, out.swap_in, batch, out.graph_batch, loads))
         if self.device.type == "cuda":  # the step's device time: its swap copies, forward and sampling
             began = torch.cuda.Event(enable_timing=True)
             began.record()
@@ -126,6 +128,8 @@ class ModelRunner:
     def run_shard(self, step: ShardStep) -> None:
         """A tensor-parallel rank's part of rank 0's step: the same swaps and forward (whose collectives meet
         rank 0's); no sampling, but with async scheduling rank 0's sampled tokens, for the next step."""
+        if step.lora is not None:
+            self.lora.follow(step.lora)
         self.kv_cache.swap(step.swap_out, step.swap_in)
         batch = step.batch
         if batch is None:

@@ -21,6 +21,7 @@ from servebench.engine.profile import GRIDS, profile
 from servebench.sim.specs import hardware_spec, model_spec, parallel_spec
 from servebench.sim.step_time_models import make_step_time_model
 from test_engine_correctness import PROMPTS
+from test_lora import assert_matches_merged, lora_llm, run_mixed
 from test_quantization import CASES as QUANTIZED
 from test_quantization import baseline_run, check_near
 from tiny_model import build_tiny_model
@@ -75,8 +76,6 @@ def test_what_tensor_parallelism_cannot_serve_is_one_clear_error(tiny_llama_dir,
     with pytest.raises(ValueError, match="tensor_parallel_size=4 does not divide the model's "
                                          "num_key_value_heads=2"):
         LLM(model=str(tiny_llama_dir), device="cpu", tensor_parallel_size=4)
-    with pytest.raises(NotImplementedError, match="tensor_parallel_size=2 with enable_lora"):
-        LLM(model=str(models["llama"]), device="cpu", tensor_parallel_size=2, enable_lora=True)
     with pytest.raises(ValueError, match="tensor_parallel_size=0 must be >= 1"):
         LLM(model=str(models["llama"]), device="cpu", tensor_parallel_size=0)
     first = LLM(model=str(models["llama"]), device="cpu", tensor_parallel_size=2)
@@ -206,3 +205,15 @@ def test_quantized_models_split_across_ranks(trained_llama_dir, tmp_path, method
         return
     folder = quantize_checkpoint(trained_llama_dir, tmp_path / method, method)[0]
     assert greedy(folder, tensor_parallel_size=2)[0] == greedy(folder)[0]
+
+
+@pytest.mark.parametrize("knobs", [{}, {"max_loras": 1, "max_cpu_loras": 2}], ids=["mixed", "evict"])
+def test_lora_adapters_split_across_ranks(tiny_llama_dir, lora_adapters, knobs):
+    """A batch mixing three adapters and the base model on 2 ranks (an adapter's B split by the
+    column-parallel layers' outputs, its A by the row-parallel layers' inputs), also with one slot for the
+    three (loads and evictions each step, on every rank): HF's tokens with each adapter merged."""
+    llm = lora_llm(tiny_llama_dir, tensor_parallel_size=2, **knobs)
+    try:
+        assert_matches_merged(tiny_llama_dir, run_mixed(llm, lora_adapters))
+    finally:
+        llm.engine.shutdown()
