@@ -34,8 +34,8 @@ import torch
 import yaml
 from servebench.engine.config import LORA_RANKS, ModelConfig
 from servebench.engine.dummy import MODEL_CONF, hf_config, write_dummy_adapter, write_dummy_model_dir
+from servebench.engine.llm_engine import release_engines
 from servebench.engine.lora import LoRARequest, read_adapter
-from servebench.workbench.engine_backend import release_engines
 from servebench.workbench.metrics import lora_loads
 from servebench.workbench.workload_requests import assign_adapters
 

@@ -27,8 +27,8 @@ import yaml
 from card import Card, card
 from engine_throughput import DECODE_PROMPT, DECODE_STEPS, decode_latency
 from servebench.engine.dummy import MODEL_CONF, hf_config, write_dummy_model_dir
+from servebench.engine.llm_engine import release_engines
 from servebench.engine.model_runner import ModelRunner
-from servebench.workbench.engine_backend import release_engines
 
 from servebench import LLM
 

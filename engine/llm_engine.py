@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from servebench.engine.config import EngineArgs, ModelConfig
 from servebench.engine.core.config import CacheConfig, SchedulerConfig
 from servebench.engine.core.recorder import TraceRecorder
@@ -27,6 +28,16 @@ from servebench.engine.workers import Workers
 from transformers import AutoTokenizer
 
 logger = logging.getLogger(__name__)
+
+
+def release_engines() -> None:
+    """Free the engines nothing refers to any more, and give their device memory back. LLMEngine gc.freeze()s
+    what is alive when it starts (model, KV cache, CUDA graphs), and frozen objects are never collected: a
+    second engine in the process would otherwise size its KV cache on a GPU the first one still fills."""
+    gc.unfreeze()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 @dataclass(slots=True)
@@ -54,10 +65,7 @@ class LLMEngine:
         way they are the engine's one source of those knobs: the scheduler and the model runner read them,
         never `args`' copies (max_model_len is `args`', resolved against the model)."""
         self.args = args
-        # An engine dropped but not yet collected (frozen by its own start, below) would still hold device
-        # memory and tensor-parallel ranks while this one measures and starts its own.
-        gc.unfreeze()
-        gc.collect()
+        release_engines()  # a dropped one would still hold device memory and ranks while this one starts
         self.model_config = cfg = ModelConfig.from_dir(args.model)
         self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
         if not hasattr(self.tokenizer, "backend_tokenizer"):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from quantized_checkpoint import quantize_checkpoint
 from servebench.engine.input_batch import host_batch
-from servebench.workbench.engine_backend import release_engines
+from servebench.engine.llm_engine import release_engines
 from test_engine_correctness import PROMPTS, assert_matches_hf
 from test_lora import assert_matches_merged, lora_llm, run_mixed
 from test_quantization import CASES, SWAP, baseline_run, check_near

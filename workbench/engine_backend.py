@@ -14,6 +14,7 @@ import pandas as pd
 from servebench.engine.core.request import Request
 from servebench.engine.core.sampling_params import SamplingParams
 from servebench.engine.digest import source_digest
+from servebench.engine.llm_engine import release_engines
 from servebench.sim.lora import LoRA, lora_spec
 from servebench.workbench.core_configs import cache_config, scheduler_config
 from servebench.workbench.metrics import lora_loads, num_truncated
@@ -47,18 +48,6 @@ def run(cfg: dict[str, Any], engine: Any = None) -> RunResult:
             engine.shutdown()  # its tensor-parallel ranks, if any
         engine = None
         release_engines()
-
-
-def release_engines() -> None:
-    """Free the engines nothing refers to any more. LLMEngine gc.freeze()s what is alive when it starts
-    (model, KV cache, CUDA graphs) and frozen objects are never collected, so without this a second engine
-    in the same process would size its KV cache on a GPU the first one still fills."""
-    gc.unfreeze()
-    gc.collect()
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _replay(cfg: dict[str, Any], engine: Any) -> RunResult:
