@@ -312,12 +312,12 @@ def step_errors(cal: Calibration, steps: pd.DataFrame) -> dict[str, dict[str, fl
 
 def calibrate(runs: list[Path], out: Path, heldout: list[Path], profile: Path | None) -> Calibration:
     folders = run_folders(runs)
-    tp = _tensor_parallel_size(folders + run_folders(heldout), profile)
+    settings = _settings(folders + run_folders(heldout), profile)
     steps = pd.concat([run_steps(f) for f in folders], ignore_index=True)
     grid, swap_s = profile_steps(profile) if profile is not None else (None, 0.0)
     cal = fit(steps, grid, swap_s)
     config = json.loads((folders[0] / "summary.json").read_text()).get("config", {})
-    cal.meta |= {"model": config.get("model", {}).get("name"), "tensor_parallel_size": tp,
+    cal.meta |= {"model": config.get("model", {}).get("name"), **settings,
                  "hardware": config.get("hardware", {}).get("name"), "runs": [str(f) for f in folders],
                  "profile": str(profile) if profile else None,
                  "source_digest": _digest(folders), "fit_error": step_errors(cal, steps)}
@@ -330,18 +330,31 @@ def calibrate(runs: list[Path], out: Path, heldout: list[Path], profile: Path | 
     return cal
 
 
-def _tensor_parallel_size(folders: list[Path], profile: Path | None) -> int:
-    """The one tensor_parallel_size the runs (and the profile) were measured at: steps of different sizes
-    are different steps."""
-    sizes = {f: (json.loads((f / "summary.json").read_text()).get("config", {}).get("parallel") or {}).get(
-        "tensor_parallel_size", 1) for f in folders}
+def _settings(folders: list[Path], profile: Path | None) -> dict[str, int | bool]:
+    """The tensor_parallel_size and whether steps that prefill replayed CUDA graphs (cudagraph_mode FULL), one
+    of each for all the runs and the profile: steps measured otherwise are other steps."""
+    seen: dict[str, dict[str, int | bool]] = {"tensor_parallel_size": {}, "mixed_graphs": {}}
+    for f in folders:
+        config = json.loads((f / "summary.json").read_text()).get("config", {})
+        backend = config.get("backend") or {}
+        seen["tensor_parallel_size"][str(f)] = (config.get("parallel") or {}).get("tensor_parallel_size", 1)
+        seen["mixed_graphs"][str(f)] = mixed_graphs(backend)
     if profile is not None:
-        meta = json.loads((profile / "meta.json").read_text())
-        sizes[profile] = meta.get("engine", {}).get("tensor_parallel_size", 1)
-    if len(set(sizes.values())) > 1:
-        raise ValueError("runs and profile of different tensor_parallel_size: " + ", ".join(
-            f"{f} ({n})" for f, n in sizes.items()))
-    return next(iter(sizes.values()), 1)
+        engine = json.loads((profile / "meta.json").read_text()).get("engine", {})
+        seen["tensor_parallel_size"][str(profile)] = engine.get("tensor_parallel_size", 1)
+        seen["mixed_graphs"][str(profile)] = False
+    settings = {}
+    for what, values in seen.items():
+        if len(set(values.values())) > 1:
+            raise ValueError(f"runs and profile of different {what}: " + ", ".join(
+                f"{where} ({value})" for where, value in values.items()))
+        settings[what] = next(iter(values.values()))
+    return settings
+
+
+def mixed_graphs(backend: dict) -> bool:
+    """Whether a backend group's engine replays the steps that prefill in CUDA graphs."""
+    return backend.get("cudagraph_mode") == "FULL" and not backend.get("enforce_eager", False)
 
 
 def _digest(folders: list[Path]) -> str | None:

@@ -114,13 +114,16 @@ class Calibration:
 class CalibratedStepTime:
     """`predict`: a step's device time from a calibration; `host`: its host terms, for the engine loop."""
 
-    def __init__(self, folder: Path, tensor_parallel_size: int = 1) -> None:
+    def __init__(self, folder: Path, tensor_parallel_size: int = 1, mixed_graphs: bool = False) -> None:
+        """`tensor_parallel_size`, `mixed_graphs` (cudagraph_mode FULL): the engine simulated, which the runs
+        the calibration was fitted on must match."""
         self.folder = folder
         self.calibration = Calibration.load(folder / CALIBRATION_FILE)
-        fitted_tp = self.calibration.meta.get("tensor_parallel_size", 1)
-        if fitted_tp != tensor_parallel_size:
-            raise ValueError(f"{folder / CALIBRATION_FILE}: fitted at tensor_parallel_size={fitted_tp}, not "
-                             f"{tensor_parallel_size}")
+        fitted = {"tensor_parallel_size": 1, "mixed_graphs": False} | self.calibration.meta
+        for what, want in (("tensor_parallel_size", tensor_parallel_size), ("mixed_graphs", mixed_graphs)):
+            if fitted[what] != want:
+                raise ValueError(f"{folder / CALIBRATION_FILE}: fitted on runs of {what}={fitted[what]}, "
+                                 f"not {want}")
         self.host = self.calibration.host
         self.meta = self.calibration.meta  # source_digest: the engine code its runs measured
         self.sources = {"all": str(folder / CALIBRATION_FILE)}

@@ -129,17 +129,23 @@ def test_calibrate_names_the_file_of_an_unusable_run(tmp_path, capsys):
         assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_a_calibration_is_of_one_tensor_parallel_size(tmp_path):
+def test_a_calibration_is_of_one_tensor_parallel_size_and_cudagraph_mode(tmp_path):
     from servebench.sim.calibrate import calibrate
     from servebench.sim.calibrated import CalibratedStepTime
 
     Calibration(TRUTH.device, TRUTH.host, {"tensor_parallel_size": 2}).save(tmp_path / CALIBRATION_FILE)
-    with pytest.raises(ValueError, match="fitted at tensor_parallel_size=2, not 1"):
+    with pytest.raises(ValueError, match="fitted on runs of tensor_parallel_size=2, not 1"):
         CalibratedStepTime(tmp_path)
     assert CalibratedStepTime(tmp_path, 2).calibration.device == TRUTH.device
-    for name, tp in (("one", 1), ("two", 2)):
+    with pytest.raises(ValueError, match="fitted on runs of mixed_graphs=False, not True"):
+        CalibratedStepTime(tmp_path, 2, mixed_graphs=True)
+    runs = {"one": ({"tensor_parallel_size": 1}, {}), "two": ({"tensor_parallel_size": 2}, {}),
+            "full": ({}, {"cudagraph_mode": "FULL"})}
+    for name, (parallel, backend) in runs.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "summary.json").write_text(json.dumps(
-            {"backend": "engine", "config": {"parallel": {"tensor_parallel_size": tp}}}))
+            {"backend": "engine", "config": {"parallel": parallel, "backend": backend}}))
     with pytest.raises(ValueError, match="runs and profile of different tensor_parallel_size"):
         calibrate([tmp_path / "one", tmp_path / "two"], tmp_path / "out", [], None)
+    with pytest.raises(ValueError, match="runs and profile of different mixed_graphs"):
+        calibrate([tmp_path / "one", tmp_path / "full"], tmp_path / "out", [], None)

@@ -12,6 +12,7 @@ import pandas as pd
 from servebench.engine.core import CacheConfig, Scheduler, SchedulerConfig, SchedulerOutput, TraceRecorder
 from servebench.engine.core.graphs import graph_batch_sizes
 from servebench.engine.digest import REPO, stale_warning
+from servebench.sim.calibrate import mixed_graphs
 from servebench.sim.cluster import ClusterSimulation, Deployment, deployment_spec, make_router
 from servebench.sim.lora import LoRA, LoRATerm, lora_spec
 from servebench.sim.multimodal import (
@@ -79,8 +80,8 @@ def run(cfg: dict[str, Any]) -> RunResult:
     d = _specs(cfg)
     blocks, cpu_blocks = _num_blocks(d)
     backend = cfg["backend"]
-    base, step_time_name, step_time_reason = _step_time_model(backend.get("step_time", "auto"), d,
-                                                              backend.get("profile_root"))
+    base, step_time_name, step_time_reason = _step_time_model(
+        backend.get("step_time", "auto"), d, backend.get("profile_root"), mixed_graphs(backend))
     if d.sched.preemption_mode == "cost" or d.sched.shed_ttft_ms:
         _fill_step_costs(d.sched, base, d.block_bytes / (d.hw.pcie_gbs * 1e9))
     workload = _workload(cfg["workload"], d)
@@ -247,13 +248,14 @@ def _graph_sizes(backend: dict[str, Any], sched_cfg: SchedulerConfig) -> list[in
     return None if backend.get("enforce_eager", False) else graph_batch_sizes(sched_cfg.max_num_seqs)
 
 
-def _step_time_model(kind: str, d: _Specs, engine_profiles: str | None
+def _step_time_model(kind: str, d: _Specs, engine_profiles: str | None, graphs: bool
                      ) -> tuple[StepTimeModel, str, str]:
-    """The model, its name and why it was chosen. auto: the calibration of this model and card, else its
-    engine profiles, else Vidur's, else the roofline."""
+    """The model, its name and why it was chosen. auto: the calibration of this model and card (fitted with
+    the engine's cudagraph_mode: `graphs`, FULL), else its engine profiles, else Vidur's, else the
+    roofline."""
     def build(name: str) -> StepTimeModel:
         return make_step_time_model(name, d.model, d.hw, d.par, d.cache.block_size,
-                                    engine_profile_root=engine_profiles)
+                                    engine_profile_root=engine_profiles, mixed_graphs=graphs)
 
     if kind != "auto":
         return build(kind), kind, f"backend.step_time={kind}"
