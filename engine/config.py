@@ -22,6 +22,7 @@ ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "
 QUANTIZATION_METHODS = ("fp8", "awq", "gptq")
 KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
 CUDAGRAPH_MODES = ("NONE", "FULL_DECODE_ONLY", "FULL")  # vLLM's names of what CUDA graphs hold
+DEFAULT_CUDAGRAPH_MODE = "FULL_DECODE_ONLY"
 LORA_RANKS = (8, 16, 32, 64)  # max_lora_rank's choices (vLLM's, up to 64)
 FP8_KV_CAPABILITY = (8, 9)  # Triton converts to and from e4m3 on Ada and Hopper GPUs, not before
 # Where older AutoGPTQ and AutoAWQ checkpoints keep their quantization config (config.json has none).
@@ -182,7 +183,7 @@ class EngineArgs:
         unknown = sorted(set(given) - {"cudagraph_mode"})
         if unknown:
             raise ValueError(f"compilation_config: {', '.join(unknown)} not supported; only cudagraph_mode")
-        mode = given.get("cudagraph_mode", "FULL_DECODE_ONLY")
+        mode = given.get("cudagraph_mode", DEFAULT_CUDAGRAPH_MODE)
         if mode not in CUDAGRAPH_MODES:
             raise ValueError(f"compilation_config.cudagraph_mode={mode!r}: choose "
                              f"{', '.join(CUDAGRAPH_MODES)}")
@@ -192,7 +193,7 @@ class EngineArgs:
         """NONE with enforce_eager, else compilation_config's (default FULL_DECODE_ONLY)."""
         if self.enforce_eager:
             return "NONE"
-        return (self.compilation_config or {}).get("cudagraph_mode", "FULL_DECODE_ONLY")
+        return (self.compilation_config or {}).get("cudagraph_mode", DEFAULT_CUDAGRAPH_MODE)
 
     def _check_tensor_parallel(self) -> None:
         n = self.tensor_parallel_size

@@ -250,11 +250,11 @@ class LLMEngine:
     def _on_ranks(self, run: Callable[[SchedulerOutput], SampledTokens], out: SchedulerOutput
                   ) -> SampledTokens:
         """run(out) (the runner's execute or launch); under tensor parallelism, a failure stops every rank."""
-        if self.workers is None or not self.workers.running:  # stopped earlier: Workers.send says so
-            return run(out)
         try:
             return run(out)
         except BaseException as e:
+            if self.workers is None or not self.workers.running:  # stopped earlier: Workers.send says so
+                raise
             # Another rank may be inside a collective this one left: no later step could pair with it.
             failure = self.workers.failure()
             self.shutdown()

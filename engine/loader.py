@@ -12,16 +12,11 @@ import torch
 from safetensors import safe_open
 from servebench.engine.config import ModelConfig
 from servebench.engine.models import LlamaForCausalLM
-from servebench.engine.parallel import TensorParallel
+from servebench.engine.parallel import COLUMN_PARALLEL, ROW_PARALLEL, VOCAB_PARALLEL, TensorParallel
 from servebench.engine.quantization import get_quant_config, process_weights_after_loading
 
 # HF tensors with no parameter here: rotary tables that some checkpoints still carry.
 SKIPPED = re.compile(r"rotary_emb\.inv_freq$")
-# Under tensor parallelism (engine.parallel) the ranks split these modules' outputs, or inputs, or rows of the
-# vocabulary; the others (norms) every rank holds whole.
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-ROW_PARALLEL = ("o_proj", "down_proj")
-VOCAB_PARALLEL = ("embed_tokens", "lm_head")
 
 
 @contextlib.contextmanager

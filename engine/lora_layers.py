@@ -14,15 +14,11 @@ import numpy as np
 import torch
 from servebench.engine.lora import LoRAWeights
 from servebench.engine.models import LlamaForCausalLM
-from servebench.engine.parallel import TensorParallel
+from servebench.engine.parallel import ROW_PARALLEL, TensorParallel
 from servebench.kernels import ops
 from torch import nn
 
 ADAPTED = (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"), ("mlp", "down_proj"))
-# Tensor parallelism (engine.parallel): these take a slice of the inputs (a rank holds A's matching columns
-# and all of B: its update is a partial sum, added up by the layer's all-reduce); the others a slice of the
-# outputs (all of A, B's matching rows).
-ROW_PARALLEL = ("o_proj", "down_proj")
 MIN_RANK = 16
 
 # (A [slices x rank, in], B [out, rank]) of one adapter for one LoRALinear, in the table's layout
@@ -86,7 +82,9 @@ class LoRALinear(nn.Module):
 
     def _shard(self, lora_a: torch.Tensor, lora_b: torch.Tensor, size: int
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's part of a module's A [rank, in] and B [out, rank] (ROW_PARALLEL says which)."""
+        """This rank's part of a module's A [rank, in] and B [out, rank]: of a row-parallel layer, A's columns
+        of its inputs and all of B (its update is a partial sum, which the layer's all-reduce adds up); of a
+        column-parallel one, all of A and B's rows of its outputs."""
         if self.tp is None:
             return lora_a, lora_b
         if self.row_parallel:

@@ -19,6 +19,11 @@ from servebench.engine.config import ModelConfig
 
 # A collective waits this long for the other ranks: a rank that died fails the step instead of hanging it.
 COLLECTIVE_TIMEOUT = timedelta(minutes=5)
+# Which layers (HF module names, also ours) split their outputs, their inputs or the vocabulary's rows; the
+# others (norms) every rank holds whole.
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+ROW_PARALLEL = ("o_proj", "down_proj")
+VOCAB_PARALLEL = ("embed_tokens", "lm_head")
 # What each rank splits, under config.json's names (the shard's config divides each by the size).
 SPLIT = {"num_attention_heads": "num_heads", "num_key_value_heads": "num_kv_heads",
          "intermediate_size": "intermediate_size"}

@@ -250,10 +250,10 @@ def _dummy_config(cfg: dict[str, Any]) -> dict[str, Any]:
 def _engine_args(cfg: dict[str, Any], model_dir: str, sched: Any, lora: LoRA, engine_args: type) -> Any:
     """EngineArgs of the backend group, the quantization method, KV-cache dtype and LoRA (max_lora_rank: the
     smallest that holds lora.rank); the scheduler and cache knobs reach the engine in their configs."""
-    from servebench.engine.config import CUDAGRAPH_MODES, LORA_RANKS
+    from servebench.engine.config import CUDAGRAPH_MODES, DEFAULT_CUDAGRAPH_MODE, LORA_RANKS
 
     b, method = cfg["backend"], (cfg.get("quantization") or {}).get("method", "none")
-    graphs = b.get("cudagraph_mode", "FULL_DECODE_ONLY")
+    graphs = b.get("cudagraph_mode", DEFAULT_CUDAGRAPH_MODE)
     if graphs not in CUDAGRAPH_MODES:
         raise ValueError(f"backend.cudagraph_mode={graphs!r}: choose {', '.join(CUDAGRAPH_MODES)}")
     lora_args = {}
