@@ -21,6 +21,7 @@ import argparse
 import copy
 import json
 import math
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import yaml
+from servebench.engine.config import CUDAGRAPH_MODES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -148,11 +150,14 @@ def compose(groups: dict[str, str], overrides: dict[str, Any]) -> dict[str, Any]
     return cfg
 
 
-def case_config(case: Case, model: str, hardware: str, device: str, tiny: bool) -> dict[str, Any]:
+def case_config(case: Case, model: str, hardware: str, device: str, tiny: bool,
+                cudagraph_mode: str | None = None) -> dict[str, Any]:
     groups = {"backend": "engine", "model": "tiny_llama" if tiny else model, "hardware": hardware,
               "workload": case.workload}
     over = {**(SHAREGPT if case.workload == "sharegpt" else {}), **case.overrides, "backend.device": device,
             "report": False, "progress": False}
+    if cudagraph_mode:
+        over["backend.cudagraph_mode"] = cudagraph_mode
     if tiny:
         over |= {k: v for k, v in TINY.items() if k != "model"}
         over |= TINY_KV if "cache.num_gpu_blocks_override" in case.overrides else {}
@@ -175,7 +180,7 @@ def engine_runs(cases: list[Case]) -> list[tuple[Case, str]]:
 
 
 def run_gpu(runs: Path, model: str, hardware: str, device: str, tiny: bool, budget_s: float,
-            only: list[str] | None, roles: list[str]) -> None:
+            only: list[str] | None, roles: list[str], cudagraph_mode: str | None = None) -> None:
     from servebench.workbench.engine_backend import build_engine
     from servebench.workbench.experiment import run_experiment
 
@@ -187,17 +192,22 @@ def run_gpu(runs: Path, model: str, hardware: str, device: str, tiny: bool, budg
         if time.perf_counter() - t0 > budget_s:
             _log(f"{case.name}/{folder}: skipped, budget of {budget_s:.0f} s spent")
             continue
-        cfg = case_config(case, model, hardware, device, tiny)
+        cfg = case_config(case, model, hardware, device, tiny, cudagraph_mode)
         try:
             if engine_key(cfg) != key:
                 engine = key = None
                 _free_gpu()
                 engine, key = build_engine(cfg), engine_key(cfg)
                 _log(f"engine ready ({case.name}'s knobs), {time.perf_counter() - t0:.0f} s")
+            cpu0 = time.process_time()
             s = run_experiment(cfg, runs / case.name / folder, engine=engine)
+            # Host-bound steps slow down when the host is busy: how many cores this process kept busy
+            # (a lingering thread shows here) and how many threads it has, beside each run's figures.
+            cores = (time.process_time() - cpu0) / max(s["duration_s"], 1e-9)
             _log(f"{case.name}/{folder}: {s['num_finished']} requests, {s['duration_s']:.1f} s, "
                  f"p50 TTFT {s['median_ttft_ms']:.1f} ms, p50 TPOT {s['median_tpot_ms']:.2f} ms, "
-                 f"{s['num_preemptions']} preemptions; total {time.perf_counter() - t0:.0f} s")
+                 f"{s['num_preemptions']} preemptions; {cores:.2f} cores busy, "
+                 f"{threading.active_count()} threads; total {time.perf_counter() - t0:.0f} s")
         except Exception:  # one failed case must not cost the others
             _log(f"{case.name}/{folder}: FAILED\n{traceback.format_exc()}")
             engine = key = None
@@ -530,6 +540,8 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--budget-s", type=float, default=480, help="skip the runs left after this many seconds")
     g.add_argument("--roles", nargs="*", choices=ROLES, default=list(ROLES), help="which cases to run")
     g.add_argument("--only", nargs="*", help="case names")
+    g.add_argument("--cudagraph-mode", choices=CUDAGRAPH_MODES, help="backend.cudagraph_mode of every case "
+                   "(default: conf/backend/engine.yaml's)")
     c = sub.add_parser("compare", help="simulate the same workloads and write the report (CPU)")
     c.add_argument("--runs", type=Path, default=RUNS)
     c.add_argument("--out", type=Path, default=REPO / "reports")
@@ -537,7 +549,7 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--step-time", default="auto", help="backend.step_time of the simulator runs")
     a = p.parse_args(argv)
     if a.cmd == "gpu":
-        run_gpu(a.runs, a.model, a.hardware, a.device, a.tiny, a.budget_s, a.only, a.roles)
+        run_gpu(a.runs, a.model, a.hardware, a.device, a.tiny, a.budget_s, a.only, a.roles, a.cudagraph_mode)
     else:
         compare(a.runs, a.out, a.profile_root, a.step_time)
 
