@@ -9,6 +9,7 @@
 # still brings back what it finished) with its log; unpack in the repo root: tar xzf <part>_<hw>.tar.gz.
 #   HW (default h200): the conf/hardware name the data is filed under; MODELS (default "llama2_7b qwen3_0_6b
 #   llama3_8b"): the conf/model shapes to profile; MODEL (default llama2_7b): the one the runs serve;
+#   ROLES (default "calibration heldout sweep"): which of fidelity.py's cases `runs` runs, in that order;
 #   CUDAGRAPH_MODE (default: conf/backend/engine.yaml's): the engine's cudagraph_mode in every run;
 #   PYTHON (default python3).
 #   --tiny: the same on the CPU with the tiny model (a smoke test of this script: ~2 minutes).
@@ -47,10 +48,10 @@ profiles() {
 
 runs() {
   local budget=${RUNS_BUDGET_S:-550} runs=reports/fidelity_$HW extra=()
-  declare -A cap=([calibration]=150 [heldout]=260 [sweep]=200)
+  declare -A cap=([calibration]=200 [heldout]=330 [sweep]=250)
   [[ $tiny == --tiny ]] && extra=(--tiny --device cpu)
   [[ -n ${CUDAGRAPH_MODE:-} ]] && extra+=(--cudagraph-mode "$CUDAGRAPH_MODE")
-  for role in calibration heldout sweep; do
+  for role in ${ROLES:-calibration heldout sweep}; do
     local t; t=$(limit "${cap[$role]}" "$budget")
     if ((t < 30)); then log "$role: skipped, ${t}s left"; continue; fi
     log "$role: engine runs (limit ${t}s)"

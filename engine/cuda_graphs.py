@@ -74,8 +74,8 @@ class CudaGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.mixed_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._turn = 0  # which pinned host twin of the graph inputs the next replay fills
-        seqs = max(self.sizes[-1], *self.mixed_seqs.values())
-        tokens = max(self.sizes[-1], *self.mixed_sizes)
+        seqs = max([self.sizes[-1], *self.mixed_seqs.values()])
+        tokens = max([self.sizes[-1], *self.mixed_sizes])
         blocks, loras = -(-max_model_len // block_size), lora.max_loras if lora else 0
         nbytes = GraphInputs.nbytes(tokens, seqs, blocks, loras)
         # Two pinned host twins, used in turn: with async scheduling the host fills one for the next step
