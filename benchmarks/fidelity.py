@@ -240,6 +240,7 @@ def sim_config(engine_summary: dict[str, Any], profile_root: Path | None, step_t
     eager = engine.get("enforce_eager", False) or engine_summary.get("device") == "cpu"
     cfg["backend"] = {"name": "sim", "step_time": step_time, "enforce_eager": eager,
                       "async_scheduling": engine.get("async_scheduling", False),
+                      "cudagraph_mode": engine.get("cudagraph_mode", "FULL_DECODE_ONLY"),  # older: theirs
                       "profile_root": str(profile_root) if profile_root else None}
     cfg["cache"]["num_gpu_blocks_override"] = engine_summary["num_gpu_blocks"]
     cfg |= {"report": False, "progress": False}

@@ -22,7 +22,7 @@ ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "
 QUANTIZATION_METHODS = ("fp8", "awq", "gptq")
 KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
 CUDAGRAPH_MODES = ("NONE", "FULL_DECODE_ONLY", "FULL")  # vLLM's names of what CUDA graphs hold
-DEFAULT_CUDAGRAPH_MODE = "FULL_DECODE_ONLY"
+DEFAULT_CUDAGRAPH_MODE = "FULL"
 LORA_RANKS = (8, 16, 32, 64)  # max_lora_rank's choices (vLLM's, up to 64)
 FP8_KV_CAPABILITY = (8, 9)  # Triton converts to and from e4m3 on Ada and Hopper GPUs, not before
 # Where older AutoGPTQ and AutoAWQ checkpoints keep their quantization config (config.json has none).
@@ -136,8 +136,8 @@ class EngineArgs:
     block_size: int = 16
     seed: int = 0
     enforce_eager: bool = False  # no CUDA graphs at all (cudagraph_mode NONE)
-    # vLLM's compilation_config, of which only {"cudagraph_mode": ...} is read: FULL_DECODE_ONLY (the
-    # default: decode steps replay CUDA graphs) or FULL (steps that prefill too, up to 2048 tokens).
+    # vLLM's compilation_config, of which only {"cudagraph_mode": ...} is read: FULL (the default: every
+    # step up to 2048 tokens replays a CUDA graph) or FULL_DECODE_ONLY (decode steps only; the rest eager).
     compilation_config: dict | None = None
     load_format: str = "auto"
     # The KV cache's size in place of memory profiling: an engine-only knob, so not in engine/core's

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from servebench.engine.core.graphs import graph_batch_sizes, mixed_graph_tokens, padded_graph_batch
+from servebench.engine.core.graphs import GraphSizes
 from servebench.engine.input_batch import HostBatch
 from servebench.engine.lora_layers import LoRATables, group_rows
 from servebench.engine.models import AttentionMetadata, LlamaForCausalLM
@@ -67,15 +67,15 @@ class CudaGraphs:
                  block_size: int, pad_block: int, lora: LoRATables | None = None,
                  max_num_batched_tokens: int = 0, mixed: bool = False) -> None:
         self.block_size, self.pad_block, self.lora = block_size, pad_block, lora
-        self.sizes = graph_batch_sizes(max_num_seqs)  # ascending: the keys of `graphs`
-        self.mixed_sizes = mixed_graph_tokens(max_num_batched_tokens) if mixed else []  # of `mixed_graphs`
+        # ascending: the keys of `graphs` (batches) and of `mixed_graphs` (tokens)
+        self.sizes = GraphSizes.of(max_num_seqs, max_num_batched_tokens, mixed)
         # A mixed graph of t tokens holds up to this many sequences (at least one token each).
-        self.mixed_seqs = {t: min(t, max_num_seqs) for t in self.mixed_sizes}
+        self.mixed_seqs = {t: min(t, max_num_seqs) for t in self.sizes.tokens}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.mixed_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._turn = 0  # which pinned host twin of the graph inputs the next replay fills
-        seqs = max([self.sizes[-1], *self.mixed_seqs.values()])
-        tokens = max([self.sizes[-1], *self.mixed_sizes])
+        seqs = max([self.sizes.batches[-1], *self.mixed_seqs.values()])
+        tokens = max([self.sizes.batches[-1], *self.sizes.tokens])
         blocks, loras = -(-max_model_len // block_size), lora.max_loras if lora else 0
         nbytes = GraphInputs.nbytes(tokens, seqs, blocks, loras)
         # Two pinned host twins, used in turn: with async scheduling the host fills one for the next step
@@ -96,8 +96,8 @@ class CudaGraphs:
         g, lora, logits = self.inputs, self.lora, self.logits
         # (graphs, key, tokens, sequences, max_query_len), largest first: the smaller graphs fit in the memory
         # pool the largest leaves; a mixed graph always launches the attention's prefill programs.
-        plans = [(self.graphs, s, s, s, 1) for s in self.sizes]
-        plans += [(self.mixed_graphs, t, t, self.mixed_seqs[t], t) for t in self.mixed_sizes]
+        plans = [(self.graphs, s, s, s, 1) for s in self.sizes.batches]
+        plans += [(self.mixed_graphs, t, t, self.mixed_seqs[t], t) for t in self.sizes.tokens]
         pool = None
         with torch.inference_mode():
             for graphs, key, tokens, seqs, max_query_len in sorted(plans, key=lambda p: -p[2]):
@@ -113,20 +113,13 @@ class CudaGraphs:
             lora.indices = lora.idle
         torch.cuda.synchronize()
 
-    def padded_batch(self, batch: HostBatch) -> int:
-        """The captured batch a decode-only step replays in; 0: none (prompt logprobs run eagerly too)."""
-        if batch.max_query_len != 1 or batch.prompt_rows:
-            return 0
-        return padded_graph_batch(self.sizes, len(batch.seq_lens))
-
-    def mixed_tokens(self, batch: HostBatch) -> int:
-        """The captured token count a step that no decode graph holds replays in; 0: none (eager)."""
-        if batch.prompt_rows:
-            return 0
-        return padded_graph_batch(self.mixed_sizes, len(batch.input_ids))
+    def padded(self, batch: HostBatch) -> tuple[int, int]:
+        """(graph_batch, graph_tokens): the decode or mixed graph the step replays in (GraphSizes.padded);
+        0 and 0: eager, as a step with prompt logprobs always is."""
+        return (0, 0) if batch.prompt_rows else self.sizes.padded(len(batch.seq_lens), len(batch.input_ids))
 
     def replay(self, batch: HostBatch, size: int, pending_tokens: PendingTokens) -> torch.Tensor:
-        """Logits (float32) of the batch's rows, from the decode graph of `size` rows (`padded_batch`)."""
+        """Logits (float32) of the batch's rows, from the decode graph of `size` rows (`padded`)."""
         h = self._next_host()
         fill_inputs(h, batch)
         pad_decode(h, len(batch.seq_lens), size, self.pad_block, self.block_size)
@@ -134,7 +127,7 @@ class CudaGraphs:
 
     def replay_mixed(self, batch: HostBatch, tokens: int, pending_tokens: PendingTokens) -> torch.Tensor:
         """Logits (float32) of the rows that sample (batch.sample_rows, in order), from the mixed graph of
-        `tokens` tokens (`mixed_tokens`)."""
+        `tokens` tokens (`padded`)."""
         h, seqs = self._next_host(), self.mixed_seqs[tokens]
         fill_inputs(h, batch)
         pad_mixed(h, batch, tokens, seqs)

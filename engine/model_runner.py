@@ -30,6 +30,7 @@ class ShardStep:
     swap_in: list[tuple[int, int]]
     batch: HostBatch | None  # None: a step that only swaps
     graph_batch: int
+    graph_tokens: int
     lora: LoRALoads | None = None  # adapters to load first
 
 
@@ -104,17 +105,18 @@ class ModelRunner:
             out.lora_load_s = self.lora.load(loads)
         sampled, rows, prompt, failures, began = None, [], [], {}, None
         batch = prepare(out, self.block_size, self.pending_tokens) if out.requests else None
-        if batch is not None:
-            out.graph_batch = 0 if self.cuda_graphs is None else self.cuda_graphs.padded_batch(batch)
+        if batch is not None and self.cuda_graphs is not None:
+            out.graph_batch, out.graph_tokens = self.cuda_graphs.padded(batch)
         if self.send_step is not None:
-            self.send_step(ShardStep(out.swap_out, out.swap_in, batch, out.graph_batch, loads))
+            self.send_step(ShardStep(out.swap_out, out.swap_in, batch, out.graph_batch, out.graph_tokens,
+                                     loads))
         if self.device.type == "cuda":  # the step's device time: its swap copies, forward and sampling
             began = torch.cuda.Event(enable_timing=True)
             began.record()
         self.kv_cache.swap(out.swap_out, out.swap_in)
         if batch is not None:
             rows = batch.sample_rows
-            logits = self._forward(batch, out.graph_batch)
+            logits = self._forward(batch, out.graph_batch, out.graph_tokens)
             if rows:
                 sampled = self.sampler(logits[:len(rows)], [out.requests[i] for i in rows])
                 self.pending_tokens.remember(out.requests, rows, sampled.tokens)
@@ -134,7 +136,7 @@ class ModelRunner:
         batch = step.batch
         if batch is None:
             return
-        self._forward(batch, step.graph_batch)
+        self._forward(batch, step.graph_batch, step.graph_tokens)
         if self.tp_pending is not None and batch.sample_rows:
             tokens = torch.empty(len(batch.sample_rows), dtype=torch.long, device=self.device)
             self.pending_tokens.remember([], [], self.tp_pending.broadcast(tokens))
@@ -155,16 +157,15 @@ class ModelRunner:
             at += m
         return scored
 
-    def _forward(self, batch: HostBatch, graph_batch: int) -> torch.Tensor:
+    def _forward(self, batch: HostBatch, graph_batch: int, graph_tokens: int) -> torch.Tensor:
         """Logits (float32) of the rows that sample, then of `batch.prompt_rows` (eager only): from the decode
-        graph of `graph_batch` rows, else a mixed graph that holds the step (cudagraph_mode FULL), else
+        graph of `graph_batch` rows, else the mixed graph of `graph_tokens` tokens (cudagraph_mode FULL), else
         eagerly."""
-        graphs = self.cuda_graphs
         if graph_batch:
-            logits = graphs.replay(batch, graph_batch, self.pending_tokens)
+            logits = self.cuda_graphs.replay(batch, graph_batch, self.pending_tokens)
             return logits if len(batch.sample_rows) == len(batch.seq_lens) else logits[batch.logits_index]
-        if graphs is not None and (tokens := graphs.mixed_tokens(batch)):
-            return graphs.replay_mixed(batch, tokens, self.pending_tokens)
+        if graph_tokens:
+            return self.cuda_graphs.replay_mixed(batch, graph_tokens, self.pending_tokens)
         return self._run_eager(batch)
 
     def _run_eager(self, batch: HostBatch) -> torch.Tensor:

@@ -11,7 +11,9 @@ blocks from a `KVCacheManager` over the engine's cache. Dummy weights (`load_for
 - `decode`: batch b, every request at context c (CUDA graphs), as far as the KV cache holds b x c tokens;
 - `decode_skew`: batch b, one request at a long context, the rest short (served batches are not uniform:
   while the attention programs fit on the GPU at once, the longest context sets the time);
-- `mixed`: a decode batch and one prefill chunk in the same (eager) step;
+- `mixed`: a decode batch and one prefill chunk in the same step;
+  (with cudagraph_mode FULL, the default, a step that prefills up to 2048 tokens replays the mixed graph of
+  its padded token count, recorded as `graph_tokens`, as in serving);
 - `cpu`: the host's per-step overhead in the engine loop (schedule, update, detokenize), by batch size, with
   the execute time of those loop steps and their mean context (the loop's forward against the isolated one);
 - `swap_out` / `swap_in`: copying KV blocks between the GPU and the pinned swap space.
@@ -187,7 +189,8 @@ class Profiler:
         out = self.batch(chunks, decodes, sample)
         times = self._time(lambda: self.runner.execute(out))
         self._free(out)
-        self._add(kind, times, tokens=out.total_num_scheduled_tokens, num_chunks=len(chunks),
+        self._add(kind, times, tokens=out.total_num_scheduled_tokens, graph_tokens=out.graph_tokens,
+                  num_chunks=len(chunks),
                   chunk=chunks[0][0] if chunks else 0, chunk_context=chunks[0][1] if chunks else 0,
                   batch=len(decodes), context=round(statistics.mean(decodes)) if decodes else 0,
                   max_context=max(decodes, default=0))
@@ -337,7 +340,7 @@ def profile(model: str, out: Path, grid: Grid, device: str = "auto", dtype: str 
                    "max_num_seqs": max_num_seqs, "block_size": runner.block_size,
                    "tensor_parallel_size": tensor_parallel_size,
                    "num_gpu_blocks": runner.kv_cache.num_gpu_blocks,
-                   "cuda_graphs": runner.cuda_graphs is not None,
+                   "cuda_graphs": runner.cuda_graphs is not None, "cudagraph_mode": args.cudagraph_mode,
                    "max_num_batched_tokens": args.max_num_batched_tokens},
         "grid": dataclasses.asdict(grid), "wall_s": round(time.perf_counter() - t0, 1),
         # the code measured: the simulator warns, and tests/test_profile_digest.py fails, once it changes

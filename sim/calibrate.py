@@ -70,11 +70,13 @@ def run_steps(folder: Path) -> pd.DataFrame:
 
 
 def with_shape_columns(steps: pd.DataFrame) -> pd.DataFrame:
-    """`steps` (engine runs' or profile points' rows) with the columns the fit reads: seqs, tokens, swapped
-    blocks and kind (decode, prefill or mixed)."""
+    """`steps` (engine runs' or profile points' rows) with the columns the fit reads: seqs, tokens, the tokens
+    the matmuls run on (a mixed CUDA graph's padded count), swapped blocks and kind (decode, prefill or
+    mixed)."""
     steps = steps.copy()
     steps["seqs"] = steps["num_prefill_chunks"] + steps["num_decode_tokens"]
     steps["tokens"] = steps["num_prefill_tokens"] + steps["num_decode_tokens"]
+    steps["linear_tokens"] = steps["graph_tokens"].where(steps["graph_tokens"] > 0, steps["tokens"])
     steps["swapped"] = steps["swap_in_blocks"] + steps["swap_out_blocks"]
     p, d = steps["num_prefill_tokens"], steps["num_decode_tokens"]
     steps["kind"] = np.where(p == 0, "decode", np.where(d == 0, "prefill", "mixed"))
@@ -109,6 +111,7 @@ def _profile_row(r: object, graph_sizes: list[int]) -> dict:
             "prefill_context_sum": sum(c for _, c in chunks),
             "decode_context_sum": b * int(r.context), "decode_context_max": int(r.max_context),
             "graph_batch": padded_graph_batch(graph_sizes, b) if decode_only else 0,
+            "graph_tokens": int(getattr(r, "graph_tokens", 0)),
             "swap_in_blocks": 0, "swap_out_blocks": 0, "device_s": r.median_s, "duration_s": r.median_s,
             "host_gap_s": math.nan}
 
@@ -179,7 +182,7 @@ EAGER_TERMS = ("prefill_attention", "prefill_context_sum", "num_prefill_chunks",
 
 def fit_eager(rows: pd.DataFrame) -> tuple[list[int], list[float], list[float]]:
     """linear(T) at its knots (non-decreasing), and the coefficients of EAGER_TERMS, on eager steps."""
-    tokens = rows["tokens"].to_numpy(float)
+    tokens = rows["linear_tokens"].to_numpy(float)
     knots = _knots(tokens)
     terms = rows[list(EAGER_TERMS)].to_numpy(float)
     x = np.column_stack([_rising(tokens, knots), terms])
@@ -276,7 +279,8 @@ def fit(steps: pd.DataFrame, profile: pd.DataFrame | None, swap_s: float) -> Cal
 
 def predicted_device(cal: Calibration, steps: pd.DataFrame) -> np.ndarray:
     def one(r: object) -> float:
-        return cal.device_time(int(r.graph_batch), int(r.tokens), int(r.seqs), int(r.num_prefill_chunks),
+        return cal.device_time(int(r.graph_batch),
+                               int(r.linear_tokens), int(r.seqs), int(r.num_prefill_chunks),
                                r.prefill_attention, int(r.prefill_context_sum), int(r.decode_context_sum),
                                int(r.decode_context_max), int(r.swapped))
 
@@ -335,14 +339,15 @@ def _settings(folders: list[Path], profile: Path | None) -> dict[str, int | bool
     of each for all the runs and the profile: steps measured otherwise are other steps."""
     seen: dict[str, dict[str, int | bool]] = {"tensor_parallel_size": {}, "mixed_graphs": {}}
     for f in folders:
-        config = json.loads((f / "summary.json").read_text()).get("config", {})
+        summary = json.loads((f / "summary.json").read_text())
+        config = summary.get("config", {})
         backend = config.get("backend") or {}
         seen["tensor_parallel_size"][str(f)] = (config.get("parallel") or {}).get("tensor_parallel_size", 1)
-        seen["mixed_graphs"][str(f)] = mixed_graphs(backend)
+        seen["mixed_graphs"][str(f)] = mixed_graphs(backend) and summary.get("device") != "cpu"
     if profile is not None:
         engine = json.loads((profile / "meta.json").read_text()).get("engine", {})
         seen["tensor_parallel_size"][str(profile)] = engine.get("tensor_parallel_size", 1)
-        seen["mixed_graphs"][str(profile)] = False
+        seen["mixed_graphs"][str(profile)] = mixed_graphs(engine) and engine.get("cuda_graphs", True)
     settings = {}
     for what, values in seen.items():
         if len(set(values.values())) > 1:

@@ -4,11 +4,13 @@ A step's device time (first kernel to sampled tokens, as the engine's CUDA event
 
     decode-only step replayed in the CUDA graph of batch g:
         graph_s[g] + graph_kv_s * C + graph_tail_s * C_max
-    any other step (eager: prefill chunks, mixed, or a decode batch larger than every graph):
+    any other step (prefill chunks, mixed, or a decode batch larger than every decode graph):
         linear(T) + attention_s * A + prefill_kv_s * P + chunk_s * N + eager_kv_s * C + seq_s * S
     + swap_s * (blocks swapped in and out)
 
-T: tokens scheduled, S: sequences, A: prefill attention work (engine.core.recorder.prefill_attention),
+T: tokens scheduled (with cudagraph_mode FULL, the padded token count of the mixed graph the step replays
+in: its matmuls run on every row), S: sequences, A: prefill attention work
+(engine.core.recorder.prefill_attention),
 P: cached tokens the prefill chunks read, N: prefill chunks, C: decode context tokens, C_max: the longest.
 graph_s[g]: one cost per captured graph (weights read once, g padded rows), linear between the graph sizes
 fitted; linear(T): the token-linear part (matmuls, norms, LM head), piecewise linear between `knots`;
@@ -87,6 +89,7 @@ class Calibration:
 
     def device_time(self, graph_batch: int, tokens: int, seqs: int, chunks: int, attention: float,
                     cached: int, context: int, longest: int, swapped: int) -> float:
+        """`tokens`: what the matmuls run on (a mixed graph's padded count, else the tokens scheduled)."""
         d = self.device
         if graph_batch:
             t = interpolate(d.graph_batches, d.graph_s, graph_batch) + d.graph_kv_s * context + (
@@ -131,6 +134,6 @@ class CalibratedStepTime:
     def predict(self, out: SchedulerOutput) -> float:
         chunks = out.prefill_chunks
         return self.calibration.device_time(
-            out.graph_batch, out.total_num_scheduled_tokens, len(out.requests), len(chunks),
-            prefill_attention(chunks), sum(c for _, c in chunks), out.decode_context_tokens,
+            out.graph_batch, out.graph_tokens or out.total_num_scheduled_tokens, len(out.requests),
+            len(chunks), prefill_attention(chunks), sum(c for _, c in chunks), out.decode_context_tokens,
             out.decode_context_max, len(out.swap_in) + len(out.swap_out))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import simpy
+from servebench.engine.core.graphs import GraphSizes
 from servebench.engine.core.request import Request
 from servebench.engine.core.scheduler import Scheduler
 from servebench.sim.simulator import Engine, Simulation, StepTimeModel
@@ -119,7 +120,7 @@ class ClusterSimulation(Simulation):
         requests: Iterable[Request],
         router: RoundRobin | LeastOutstanding | PrefixAware,
         on_finished: Callable[[int], None] | None = None,
-        graph_sizes: list[int] | None = None,
+        graph_sizes: GraphSizes | None = None,
         async_scheduling: bool = False,
     ) -> None:
         super().__init__(replicas[0][0], step_times[0], requests, on_finished, graph_sizes, async_scheduling)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import simpy
-from servebench.engine.core.graphs import padded_graph_batch
+from servebench.engine.core.graphs import GraphSizes
 from servebench.engine.core.request import Request
 from servebench.engine.core.scheduler import Scheduler
 from servebench.engine.core.scheduler_output import SchedulerOutput
@@ -62,8 +62,8 @@ class Simulation:
     nothing runnable the engine loop sleeps until the next arrival. Output
     tokens are placeholders; lengths come from each request's max_tokens.
     Subclasses (sim.cluster) run several engines and override `route`.
-    `graph_sizes`: the CUDA-graph batches the engine captures (engine.core.graphs); a decode-only step records
-    the one it pads to, as the engine's runner does. None: eager. A step-time model with a `host`
+    `graph_sizes`: the CUDA graphs the engine captures (engine.core.graphs); a step records the one it pads
+    to, as the engine's runner does. None: eager. A step-time model with a `host`
     (sim.calibrated) prices the loop's host work apart from the device's, and `async_scheduling` overlaps the
     two as the engine's async loop does; without one, async and sync scheduling give the same timeline.
     """
@@ -74,13 +74,13 @@ class Simulation:
         step_time: StepTimeModel,
         requests: Iterable[Request],
         on_finished: Callable[[int], None] | None = None,
-        graph_sizes: list[int] | None = None,
+        graph_sizes: GraphSizes | None = None,
         async_scheduling: bool = False,
     ) -> None:
         self.env = simpy.Environment()
         self.engines = [Engine(scheduler, step_time)]
         self.on_finished = on_finished
-        self.graph_sizes = graph_sizes or []
+        self.graph_sizes = graph_sizes
         self.async_scheduling = async_scheduling
         self._requests: Iterator[Request] = iter(requests)
         self._arrivals_done = False
@@ -196,10 +196,10 @@ class Simulation:
             engine.wake = None
 
     def _price(self, engine: Engine, out: SchedulerOutput) -> float:
-        """The step's device time; a decode-only step first pads to its CUDA graph, as the engine does."""
-        sizes = self.graph_sizes
-        if sizes and out.total_num_scheduled_tokens == len(out.requests):  # one token each
-            out.graph_batch = padded_graph_batch(sizes, len(out.requests))
+        """The step's device time; the step first pads to its CUDA graph, as the engine does."""
+        if self.graph_sizes is not None:
+            out.graph_batch, out.graph_tokens = self.graph_sizes.padded(len(out.requests),
+                                                                        out.total_num_scheduled_tokens)
         out.device_s = engine.step_time.predict(out)
         return out.device_s
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from servebench.engine.core.graphs import graph_batch_sizes, padded_graph_batch
+from servebench.engine.core.graphs import GraphSizes
 from servebench.sim.calibrate import FIRST_STEPS, fit, predicted_device, step_errors, with_shape_columns
 from servebench.sim.calibrated import CALIBRATION_FILE, Calibration, DeviceTerms, HostTerms, interpolate
 from servebench.workbench.experiment import run_experiment
@@ -24,11 +24,12 @@ TRUTH = Calibration(
     HostTerms(pre_s=3e-4, pre_seq_s=1e-5, pre_token_s=1e-7, post_s=2e-4, post_seq_s=5e-6))
 
 
-def synthetic_steps(cal: Calibration, n: int, seed: int) -> pd.DataFrame:
-    """Sync engine steps priced exactly by `cal`: decode batches in CUDA graphs and eager mixed steps, a
-    tenth of them swapping blocks in or out."""
+def synthetic_steps(cal: Calibration, n: int, seed: int, mixed_graphs: bool = False) -> pd.DataFrame:
+    """Sync engine steps priced exactly by `cal`: decode batches in CUDA graphs and mixed steps, eager or
+    (`mixed_graphs`, cudagraph_mode FULL) in the mixed graph of their padded token count, a tenth of them
+    swapping blocks in or out."""
     rng = np.random.default_rng(seed)
-    sizes = graph_batch_sizes(16)
+    sizes = GraphSizes.of(16, 2048, mixed_graphs)
     rows = []
     for i in range(n):
         graph = i % 2 == 0
@@ -42,7 +43,8 @@ def synthetic_steps(cal: Calibration, n: int, seed: int) -> pd.DataFrame:
                      "prefill_context_sum": sum(c for _, c in chunks),
                      "decode_context_sum": int(contexts.sum()),
                      "decode_context_max": int(contexts.max(initial=0)),
-                     "graph_batch": padded_graph_batch(sizes, b) if graph else 0,
+                     **dict(zip(("graph_batch", "graph_tokens"),
+                                sizes.padded(len(chunks) + b, sum(m for m, _ in chunks) + b))),
                      "swap_in_blocks": int(rng.integers(1, 9)) if i % 20 == 1 else 0,
                      "swap_out_blocks": int(rng.integers(1, 9)) if i % 20 == 2 else 0,
                      "num_running": 1, "num_waiting": 0})
@@ -70,6 +72,20 @@ def test_fit_recovers_known_terms_from_synthetic_steps():
         assert getattr(cal.host, name) == pytest.approx(getattr(TRUTH.host, name), rel=1e-3), name
     held = step_errors(cal, synthetic_steps(TRUTH, 600, seed=1))  # fresh steps: exact
     assert set(held) == {"decode", "prefill", "mixed"} and all(e["p90"] < 1e-6 for e in held.values())
+
+
+def test_fit_prices_mixed_graph_steps_by_their_padded_tokens():
+    """With cudagraph_mode FULL a step that prefills runs every row of its graph through the matmuls: the
+    fit reads linear(T) at the padded token counts, and predicts fresh steps exactly."""
+    steps = synthetic_steps(TRUTH, 3000, seed=4, mixed_graphs=True)
+    padded = steps[steps["graph_tokens"] > 0]
+    assert len(padded) > 1000 and (padded["graph_tokens"] > padded["tokens"]).mean() > 0.9
+    cal = fit(steps, None, 0.0)
+    for tokens in (128, 256, 512, 1024, 2048):  # graph sizes the steps padded to
+        assert interpolate(cal.device.knots, cal.device.linear_s, tokens) == pytest.approx(
+            interpolate(TRUTH.device.knots, TRUTH.device.linear_s, tokens), rel=1e-4), tokens
+    held = step_errors(cal, synthetic_steps(TRUTH, 600, seed=5, mixed_graphs=True))
+    assert all(e["p90"] < 1e-6 for e in held.values())
 
 
 def test_fit_takes_the_swap_cost_from_async_steps_device_time():

@@ -21,7 +21,7 @@ from servebench import LLM, SamplingParams
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 NUM_PROMPTS, NUM_TOKENS = 64, 32
-FULL_GRAPHS = {"cudagraph_mode": "FULL"}  # mixed steps in CUDA graphs too
+DECODE_GRAPHS = {"cudagraph_mode": "FULL_DECODE_ONLY"}  # steps that prefill run eagerly
 
 
 @pytest.fixture(autouse=True)
@@ -102,21 +102,22 @@ def test_one_b_bf16_matches_hf(one_b_dir, prompts):
     {"async_scheduling": True, "enable_prefix_caching": True, "max_num_batched_tokens": 16},
     {"async_scheduling": True, "max_model_len": 256, "num_gpu_blocks_override": 16, "preemption_mode": "swap",
      "swap_space": 0.01},
-    {"compilation_config": FULL_GRAPHS, "enable_prefix_caching": True, "max_num_batched_tokens": 16},
-    {"compilation_config": FULL_GRAPHS, "async_scheduling": True, "max_model_len": 256,
+    {"compilation_config": DECODE_GRAPHS, "enable_prefix_caching": True, "max_num_batched_tokens": 16},
+    {"compilation_config": DECODE_GRAPHS, "async_scheduling": True, "max_model_len": 256,
      "num_gpu_blocks_override": 16, "preemption_mode": "swap", "swap_space": 0.01},
 ], ids=["graphs", "prefix+chunked", "swap", "recompute-eager", "graphs-async", "prefix+chunked-async",
-        "swap-async", "full-graphs-prefix+chunked", "full-graphs-swap-async"])
+        "swap-async", "decode-graphs-prefix+chunked", "decode-graphs-swap-async"])
 def test_tiny_fp32_exact_on_gpu(tiny_llama_dir, knobs):
-    """Every step kind (prefill chunks, prefix hits, decode graphs, swaps) on the Triton path, in fp32."""
+    """Every step kind (prefill chunks, prefix hits, decode and mixed graphs, swaps) on the Triton path, in
+    fp32; the default cudagraph_mode FULL and FULL_DECODE_ONLY."""
     # A small share of the GPU: a tiny model would otherwise get millions of blocks.
     llm = LLM(model=str(tiny_llama_dir), dtype="float32", gpu_memory_utilization=0.05, **knobs)
     params = SamplingParams(temperature=0.0, max_tokens=40)
     assert_matches_hf(tiny_llama_dir, PROMPTS, llm.generate(PROMPTS, params, use_tqdm=False), max_tokens=40)
     if "num_gpu_blocks_override" in knobs:
         assert llm.engine.stats().num_preemptions > 0
-    if "compilation_config" in knobs:  # the steps that prefill replayed mixed graphs
-        assert llm.engine.runner.cuda_graphs.mixed_graphs
+    if not knobs.get("enforce_eager"):  # the steps that prefill replayed mixed graphs, unless decode-only
+        assert bool(llm.engine.runner.cuda_graphs.mixed_graphs) == ("compilation_config" not in knobs)
 
 
 TP_SWAP = {"max_model_len": 256, "preemption_mode": "swap", "num_gpu_blocks_override": 16, "swap_space": 0.01}

@@ -42,7 +42,8 @@ class CacheGroup(CacheConfig):
 @dataclass(slots=True)
 class Backend:
     """Every backend's keys: an experiment that sweeps `backend: sim,engine` sets engine keys the
-    simulator ignores (it reads enforce_eager and async_scheduling: the loop and graph padding it models)."""
+    simulator ignores (it reads enforce_eager, cudagraph_mode and async_scheduling: the loop and graph padding
+    it models)."""
     name: str = "sim"
     # sim
     step_time: str = "auto"
@@ -50,9 +51,9 @@ class Backend:
     # engine and sim
     enforce_eager: bool = False
     async_scheduling: bool = False
+    cudagraph_mode: str = "FULL"  # vLLM's compilation_config.cudagraph_mode (or FULL_DECODE_ONLY)
     # engine
     model_path: str | None = None
-    cudagraph_mode: str = "FULL_DECODE_ONLY"  # vLLM's compilation_config.cudagraph_mode (or FULL)
     dtype: str = "auto"
     device: str = "auto"
     seed: int = 0

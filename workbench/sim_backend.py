@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from servebench.engine.core import CacheConfig, Scheduler, SchedulerConfig, SchedulerOutput, TraceRecorder
-from servebench.engine.core.graphs import graph_batch_sizes
+from servebench.engine.core.graphs import GraphSizes
 from servebench.engine.digest import REPO, stale_warning
 from servebench.sim.calibrate import mixed_graphs
 from servebench.sim.cluster import ClusterSimulation, Deployment, deployment_spec, make_router
@@ -243,9 +243,11 @@ def _stale(step_time: Any) -> str | None:
     return warning
 
 
-def _graph_sizes(backend: dict[str, Any], sched_cfg: SchedulerConfig) -> list[int] | None:
-    """The CUDA-graph batches the engine would capture: none with backend.enforce_eager."""
-    return None if backend.get("enforce_eager", False) else graph_batch_sizes(sched_cfg.max_num_seqs)
+def _graph_sizes(backend: dict[str, Any], sched_cfg: SchedulerConfig) -> GraphSizes | None:
+    """The CUDA graphs the engine would capture: none with backend.enforce_eager."""
+    if backend.get("enforce_eager", False):
+        return None
+    return GraphSizes.of(sched_cfg.max_num_seqs, sched_cfg.max_num_batched_tokens, mixed_graphs(backend))
 
 
 def _step_time_model(kind: str, d: _Specs, engine_profiles: str | None, graphs: bool

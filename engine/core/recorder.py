@@ -44,6 +44,7 @@ class StepRow:
     decode_context_sum: int
     decode_context_max: int
     graph_batch: int  # padded CUDA-graph batch of a decode-only step; 0: eager
+    graph_tokens: int  # padded token count of the CUDA graph a step that prefills replayed (FULL); 0: eager
     swap_in_blocks: int
     swap_out_blocks: int
     # from the previous step's end to when this step was scheduled (NaN for the first step); negative with

@@ -529,6 +529,7 @@ class Scheduler:
                 decode_context_sum=out.decode_context_tokens,
                 decode_context_max=out.decode_context_max,
                 graph_batch=out.graph_batch,
+                graph_tokens=out.graph_tokens,
                 swap_in_blocks=len(out.swap_in),
                 swap_out_blocks=len(out.swap_out),
                 host_gap_s=host_gap,

@@ -53,9 +53,11 @@ class SchedulerOutput:
     kv_usage: float = 0.0
     scheduled_at: float = 0.0
     sample_at: list[int] | None = None  # async scheduling: each request's PENDING token's index, or -1
-    # Set by the executor: the CUDA-graph batch the step replayed in (0: eager), and the device's time for
-    # the step's forward and sampling (the simulator: its step-time model's price; NaN: not measured).
+    # Set by the executor: the CUDA graph the step replayed in (a decode graph's batch, or a mixed graph's
+    # tokens; 0: eager), and the device's time for the step's forward and sampling (the simulator: its
+    # step-time model's price; NaN: not measured).
     graph_batch: int = 0
+    graph_tokens: int = 0
     device_s: float = math.nan
     lora_load_s: float = 0.0  # set by the executor: the loads' time (the engine's measured, the simulator's)
 
