@@ -358,7 +358,8 @@ def _settings(folders: list[Path], profile: Path | None) -> dict[str, int | bool
 
 
 def mixed_graphs(backend: dict) -> bool:
-    """Whether a backend group's engine replays the steps that prefill in CUDA graphs."""
+    """Whether a backend group's engine replays the steps that prefill in CUDA graphs. A group without
+    cudagraph_mode predates the key, and the FULL default: decode graphs only."""
     return backend.get("cudagraph_mode") == "FULL" and not backend.get("enforce_eager", False)
 
 

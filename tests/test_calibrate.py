@@ -102,11 +102,13 @@ def test_fit_drops_stalled_steps():
     assert cal.device.graph_kv_s == pytest.approx(TRUTH.device.graph_kv_s, rel=1e-2)
 
 
-def sim_run(tmp_path: Path, host: HostTerms, async_scheduling: bool) -> dict:
+def sim_run(tmp_path: Path, host: HostTerms, async_scheduling: bool, cudagraph_mode: str = "FULL_DECODE_ONLY"
+            ) -> dict:
     root = tmp_path / "profiles"
     folder = root / "h200" / "tiny_llama"
     folder.mkdir(parents=True, exist_ok=True)
-    Calibration(TRUTH.device, host, {"source_digest": "test"}).save(folder / CALIBRATION_FILE)
+    meta = {"source_digest": "test", "mixed_graphs": cudagraph_mode == "FULL"}
+    Calibration(TRUTH.device, host, meta).save(folder / CALIBRATION_FILE)
     cfg = yaml.safe_load((REPO / "conf" / "config.yaml").read_text())
     cfg = {k: v for k, v in cfg.items() if k not in ("defaults", "hydra")}
     for group, option in (("model", "tiny_llama"), ("hardware", "h200"), ("scheduler", "default"),
@@ -114,7 +116,8 @@ def sim_run(tmp_path: Path, host: HostTerms, async_scheduling: bool) -> dict:
         cfg[group] = yaml.safe_load((REPO / "conf" / group / f"{option}.yaml").read_text())
     cfg["workload"] |= {"num_requests": 40, "request_rate": 50.0, "input_len": 64, "output_len": 32}
     cfg["backend"] = {"name": "sim", "step_time": "calibrated", "profile_root": str(root),
-                      "async_scheduling": async_scheduling, "enforce_eager": False}
+                      "async_scheduling": async_scheduling, "enforce_eager": False,
+                      "cudagraph_mode": cudagraph_mode}
     cfg |= {"report": False, "progress": False}
     return run_experiment(cfg, tmp_path / f"run_{async_scheduling}_{host.pre_s}")
 
@@ -165,3 +168,23 @@ def test_a_calibration_is_of_one_tensor_parallel_size_and_cudagraph_mode(tmp_pat
         calibrate([tmp_path / "one", tmp_path / "two"], tmp_path / "out", [], None)
     with pytest.raises(ValueError, match="runs and profile of different mixed_graphs"):
         calibrate([tmp_path / "one", tmp_path / "full"], tmp_path / "out", [], None)
+
+
+def test_the_simulator_pads_steps_to_the_engines_graphs(tmp_path):
+    """A decode-only step records its decode graph's batch; a step that prefills, with cudagraph_mode FULL,
+    its mixed graph's token count (eager beyond 2048 tokens, and always with FULL_DECODE_ONLY)."""
+    sizes = GraphSizes.of(256, 8192, mixed=True)
+    assert sizes.padded(9, 9) == (16, 0) and sizes.padded(3, 300) == (0, 384)
+    assert sizes.padded(1, 3000) == (0, 0)
+    assert sizes.padded(300, 300) == (0, 384)  # a decode batch beyond every decode graph: a mixed graph
+    assert GraphSizes.of(256, 8192, mixed=False).padded(3, 300) == (0, 0)
+    for mode in ("FULL", "FULL_DECODE_ONLY"):
+        cfg_dir = tmp_path / mode
+        sim_run(cfg_dir, HostTerms(0.0, 0.0, 0.0, 0.0, 0.0), False, mode)
+        steps = pd.read_parquet(next(cfg_dir.glob("run_*")) / "steps.parquet")
+        prefills = steps[steps["num_prefill_tokens"] > 0]
+        tokens = prefills["num_prefill_tokens"] + prefills["num_decode_tokens"]
+        if mode == "FULL":
+            assert (prefills["graph_tokens"] >= tokens).all() and (prefills["graph_tokens"] > 0).all()
+        else:
+            assert (prefills["graph_tokens"] == 0).all()
