@@ -411,9 +411,11 @@ INTRO = ("Each workload ran on the engine (`backend=engine`) and on the simulato
          "2 %, or within the engine's own spread (a held-out case's second engine run against its "
          "first) where that is larger. Calibration cases were fitted on; held-out and sweep cases "
          "were not. Each case's step table shows where the time goes, and for a held-out case how its "
-         "rerun's steps compare: decode steps (one CUDA-graph replay) repeat within a few per cent, "
-         "eager prefill and mixed steps (the host launching every kernel) can differ by 2x between "
-         "two runs of the same workload on the same card, which no step-time model predicts.")
+         "rerun's steps compare: steps replayed from CUDA graphs (decode steps; with cudagraph_mode "
+         "FULL, the default, the steps that prefill too) repeat within a few per cent, eager prefill and "
+         "mixed steps (the host launching every kernel: FULL_DECODE_ONLY) can differ by 2x between two "
+         "runs of the same workload on the same card, which no step-time model predicts. The "
+         "calibration used, what it was fitted on and its per-step errors follow the cases.")
 
 
 def write_markdown(result: dict[str, Any], runs: Path, out: Path) -> None:

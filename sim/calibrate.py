@@ -1,6 +1,6 @@
 """workbench-calibrate: fit the calibrated step-time model (sim.calibrated) on the engine's own run folders.
 
-    workbench-calibrate RUN_DIR... --out data/profiles/h200/llama2_7b [--heldout RUN_DIR...]
+    workbench-calibrate RUN_DIR... --out data/profiles/h200/llama2_7b [--heldout RUN_DIR...] [--no-profile]
 
 RUN_DIRs are `backend=engine` run folders (or folders holding them). Their steps tables carry what a step's
 time depends on (engine.core.recorder.STEP_SHAPE_COLUMNS); the engine's CUDA events split each step into
@@ -351,8 +351,9 @@ def _settings(folders: list[Path], profile: Path | None) -> dict[str, int | bool
     settings = {}
     for what, values in seen.items():
         if len(set(values.values())) > 1:
+            hint = " (fit on the runs alone: --no-profile)" if profile is not None else ""
             raise ValueError(f"runs and profile of different {what}: " + ", ".join(
-                f"{where} ({value})" for where, value in values.items()))
+                f"{where} ({value})" for where, value in values.items()) + hint)
         settings[what] = next(iter(values.values()))
     return settings
 
@@ -387,8 +388,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True, help="data/profiles/<hardware>/<model>")
     p.add_argument("--heldout", nargs="*", type=Path, default=[], help="run folders to judge the fit on")
     p.add_argument("--profile", type=Path, default=None, help="engine.profile folder (default: --out)")
+    p.add_argument("--no-profile", action="store_true",
+                   help="fit on the runs alone (the profile in --out measured other CUDA graphs, say)")
     a = p.parse_args(argv)
-    profile = a.profile or (a.out if (a.out / "steps.csv").is_file() else None)
+    profile = None if a.no_profile else a.profile or (a.out if (a.out / "steps.csv").is_file() else None)
     try:
         cal = calibrate(a.runs, a.out, a.heldout, profile)
     except (ValueError, OSError) as e:

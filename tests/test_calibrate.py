@@ -170,6 +170,28 @@ def test_a_calibration_is_of_one_tensor_parallel_size_and_cudagraph_mode(tmp_pat
         calibrate([tmp_path / "one", tmp_path / "full"], tmp_path / "out", [], None)
 
 
+def test_calibrate_fits_on_runs_alone_when_the_profile_measured_other_graphs(tmp_path, capsys):
+    """A profile taken with decode graphs only beside runs of cudagraph_mode FULL: refused, with the way out
+    named; --no-profile fits on the runs alone."""
+    from servebench.sim.calibrate import main
+    from servebench.workbench.runs import write_run
+
+    run = tmp_path / "run"
+    steps = synthetic_steps(TRUTH, 400, seed=6, mixed_graphs=True)
+    write_run(run, pd.DataFrame({"request_id": ["a"]}), steps.drop(columns=["run", "async_", "profile"]),
+              {"backend": "engine", "device": "cuda:0", "config": {"backend": {"cudagraph_mode": "FULL"}}})
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "steps.csv").write_text("kind,tokens,batch,context,max_context,chunk,chunk_context,median_s\n")
+    (out / "meta.json").write_text(json.dumps({"engine": {"cuda_graphs": True}}))
+    with pytest.raises(SystemExit):
+        main([str(run), "--out", str(out)])
+    assert "mixed_graphs" in (err := capsys.readouterr().err) and "--no-profile" in err
+    main([str(run), "--out", str(out), "--no-profile"])
+    cal = json.loads((out / CALIBRATION_FILE).read_text())
+    assert cal["meta"]["mixed_graphs"] is True and cal["meta"]["profile"] is None
+
+
 def test_the_simulator_pads_steps_to_the_engines_graphs(tmp_path):
     """A decode-only step records its decode graph's batch; a step that prefills, with cudagraph_mode FULL,
     its mixed graph's token count (eager beyond 2048 tokens, and always with FULL_DECODE_ONLY)."""
