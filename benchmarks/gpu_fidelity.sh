@@ -2,6 +2,8 @@
 # The simulator's calibration and fidelity data from one card, in two device calls of under 9.5 minutes:
 #   OUT=/dir bash benchmarks/gpu_fidelity.sh profiles   # whole-step profiles, data/profiles/<hw>/<model>
 #   OUT=/dir bash benchmarks/gpu_fidelity.sh runs       # engine run folders, reports/fidelity_<hw>/<case>/
+#   OUT=/dir bash benchmarks/gpu_fidelity.sh all        # both in one call: runs (430 s at most), then the
+#                                                       # profiles with what is left of 560 s
 # `profiles`: llama2_7b, qwen3_0_6b, llama3_8b in that order (~150 / 100 / 210 s on an H100), each limited to
 # what is left of PROFILE_BUDGET_S (default 550). `runs`: benchmarks/fidelity.py gpu (Llama-2-7B shape, dummy
 # weights): the calibration cases, the held-out cases twice each, the 8-configuration policy sweep (~7 min).
@@ -17,7 +19,7 @@
 # Profiles and runs record the digest of the engine and kernel code they measured (engine/digest.py): run this
 # on the code that will be committed with them (merge first), or tests/test_profile_digest.py marks them stale.
 set -u
-part=${1:?usage: OUT=DIR bash benchmarks/gpu_fidelity.sh profiles|runs [--tiny]}
+part=${1:?usage: OUT=DIR bash benchmarks/gpu_fidelity.sh profiles|runs|all [--tiny]}
 tiny=${2:-}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -67,7 +69,8 @@ runs() {
 case $part in
   profiles) profiles ;;
   runs) runs ;;
-  *) echo "gpu_fidelity.sh: unknown part '$part' (profiles | runs)" >&2; exit 2 ;;
+  all) RUNS_BUDGET_S=${RUNS_BUDGET_S:-430} runs; PROFILE_BUDGET_S=${PROFILE_BUDGET_S:-560} profiles ;;
+  *) echo "gpu_fidelity.sh: unknown part '$part' (profiles | runs | all)" >&2; exit 2 ;;
 esac
 grep -E "Traceback|Error|FAILED" "$OUT/$part.log" | head -5
 log "done in ${SECONDS}s"
