@@ -17,7 +17,7 @@ from servebench.engine.lora import LoRARequest
 
 def _flag_type(hint: typing.Any) -> typing.Callable[[str], typing.Any]:
     """The argparse type of an EngineArgs field: `int | None` parses as int, a dict as a JSON object (vLLM's
-    --compilation-config '{"cudagraph_mode": "FULL"}')."""
+    --compilation-config '{"cudagraph_mode": "FULL_DECODE_ONLY"}')."""
     if isinstance(hint, types.UnionType):
         hint = next(t for t in typing.get_args(hint) if t is not type(None))
     return _json_object if hint is dict else hint
