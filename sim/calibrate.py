@@ -78,6 +78,10 @@ def with_shape_columns(steps: pd.DataFrame) -> pd.DataFrame:
     steps["tokens"] = steps["num_prefill_tokens"] + steps["num_decode_tokens"]
     steps["linear_tokens"] = steps["graph_tokens"].where(steps["graph_tokens"] > 0, steps["tokens"])
     steps["swapped"] = steps["swap_in_blocks"] + steps["swap_out_blocks"]
+    # The device was idle when the step's window opened (sim.calibrated: it waits for the launch): every sync
+    # step; an async one scheduled after the step before had ended. Not a profile point (its own offset).
+    idle = ~steps["async_"].astype(bool) | (steps["host_gap_s"] > 0)
+    steps["idle"] = (idle & (steps["profile"] == 0)).astype(float)
     p, d = steps["num_prefill_tokens"], steps["num_decode_tokens"]
     steps["kind"] = np.where(p == 0, "decode", np.where(d == 0, "prefill", "mixed"))
     return steps
@@ -164,20 +168,20 @@ def _rising(x: np.ndarray, points: list[int]) -> np.ndarray:
     return np.cumsum(hats[:, ::-1], axis=1)[:, ::-1]
 
 
-def fit_graph(rows: pd.DataFrame) -> tuple[list[int], list[float], float, float, float]:
-    """graph_s per captured batch (non-decreasing in the batch), graph_kv_s, graph_tail_s and the profile
-    offset, on decode-only steps replayed in CUDA graphs."""
+def fit_graph(rows: pd.DataFrame) -> tuple[list[int], list[float], float, float, float, float]:
+    """graph_s per captured batch (non-decreasing in the batch), graph_kv_s, graph_tail_s, the profile
+    offset and the launch an idle device waits for, on decode-only steps replayed in CUDA graphs."""
     sizes = sorted(int(g) for g in rows["graph_batch"].unique())
     g = rows["graph_batch"].to_numpy(float)
-    x = np.column_stack([_rising(g, sizes),
-                         rows[["decode_context_sum", "decode_context_max", "profile"]].to_numpy(float)])
+    x = np.column_stack([_rising(g, sizes), rows[["decode_context_sum", "decode_context_max", "profile",
+                                                  "idle"]].to_numpy(float)])
     coef = fit_relative(x, rows["device_s"].to_numpy(float))
     n = len(sizes)
     return sizes, np.cumsum(coef[:n]).tolist(), *(float(c) for c in coef[n:])
 
 
 EAGER_TERMS = ("prefill_attention", "prefill_context_sum", "num_prefill_chunks", "decode_context_sum", "seqs",
-               "profile")  # the columns of attention_s, prefill_kv_s, chunk_s, eager_kv_s, seq_s, the offset
+               "profile", "idle")  # of attention_s, prefill_kv_s, chunk_s, eager_kv_s, seq_s, offset, launch
 
 
 def fit_eager(rows: pd.DataFrame) -> tuple[list[int], list[float], list[float]]:
@@ -191,18 +195,28 @@ def fit_eager(rows: pd.DataFrame) -> tuple[list[int], list[float], list[float]]:
     return knots, np.cumsum(coef[:n]).tolist(), [float(c) for c in coef[n:]]
 
 
-def fit_device(steps: pd.DataFrame, swap_s: float) -> DeviceTerms:
+def fit_device(steps: pd.DataFrame, swap_s: float) -> tuple[DeviceTerms, tuple[float, float]]:
+    """The device terms, and the launch an idle device waits for (decode graph, other steps)."""
     rows = steps[(steps["step"] >= FIRST_STEPS) & (steps["tokens"] > 0) & (steps["device_s"] > 0)]
-    graph, eager = rows[rows["graph_batch"] > 0], rows[rows["graph_batch"] == 0]
+    graph, eager = (_launch_known(r) for r in (rows[rows["graph_batch"] > 0], rows[rows["graph_batch"] == 0]))
     if eager.empty:
         raise ValueError("no eager steps (prefill or mixed) to fit: calibrate on runs that prefill")
-    sizes, graph_s, kv, tail, offset = fit_graph(graph) if len(graph) else ([1], [0.0], 0.0, 0.0, 0.0)
-    knots, linear_s, (attention, prefill_kv, chunk, eager_kv, seq, eager_offset) = fit_eager(eager)
+    sizes, graph_s, kv, tail, offset, launch = fit_graph(graph) if len(graph) else ([1], [0.0], 0, 0, 0, 0)
+    knots, linear_s, (attention, prefill_kv, chunk, eager_kv, seq, eager_offset, eager_launch) = fit_eager(
+        eager)
     return DeviceTerms(sizes, graph_s, kv, tail, knots, linear_s, attention, prefill_kv, chunk, eager_kv, seq,
-                       swap_s, max(offset, eager_offset))
+                       swap_s, max(offset, eager_offset)), (launch, eager_launch)
 
 
-def fit_host(steps: pd.DataFrame, device: DeviceTerms, measured: bool) -> HostTerms:
+def _launch_known(rows: pd.DataFrame) -> pd.DataFrame:
+    """`rows`, whose launch term is left at 0 unless steps queued behind others (async) tell it from the
+    device's own time: without them it stays inside the device terms, where sync steps need it."""
+    queued = (rows["idle"] == 0) & (rows["profile"] == 0)
+    return rows if queued.any() and (rows["idle"] == 1).any() else rows.assign(idle=0.0)
+
+
+def fit_host(steps: pd.DataFrame, device: DeviceTerms, launch: tuple[float, float], measured: bool
+             ) -> HostTerms:
     """pre: the step's duration less its device time (0 without a device); post: the host gap after the
     step while the loop stayed busy; first steps: what the others leave unexplained of steps 0, 1, ..."""
     sync = steps[~steps["async_"] & (steps["profile"] == 0)]
@@ -219,6 +233,7 @@ def fit_host(steps: pd.DataFrame, device: DeviceTerms, measured: bool) -> HostTe
         post = fit_relative(np.column_stack([np.ones(len(gaps)), gaps["seqs"].to_numpy(float)]),
                             gaps["gap"].to_numpy(float))
     host = HostTerms(*(float(c) for c in pre), *(float(c) for c in post))
+    host.launch_graph_s, host.launch_eager_s = (float(c) for c in launch)
     host.first_steps_s = _first_steps(sync, device, host, measured)
     return host
 
@@ -268,8 +283,8 @@ def fit(steps: pd.DataFrame, profile: pd.DataFrame | None, swap_s: float) -> Cal
         steps = steps.assign(device_s=steps["duration_s"].where(~steps["async_"]))
     plain = steps[steps["swapped"] == 0]
     both = pd.concat([plain, profile]) if profile is not None and measured else plain
-    device = fit_device(both, swap_s)
-    cal = Calibration(device, fit_host(plain, device, measured), {"device_measured": measured})
+    device, launch = fit_device(both, swap_s)
+    cal = Calibration(device, fit_host(plain, device, launch, measured), {"device_measured": measured})
     if not swap_s:
         cal.device.swap_s = fit_swap(steps, cal, measured)
     return cal
@@ -278,11 +293,16 @@ def fit(steps: pd.DataFrame, profile: pd.DataFrame | None, swap_s: float) -> Cal
 # ---- errors ----
 
 def predicted_device(cal: Calibration, steps: pd.DataFrame) -> np.ndarray:
+    """A step's device window as the engine's events time it: the launch where the device was idle, then
+    the device's work."""
+    h = cal.host
+
     def one(r: object) -> float:
-        return cal.device_time(int(r.graph_batch),
-                               int(r.linear_tokens), int(r.seqs), int(r.num_prefill_chunks),
-                               r.prefill_attention, int(r.prefill_context_sum), int(r.decode_context_sum),
-                               int(r.decode_context_max), int(r.swapped))
+        launch = (h.launch_graph_s if r.graph_batch else h.launch_eager_s) if r.idle else 0.0
+        return launch + cal.device_time(int(r.graph_batch),
+                                        int(r.linear_tokens), int(r.seqs), int(r.num_prefill_chunks),
+                                        r.prefill_attention, int(r.prefill_context_sum),
+                                        int(r.decode_context_sum), int(r.decode_context_max), int(r.swapped))
 
     return np.array([one(r) for r in steps.itertuples(index=False)])
 
@@ -312,6 +332,20 @@ def step_errors(cal: Calibration, steps: pd.DataFrame) -> dict[str, dict[str, fl
     return out
 
 
+def host_ratios(cal: Calibration, steps: pd.DataFrame) -> dict[str, float]:
+    """Per sync run, the median of its steps' host time before the device (duration less device time) over
+    the fitted `pre`: near 1 where the host ran as fast as in the fit. A machine whose host work slows or
+    speeds up between runs (seen: 2x in a card's first minutes) shows here, not in the device terms."""
+    h = cal.host
+    sync = steps[~steps["async_"] & (steps["step"] >= FIRST_STEPS) & (steps["tokens"] > 0)]
+    pre = h.pre_s + h.pre_seq_s * sync["seqs"] + h.pre_token_s * sync["tokens"]
+    ratio = (sync["duration_s"] - sync["device_s"]) / pre
+    return {run: float(r.median()) for run, r in ratio.groupby(sync["run"]) if r.notna().any()}
+
+
+HOST_DRIFT = 1.3  # a run whose host ratio is beyond this factor of 1 gets a warning line
+
+
 # ---- the command ----
 
 def calibrate(runs: list[Path], out: Path, heldout: list[Path], profile: Path | None) -> Calibration:
@@ -325,10 +359,12 @@ def calibrate(runs: list[Path], out: Path, heldout: list[Path], profile: Path | 
                  "hardware": config.get("hardware", {}).get("name"), "runs": [str(f) for f in folders],
                  "profile": str(profile) if profile else None,
                  "source_digest": _digest(folders), "fit_error": step_errors(cal, steps)}
-    if heldout:
-        held = run_folders(heldout)
-        cal.meta |= {"heldout": [str(f) for f in held], "heldout_error": step_errors(
-            cal, pd.concat([run_steps(f) for f in held], ignore_index=True))}
+    held = run_folders(heldout)
+    held_steps = pd.concat([run_steps(f) for f in held], ignore_index=True) if held else steps.iloc[:0]
+    if held:
+        cal.meta |= {"heldout": [str(f) for f in held], "heldout_error": step_errors(cal, held_steps)}
+    if cal.meta["device_measured"]:
+        cal.meta["host_ratio"] = host_ratios(cal, pd.concat([steps, held_steps], ignore_index=True))
     out.mkdir(parents=True, exist_ok=True)
     cal.save(out / CALIBRATION_FILE)
     return cal
@@ -398,6 +434,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"workbench-calibrate: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     print("\n".join([f"wrote {a.out / CALIBRATION_FILE}", *error_table(cal.meta)]))
+    for run, r in cal.meta.get("host_ratio", {}).items():
+        if not 1 / HOST_DRIFT < r < HOST_DRIFT:
+            print(f"warning: {run}: the host's work before each step took {r:.2f}x the fitted time: the "
+                  "machine's host ran at another speed there; fit on runs recorded in the same state",
+                  file=sys.stderr)
 
 
 if __name__ == "__main__":

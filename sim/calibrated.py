@@ -23,6 +23,11 @@ step; in async scheduling it overlaps the device and shows only where it is the 
     before the device (schedule, input preparation, launch):  pre_s + pre_seq_s * S + pre_token_s * T
     after the tokens (update, detokenize, outputs, loop):      post_s + post_seq_s * S
     the first steps after start (buffers, allocator):          + first_steps_s[i] for step i
+    the launch (input copies, graph launch), decode graph / other:  launch_graph_s / launch_eager_s
+
+The engine opens a step's device window (its first CUDA event) before it copies the inputs and launches the
+graph. On an idle device the window holds that launch: every sync step, and an async step only where the
+host fell behind. Queued behind the step before (async), the launch overlaps that step and costs nothing.
 """
 
 from __future__ import annotations
@@ -71,6 +76,12 @@ class HostTerms:
     post_s: float
     post_seq_s: float
     first_steps_s: list[float] = field(default_factory=list)
+    launch_graph_s: float = 0.0
+    launch_eager_s: float = 0.0
+
+    def launch(self, out: SchedulerOutput) -> float:
+        """What the step's device window holds before its first kernel when the device was idle."""
+        return self.launch_graph_s if out.graph_batch else self.launch_eager_s
 
     def pre(self, out: SchedulerOutput, step: int) -> float:
         first = self.first_steps_s[step] if step < len(self.first_steps_s) else 0.0

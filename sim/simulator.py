@@ -21,9 +21,11 @@ class StepTimeModel(Protocol):
 class HostModel(Protocol):
     """The engine loop's host work around a step's device time (sim.calibrated.HostTerms)."""
 
-    def pre(self, out: SchedulerOutput, step: int) -> float: ...  # schedule, inputs, launch
+    def pre(self, out: SchedulerOutput, step: int) -> float: ...  # schedule, prepare the inputs
 
     def post(self, out: SchedulerOutput) -> float: ...  # update, detokenize, outputs, loop
+
+    def launch(self, out: SchedulerOutput) -> float: ...  # inputs and graph launch an idle device waits for
 
 
 class NoHost:
@@ -33,6 +35,9 @@ class NoHost:
         return 0.0
 
     def post(self, out: SchedulerOutput) -> float:
+        return 0.0
+
+    def launch(self, out: SchedulerOutput) -> float:
         return 0.0
 
 
@@ -140,6 +145,7 @@ class Simulation:
             if out is None:
                 return
             pre, device = host.pre(out, scheduler.num_steps), self._price(engine, out)
+            out.device_s = device = device + host.launch(out)  # the device is idle: it waits for the launch
             if stages is None:
                 yield env.timeout(pre + device)
             else:
@@ -164,7 +170,11 @@ class Simulation:
             launched = None
             if out is not None:
                 yield env.timeout(host.pre(out, scheduler.num_steps))
-                device_free = max(env.now, device_free) + self._price(engine, out)
+                device = self._price(engine, out)
+                # Queued behind the step in flight, the launch overlaps it; an idle device waits for it.
+                start = max(env.now + host.launch(out), device_free)
+                out.device_s = start + device - max(env.now, device_free)  # as the engine's events time it
+                device_free = start + device
                 launched = (out, device_free)
             if in_flight is not None:
                 prev, end = in_flight

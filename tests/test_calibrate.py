@@ -11,7 +11,14 @@ import pandas as pd
 import pytest
 import yaml
 from servebench.engine.core.graphs import GraphSizes
-from servebench.sim.calibrate import FIRST_STEPS, fit, predicted_device, step_errors, with_shape_columns
+from servebench.sim.calibrate import (
+    FIRST_STEPS,
+    fit,
+    host_ratios,
+    predicted_device,
+    step_errors,
+    with_shape_columns,
+)
 from servebench.sim.calibrated import CALIBRATION_FILE, Calibration, DeviceTerms, HostTerms, interpolate
 from servebench.workbench.experiment import run_experiment
 
@@ -21,13 +28,15 @@ TRUTH = Calibration(
                 graph_kv_s=2e-8, graph_tail_s=1e-7, knots=[1, 128, 512, 2048],
                 linear_s=[5e-3, 8e-3, 15e-3, 45e-3], attention_s=4e-11, prefill_kv_s=1e-7, chunk_s=5e-5,
                 eager_kv_s=3e-8, seq_s=2e-5, swap_s=3e-4),
-    HostTerms(pre_s=3e-4, pre_seq_s=1e-5, pre_token_s=1e-7, post_s=2e-4, post_seq_s=5e-6))
+    HostTerms(pre_s=3e-4, pre_seq_s=1e-5, pre_token_s=1e-7, post_s=2e-4, post_seq_s=5e-6,
+              launch_graph_s=2.5e-4, launch_eager_s=1.5e-4))
 
 
 def synthetic_steps(cal: Calibration, n: int, seed: int, mixed_graphs: bool = False) -> pd.DataFrame:
-    """Sync engine steps priced exactly by `cal`: decode batches in CUDA graphs and mixed steps, eager or
+    """Engine steps priced exactly by `cal`: decode batches in CUDA graphs and mixed steps, eager or
     (`mixed_graphs`, cudagraph_mode FULL) in the mixed graph of their padded token count, a tenth of them
-    swapping blocks in or out."""
+    swapping blocks in or out. Every fourth step is an async one queued behind the step before (its
+    device window holds no launch); the others are sync."""
     rng = np.random.default_rng(seed)
     sizes = GraphSizes.of(16, 2048, mixed_graphs)
     rows = []
@@ -48,12 +57,14 @@ def synthetic_steps(cal: Calibration, n: int, seed: int, mixed_graphs: bool = Fa
                      "swap_in_blocks": int(rng.integers(1, 9)) if i % 20 == 1 else 0,
                      "swap_out_blocks": int(rng.integers(1, 9)) if i % 20 == 2 else 0,
                      "num_running": 1, "num_waiting": 0})
-    steps = with_shape_columns(pd.DataFrame(rows).assign(run="synthetic", async_=False, profile=0.0))
     h = cal.host
+    steps = pd.DataFrame(rows).assign(run="synthetic", profile=0.0, async_=[i % 4 == 3 for i in range(n)])
+    seqs = steps["num_prefill_chunks"] + steps["num_decode_tokens"]
+    steps["host_gap_s"] = (h.post_s + h.post_seq_s * seqs).shift(1).where(~steps["async_"], -1e-3)
+    steps = with_shape_columns(steps)
     steps["device_s"] = predicted_device(cal, steps)
     steps["duration_s"] = steps["device_s"] + h.pre_s + h.pre_seq_s * steps["seqs"] + h.pre_token_s * steps[
         "tokens"]
-    steps["host_gap_s"] = (h.post_s + h.post_seq_s * steps["seqs"]).shift(1)
     return steps
 
 
@@ -68,7 +79,8 @@ def test_fit_recovers_known_terms_from_synthetic_steps():
     for tokens in (8, 100, 128, 300, 512, 1500, 2000):  # within the tokens the steps had
         assert interpolate(d.knots, d.linear_s, tokens) == pytest.approx(
             interpolate(t.knots, t.linear_s, tokens), rel=1e-4), tokens
-    for name in ("pre_s", "pre_seq_s", "pre_token_s", "post_s", "post_seq_s"):
+    for name in ("pre_s", "pre_seq_s", "pre_token_s", "post_s", "post_seq_s", "launch_graph_s",
+                 "launch_eager_s"):
         assert getattr(cal.host, name) == pytest.approx(getattr(TRUTH.host, name), rel=1e-3), name
     held = step_errors(cal, synthetic_steps(TRUTH, 600, seed=1))  # fresh steps: exact
     assert set(held) == {"decode", "prefill", "mixed"} and all(e["p90"] < 1e-6 for e in held.values())
@@ -91,6 +103,15 @@ def test_fit_prices_mixed_graph_steps_by_their_padded_tokens():
 def test_fit_takes_the_swap_cost_from_async_steps_device_time():
     steps = synthetic_steps(TRUTH, 2000, seed=3).assign(async_=True)  # no sync step to read it from
     assert fit(steps, None, 0.0).device.swap_s == pytest.approx(TRUTH.device.swap_s, rel=1e-3)
+
+
+def test_host_ratios_show_a_run_whose_host_ran_at_another_speed():
+    steady = synthetic_steps(TRUTH, 800, seed=6)
+    slow = synthetic_steps(TRUTH, 800, seed=7).assign(run="slow")
+    slow["duration_s"] += slow["duration_s"] - slow["device_s"]  # the host's work before each step: 2x
+    ratios = host_ratios(fit(steady, None, 0.0), pd.concat([steady, slow], ignore_index=True))
+    assert ratios["synthetic"] == pytest.approx(1.0, rel=1e-3)
+    assert ratios["slow"] == pytest.approx(2.0, rel=1e-3)
 
 
 def test_fit_drops_stalled_steps():
@@ -132,6 +153,25 @@ def test_async_scheduling_hides_host_work_behind_the_device(tmp_path):
     assert overlapped["step_time_stale"] and "measured engine code test" in overlapped["step_time_stale"]
     steps = pd.read_parquet(tmp_path / "run_True_0.003" / "steps.parquet")
     assert (steps["host_gap_s"].dropna() < 0).mean() > 0.5  # scheduled while the previous step ran
+
+
+def test_an_idle_device_waits_for_the_launch_a_queued_step_hides_it(tmp_path):
+    """Sync: every step's device window holds the launch (the device is idle when the host launches). Async:
+    the launch of step k+1 overlaps step k on the device, so it costs nothing while the device is the
+    bottleneck."""
+    launch = HostTerms(0.0, 0.0, 0.0, 0.0, 0.0, launch_graph_s=2e-3, launch_eager_s=2e-3)
+    none = HostTerms(0.0, 0.0, 0.0, 0.0, 0.0)
+    sync, sync_none = sim_run(tmp_path / "s", launch, False), sim_run(tmp_path / "s0", none, False)
+    queued, queued_none = sim_run(tmp_path / "a", launch, True), sim_run(tmp_path / "a0", none, True)
+    # +2 ms a step, and a little more: slower steps gather larger batches
+    assert 1.9 < sync["median_tpot_ms"] - sync_none["median_tpot_ms"] < 2.5
+    assert queued["median_tpot_ms"] == pytest.approx(queued_none["median_tpot_ms"], rel=0.05)
+    steps = pd.read_parquet(tmp_path / "s" / "run_False_0.0" / "steps.parquet")
+    decode = steps[steps["num_prefill_tokens"] == 0]
+    assert (decode["device_s"] > 2e-3 + 4e-3).all()  # the launch, then TRUTH's step (>= 4 ms)
+    steps = pd.read_parquet(tmp_path / "a" / "run_True_0.0" / "steps.parquet")
+    decode = steps[steps["num_prefill_tokens"] == 0]
+    assert (decode["device_s"] < 6e-3).mean() > 0.95  # queued: TRUTH's step alone, no launch
 
 
 def test_calibrate_names_the_file_of_an_unusable_run(tmp_path, capsys):
