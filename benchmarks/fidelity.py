@@ -253,23 +253,31 @@ def compare(runs: Path, out: Path, profile_root: Path | None = None, step_time: 
     from servebench.workbench.runs import load_run
 
     cases = {}
+    found = calibration_metas(runs, profile_root)
+    # case/engine of each run fitted on: the same runs when the folders are copied elsewhere
+    fitted = {Path(r).parts[-2:] for meta in found.values() for r in meta.get("runs") or []}
     for folder in sorted(p.parent for p in runs.glob("*/engine/summary.json")):
         engine, sim_dir, rerun = load_run(folder), folder.parent / "sim", folder.parent / RERUN
         summary = engine.summary | {"config": engine.config}
         run_experiment(sim_config(summary, profile_root, step_time), sim_dir)
         other = load_run(rerun) if (rerun / "summary.json").is_file() else None
-        cases[folder.parent.name] = case_result(engine, load_run(sim_dir), other)
+        case = case_result(engine, load_run(sim_dir), other)
+        if folder.parts[-2:] in fitted and case["role"] != "calibration":
+            case["role"] += ", fitted on"  # a case the calibration saw is no test of it
+        cases[folder.parent.name] = case
     if not cases:
         raise SystemExit(f"fidelity: error: no engine runs under {runs} (*/engine/summary.json)")
-    result = {"cases": cases, "sweep": sweep_ranking(cases), "calibrations": calibrations(runs, profile_root)}
+    calibrations = {name: {k: meta.get(k) for k in ("runs", "fit_error", "heldout_error")}
+                    for name, meta in found.items()}
+    result = {"cases": cases, "sweep": sweep_ranking(cases), "calibrations": calibrations}
     out.mkdir(parents=True, exist_ok=True)
     (out / "fidelity.json").write_text(json.dumps(_rounded(result), indent=2, allow_nan=False) + "\n")
     write_markdown(result, runs, out)
     return result
 
 
-def calibrations(runs: Path, profile_root: Path | None) -> dict[str, Any]:
-    """Per-step errors (fit and held out) of the calibrations the simulated runs could use."""
+def calibration_metas(runs: Path, profile_root: Path | None) -> dict[str, dict[str, Any]]:
+    """The meta (runs fitted on, per-step errors) of each calibration the simulated runs could use."""
     from servebench.sim.calibrated import CALIBRATION_FILE
     from servebench.sim.profile_step_time import DEFAULT_PROFILE_ROOT
 
@@ -282,7 +290,7 @@ def calibrations(runs: Path, profile_root: Path | None) -> dict[str, Any]:
             file = (path / CALIBRATION_FILE).resolve()
             # Relative to the checkout, so that the committed report reproduces from any clone.
             name = str(file.relative_to(REPO)) if file.is_relative_to(REPO) else str(file)
-            found[name] = {k: meta.get(k) for k in ("fit_error", "heldout_error")}
+            found[name] = meta
     return found
 
 
@@ -409,8 +417,9 @@ INTRO = ("Each workload ran on the engine (`backend=engine`) and on the simulato
          "is one, else its profile; same config, KV block count, sync or async scheduling). Relative "
          "error = (sim - engine) / engine. Targets: p50 within 3 %, p99 within 8 %, throughput within "
          "2 %, or within the engine's own spread (a held-out case's second engine run against its "
-         "first) where that is larger. Calibration cases were fitted on; held-out and sweep cases "
-         "were not. Each case's step table shows where the time goes, and for a held-out case how its "
+         "first) where that is larger. Calibration cases, and any case marked 'fitted on', are those "
+         "the calibration was fitted on; the others were not. Each case's step table shows where the "
+         "time goes, and for a held-out case how its "
          "rerun's steps compare: steps replayed from CUDA graphs (decode steps; with cudagraph_mode "
          "FULL, the default, the steps that prefill too) repeat within a few per cent, eager prefill and "
          "mixed steps (the host launching every kernel: FULL_DECODE_ONLY) can differ by 2x between two "
@@ -460,6 +469,7 @@ def write_markdown(result: dict[str, Any], runs: Path, out: Path) -> None:
         lines += [f"## Per-step error of the calibration ({path})", "",
                   "Each step's relative error (sync runs: its duration; async runs: its device time), by "
                   "kind, on the calibration runs and on held-out runs (workbench-calibrate --heldout).", "",
+                  "Fitted on: " + ", ".join(f"`{r}`" for r in meta.get("runs") or []) + ".", "",
                   *error_table(meta), ""]
     if result["sweep"]:
         lines += ["## Policy sweep ranking", "",

@@ -12,7 +12,7 @@
 # Each part runs under `timeout` with at most what is left of BUDGET_S, so one failure does not stop the
 # next. Logs: $OUT/<part>.log, $OUT/progress.log (versions, card, timings), $OUT/summary.txt (the table
 # printed last), $OUT/results.tar.gz (JSON of each part, the server's log): 7 files, as the tool brings back.
-# Usage on the device (carry .whl: fastapi, uvicorn, httpx, ... for the server part):
+# Usage on the device (carry .whl, which `bash benchmarks/device_wheels.sh` fills, for the server part):
 #   OUT=/some/dir bash benchmarks/gpu_h200_session.sh [PART...]
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
