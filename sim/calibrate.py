@@ -64,19 +64,22 @@ def run_steps(folder: Path) -> pd.DataFrame:
     if missing:
         raise ValueError(f"{folder / 'steps.parquet'}: no column {missing[0]!r} (an older engine's run: "
                          "rerun it)")
-    backend = summary.get("config", {}).get("backend", {})
-    async_ = bool(backend.get("async_scheduling", False))
-    return with_shape_columns(steps.assign(run=str(folder), async_=async_, profile=0.0))
+    config = summary.get("config", {})
+    async_ = bool(config.get("backend", {}).get("async_scheduling", False))
+    max_seqs = int(config.get("scheduler", {}).get("max_num_seqs", 256))
+    return with_shape_columns(steps.assign(run=str(folder), async_=async_, profile=0.0, max_seqs=max_seqs))
 
 
 def with_shape_columns(steps: pd.DataFrame) -> pd.DataFrame:
-    """`steps` (engine runs' or profile points' rows) with the columns the fit reads: seqs, tokens, the tokens
-    the matmuls run on (a mixed CUDA graph's padded count), swapped blocks and kind (decode, prefill or
-    mixed)."""
+    """`steps` (engine runs' or profile points' rows, with their engine's `max_seqs`) with the columns the fit
+    reads: seqs, tokens, the tokens and sequences the step's kernels run on (a mixed CUDA graph's padded
+    counts), swapped blocks and kind (decode, prefill or mixed)."""
     steps = steps.copy()
     steps["seqs"] = steps["num_prefill_chunks"] + steps["num_decode_tokens"]
     steps["tokens"] = steps["num_prefill_tokens"] + steps["num_decode_tokens"]
-    steps["linear_tokens"] = steps["graph_tokens"].where(steps["graph_tokens"] > 0, steps["tokens"])
+    padded = steps["graph_tokens"] > 0
+    steps["linear_tokens"] = steps["graph_tokens"].where(padded, steps["tokens"])
+    steps["graph_seqs"] = np.minimum(steps["graph_tokens"], steps["max_seqs"]).where(padded, steps["seqs"])
     steps["swapped"] = steps["swap_in_blocks"] + steps["swap_out_blocks"]
     # The device was idle when the step's window opened (sim.calibrated: it waits for the launch): every sync
     # step; an async one scheduled after the step before had ended. Not a profile point (its own offset).
@@ -97,7 +100,8 @@ def profile_steps(folder: Path) -> tuple[pd.DataFrame, float]:
     points = [_profile_row(r, sizes) for r in grid.itertuples(index=False) if not r.kind.startswith("swap")]
     swaps = grid[grid["kind"].str.startswith("swap")]
     swap_s = float((swaps["median_s"] / swaps["blocks"]).median()) if len(swaps) else 0.0
-    rows = pd.DataFrame(points).assign(run=str(folder), async_=False, profile=1.0, step=FIRST_STEPS)
+    rows = pd.DataFrame(points).assign(run=str(folder), async_=False, profile=1.0, step=FIRST_STEPS,
+                                       max_seqs=engine.get("max_num_seqs", 512))
     return with_shape_columns(rows), swap_s
 
 
@@ -180,8 +184,9 @@ def fit_graph(rows: pd.DataFrame) -> tuple[list[int], list[float], float, float,
     return sizes, np.cumsum(coef[:n]).tolist(), *(float(c) for c in coef[n:])
 
 
-EAGER_TERMS = ("prefill_attention", "prefill_context_sum", "num_prefill_chunks", "decode_context_sum", "seqs",
-               "profile", "idle")  # of attention_s, prefill_kv_s, chunk_s, eager_kv_s, seq_s, offset, launch
+EAGER_TERMS = ("prefill_attention", "prefill_context_sum", "num_prefill_chunks", "decode_context_sum",
+               "graph_seqs", "profile", "idle")  # of attention_s, prefill_kv_s, chunk_s, eager_kv_s, seq_s,
+# the profile's offset and the launch
 
 
 def fit_eager(rows: pd.DataFrame) -> tuple[list[int], list[float], list[float]]:
@@ -300,7 +305,7 @@ def predicted_device(cal: Calibration, steps: pd.DataFrame) -> np.ndarray:
     def one(r: object) -> float:
         launch = (h.launch_graph_s if r.graph_batch else h.launch_eager_s) if r.idle else 0.0
         return launch + cal.device_time(int(r.graph_batch),
-                                        int(r.linear_tokens), int(r.seqs), int(r.num_prefill_chunks),
+                                        int(r.linear_tokens), int(r.graph_seqs), int(r.num_prefill_chunks),
                                         r.prefill_attention, int(r.prefill_context_sum),
                                         int(r.decode_context_sum), int(r.decode_context_max), int(r.swapped))
 

@@ -9,7 +9,9 @@ A step's device time (first kernel to sampled tokens, as the engine's CUDA event
     + swap_s * (blocks swapped in and out)
 
 T: tokens scheduled (with cudagraph_mode FULL, the padded token count of the mixed graph the step replays
-in: its matmuls run on every row), S: sequences, A: prefill attention work
+in: its matmuls run on every row), S: sequences (in a mixed graph of T tokens, the min(T, max_num_seqs) it
+holds, as the engine's runner pads them: each gets its attention program and its row of logits), A: prefill
+attention work
 (engine.core.recorder.prefill_attention),
 P: cached tokens the prefill chunks read, N: prefill chunks, C: decode context tokens, C_max: the longest.
 graph_s[g]: one cost per captured graph (weights read once, g padded rows), linear between the graph sizes
@@ -128,10 +130,12 @@ class Calibration:
 class CalibratedStepTime:
     """`predict`: a step's device time from a calibration; `host`: its host terms, for the engine loop."""
 
-    def __init__(self, folder: Path, tensor_parallel_size: int = 1, mixed_graphs: bool = False) -> None:
+    def __init__(self, folder: Path, tensor_parallel_size: int = 1, mixed_graphs: bool = False,
+                 max_num_seqs: int = 256) -> None:
         """`tensor_parallel_size`, `mixed_graphs` (cudagraph_mode FULL): the engine simulated, which the runs
-        the calibration was fitted on must match."""
+        the calibration was fitted on must match; `max_num_seqs`: its mixed graphs' sequences."""
         self.folder = folder
+        self.max_num_seqs = max_num_seqs
         self.calibration = Calibration.load(folder / CALIBRATION_FILE)
         fitted = {"tensor_parallel_size": 1, "mixed_graphs": False} | self.calibration.meta
         for what, want in (("tensor_parallel_size", tensor_parallel_size), ("mixed_graphs", mixed_graphs)):
@@ -144,7 +148,8 @@ class CalibratedStepTime:
 
     def predict(self, out: SchedulerOutput) -> float:
         chunks = out.prefill_chunks
+        seqs = min(out.graph_tokens, self.max_num_seqs) if out.graph_tokens else len(out.requests)
         return self.calibration.device_time(
-            out.graph_batch, out.graph_tokens or out.total_num_scheduled_tokens, len(out.requests),
+            out.graph_batch, out.graph_tokens or out.total_num_scheduled_tokens, seqs,
             len(chunks), prefill_attention(chunks), sum(c for _, c in chunks), out.decode_context_tokens,
             out.decode_context_max, len(out.swap_in) + len(out.swap_out))

@@ -24,11 +24,13 @@ def make_step_time_model(
     profile_root: Path | str = VIDUR_PROFILES,
     engine_profile_root: Path | str | None = None,
     mixed_graphs: bool = False,
+    max_num_seqs: int = 256,
 ) -> StepTimeModel:
     """`kind`: 'roofline' (any model/device), 'vidur' (needs Vidur's profiles for the model, device and tp),
     'profile' (the engine's own: `engine_profile_root`/<hardware>/<model>[_tp<N>], default data/profiles) or
     'calibrated' (sim.calibrated: the calibration.json workbench-calibrate wrote in that folder, on runs
-    whose steps that prefill did (`mixed_graphs`, cudagraph_mode FULL) or did not replay CUDA graphs)."""
+    whose steps that prefill did (`mixed_graphs`, cudagraph_mode FULL) or did not replay CUDA graphs; a mixed
+    graph holds min(its tokens, `max_num_seqs`) sequences)."""
     if kind == "roofline":
         return RooflineStepTime(model, hw, parallel, block_size)
     if kind == "vidur":
@@ -37,5 +39,5 @@ def make_step_time_model(
         return ProfileStepTime(model, hw, parallel, block_size, engine_profile_root or ENGINE_PROFILES)
     if kind == "calibrated":
         return CalibratedStepTime(profile_dir(model, hw, parallel, engine_profile_root or ENGINE_PROFILES),
-                                  parallel.tensor_parallel_size, mixed_graphs)
+                                  parallel.tensor_parallel_size, mixed_graphs, max_num_seqs)
     raise ValueError(f"unknown step-time model {kind!r}: choose roofline, vidur, profile or calibrated")

@@ -34,7 +34,8 @@ TRUTH = Calibration(
 
 def synthetic_steps(cal: Calibration, n: int, seed: int, mixed_graphs: bool = False) -> pd.DataFrame:
     """Engine steps priced exactly by `cal`: decode batches in CUDA graphs and mixed steps, eager or
-    (`mixed_graphs`, cudagraph_mode FULL) in the mixed graph of their padded token count, a tenth of them
+    (`mixed_graphs`, cudagraph_mode FULL) in the mixed graph of their padded token count (which holds
+    min(tokens, max_num_seqs) sequences), a tenth of them
     swapping blocks in or out. Every fourth step is an async one queued behind the step before (its
     device window holds no launch); the others are sync."""
     rng = np.random.default_rng(seed)
@@ -58,7 +59,10 @@ def synthetic_steps(cal: Calibration, n: int, seed: int, mixed_graphs: bool = Fa
                      "swap_out_blocks": int(rng.integers(1, 9)) if i % 20 == 2 else 0,
                      "num_running": 1, "num_waiting": 0})
     h = cal.host
-    steps = pd.DataFrame(rows).assign(run="synthetic", profile=0.0, async_=[i % 4 == 3 for i in range(n)])
+    # Runs of several max_num_seqs: a mixed graph's sequences (min(T, max_num_seqs)) then tell seq_s from
+    # linear(T), which one max_num_seqs would not.
+    steps = pd.DataFrame(rows).assign(run="synthetic", profile=0.0, async_=[i % 4 == 3 for i in range(n)],
+                                      max_seqs=rng.choice([8, 16, 64], size=n))
     seqs = steps["num_prefill_chunks"] + steps["num_decode_tokens"]
     steps["host_gap_s"] = (h.post_s + h.post_seq_s * seqs).shift(1).where(~steps["async_"], -1e-3)
     steps = with_shape_columns(steps)
@@ -123,8 +127,8 @@ def test_fit_drops_stalled_steps():
     assert cal.device.graph_kv_s == pytest.approx(TRUTH.device.graph_kv_s, rel=1e-2)
 
 
-def sim_run(tmp_path: Path, host: HostTerms, async_scheduling: bool, cudagraph_mode: str = "FULL_DECODE_ONLY"
-            ) -> dict:
+def sim_run(tmp_path: Path, host: HostTerms, async_scheduling: bool, cudagraph_mode: str = "FULL_DECODE_ONLY",
+            max_num_seqs: int | None = None) -> dict:
     root = tmp_path / "profiles"
     folder = root / "h200" / "tiny_llama"
     folder.mkdir(parents=True, exist_ok=True)
@@ -136,6 +140,8 @@ def sim_run(tmp_path: Path, host: HostTerms, async_scheduling: bool, cudagraph_m
                           ("cache", "default"), ("workload", "synthetic")):
         cfg[group] = yaml.safe_load((REPO / "conf" / group / f"{option}.yaml").read_text())
     cfg["workload"] |= {"num_requests": 40, "request_rate": 50.0, "input_len": 64, "output_len": 32}
+    if max_num_seqs:
+        cfg["scheduler"]["max_num_seqs"] = max_num_seqs
     cfg["backend"] = {"name": "sim", "step_time": "calibrated", "profile_root": str(root),
                       "async_scheduling": async_scheduling, "enforce_eager": False,
                       "cudagraph_mode": cudagraph_mode}
@@ -250,3 +256,15 @@ def test_the_simulator_pads_steps_to_the_engines_graphs(tmp_path):
             assert (prefills["graph_tokens"] >= tokens).all() and (prefills["graph_tokens"] > 0).all()
         else:
             assert (prefills["graph_tokens"] == 0).all()
+
+
+def test_the_simulator_prices_a_step_as_the_fit_does(tmp_path):
+    """The same terms, the same step: the simulator's price of each step it ran equals the fit's formula on
+    that step's row of steps.parquet, a mixed graph's sequences (min(its tokens, max_num_seqs)) included."""
+    sim_run(tmp_path, HostTerms(0.0, 0.0, 0.0, 0.0, 0.0), False, "FULL", max_num_seqs=8)
+    steps = pd.read_parquet(next(tmp_path.glob("run_*")) / "steps.parquet")
+    rows = with_shape_columns(steps.assign(run="sim", async_=False, profile=0.0, max_seqs=8))
+    mixed = rows[rows["graph_tokens"] > 0]
+    assert len(mixed) and (mixed["graph_seqs"] < mixed["graph_tokens"]).any()  # the graph caps sequences
+    assert predicted_device(Calibration(TRUTH.device, HostTerms(0.0, 0.0, 0.0, 0.0, 0.0)), rows) == (
+        pytest.approx(rows["device_s"].to_numpy(), rel=1e-9))

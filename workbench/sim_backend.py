@@ -257,7 +257,8 @@ def _step_time_model(kind: str, d: _Specs, engine_profiles: str | None, graphs: 
     roofline."""
     def build(name: str) -> StepTimeModel:
         return make_step_time_model(name, d.model, d.hw, d.par, d.cache.block_size,
-                                    engine_profile_root=engine_profiles, mixed_graphs=graphs)
+                                    engine_profile_root=engine_profiles, mixed_graphs=graphs,
+                                    max_num_seqs=d.sched.max_num_seqs)
 
     if kind != "auto":
         return build(kind), kind, f"backend.step_time={kind}"
