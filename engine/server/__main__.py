@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import tempfile
 import types
 import typing
@@ -57,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+GIL_SWITCH_INTERVAL_S = 5e-4
+
+
 def lora_modules(specs: list[str], model_name: str) -> list[LoRARequest]:
     """--lora-modules NAME=PATH ... as LoRARequests with ids 1, 2, ... in order."""
     loras = []
@@ -92,6 +96,11 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         raise SystemExit(f"servebench-serve: error: {e}") from None
     app = build_app(engine, name, args.model, args.api_key, args.max_request_body_bytes, loras)
+    # The engine thread gives up the GIL at every device wait and needs it back at once to launch the next
+    # step, while the event loop streams a token to each of hundreds of clients per step. At CPython's
+    # default 5 ms switch interval it waits up to 5 ms each time (benchmarks/RESULTS.md, "Server at
+    # saturation").
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 

@@ -289,6 +289,15 @@ async def _merge(firsts: list[Update],
                  streams: list[AsyncIterator[Update]]) -> AsyncIterator[tuple[int, Update]]:
     """(stream index, update) as the engine delivers them, `firsts` first, until every stream finished.
     The first error ends it; closing it aborts the streams still running."""
+    if len(streams) == 1:  # the common case (n = 1): no queue and task between the stream and the client
+        try:
+            yield 0, firsts[0]
+            if not firsts[0].finished:
+                async for update in streams[0]:
+                    yield 0, update
+        finally:
+            await streams[0].aclose()  # left early (client gone): the engine aborts the request
+        return
     queue: asyncio.Queue[tuple[int, Update | Exception]] = asyncio.Queue()
 
     async def pump(k: int, stream: AsyncIterator[Update]) -> None:
