@@ -31,6 +31,7 @@ KNOTS = (1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)  # candidat
 OUTLIER = 5.0  # a step a pass misses by this many times the median miss is left out of the next pass
 GOAL = {"p50": 0.03, "p90": 0.08}  # per-step |relative error| a calibration should stay within, each kind
 KINDS = ("decode", "prefill", "mixed")
+HOST_DRIFT = 1.3  # a run whose host time before a step is beyond this factor of the fit's gets a warning
 
 
 # ---- steps: run folders and the profile grid, in one table ----
@@ -184,9 +185,9 @@ def fit_graph(rows: pd.DataFrame) -> tuple[list[int], list[float], float, float,
     return sizes, np.cumsum(coef[:n]).tolist(), *(float(c) for c in coef[n:])
 
 
+# The columns of attention_s, prefill_kv_s, chunk_s, eager_kv_s, seq_s, the profile's offset and the launch
 EAGER_TERMS = ("prefill_attention", "prefill_context_sum", "num_prefill_chunks", "decode_context_sum",
-               "graph_seqs", "profile", "idle")  # of attention_s, prefill_kv_s, chunk_s, eager_kv_s, seq_s,
-# the profile's offset and the launch
+               "graph_seqs", "profile", "idle")
 
 
 def fit_eager(rows: pd.DataFrame) -> tuple[list[int], list[float], list[float]]:
@@ -347,8 +348,6 @@ def host_ratios(cal: Calibration, steps: pd.DataFrame) -> dict[str, float]:
     ratio = (sync["duration_s"] - sync["device_s"]) / pre
     return {run: float(r.median()) for run, r in ratio.groupby(sync["run"]) if r.notna().any()}
 
-
-HOST_DRIFT = 1.3  # a run whose host ratio is beyond this factor of 1 gets a warning line
 
 
 # ---- the command ----

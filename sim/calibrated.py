@@ -22,7 +22,7 @@ programs finish after the others); chunk_s: a chunk's fixed cost (its attention 
 The host's time per step, which sim.simulator places on the timeline (in sync scheduling it adds to every
 step; in async scheduling it overlaps the device and shows only where it is the longer):
 
-    before the device (schedule, input preparation, launch):  pre_s + pre_seq_s * S + pre_token_s * T
+    before the device (schedule, input preparation):          pre_s + pre_seq_s * S + pre_token_s * T
     after the tokens (update, detokenize, outputs, loop):      post_s + post_seq_s * S
     the first steps after start (buffers, allocator):          + first_steps_s[i] for step i
     the launch (input copies, graph launch), decode graph / other:  launch_graph_s / launch_eager_s

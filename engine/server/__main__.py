@@ -15,6 +15,8 @@ from pathlib import Path
 from servebench.engine.config import EngineArgs
 from servebench.engine.lora import LoRARequest
 
+GIL_SWITCH_INTERVAL_S = 5e-4  # the engine thread's wait for the GIL while the event loop streams (main)
+
 
 def _flag_type(hint: typing.Any) -> typing.Callable[[str], typing.Any]:
     """The argparse type of an EngineArgs field: `int | None` parses as int, a dict as a JSON object (vLLM's
@@ -56,9 +58,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.add_argument(flag, type=kind, required=f.default is dataclasses.MISSING,
                            default=None if f.default is dataclasses.MISSING else f.default)
     return p.parse_args(argv)
-
-
-GIL_SWITCH_INTERVAL_S = 5e-4
 
 
 def lora_modules(specs: list[str], model_name: str) -> list[LoRARequest]:
