@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from servebench.engine.core.graphs import graph_batch_sizes, padded_graph_batch
 from servebench.engine.core.recorder import STEP_SHAPE_COLUMNS, prefill_attention
-from servebench.sim.calibrated import CALIBRATION_FILE, Calibration, DeviceTerms, HostTerms
+from servebench.sim.calibrated import CALIBRATION_FILE, Calibration, DeviceTerms, HostTerms, padded_seqs
 
 FIRST_STEPS = 4  # steps after start priced by their own term, left out of the other fits
 KNOTS = (1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)  # candidate knots of linear(T)
@@ -78,9 +78,9 @@ def with_shape_columns(steps: pd.DataFrame) -> pd.DataFrame:
     steps = steps.copy()
     steps["seqs"] = steps["num_prefill_chunks"] + steps["num_decode_tokens"]
     steps["tokens"] = steps["num_prefill_tokens"] + steps["num_decode_tokens"]
-    padded = steps["graph_tokens"] > 0
-    steps["linear_tokens"] = steps["graph_tokens"].where(padded, steps["tokens"])
-    steps["graph_seqs"] = np.minimum(steps["graph_tokens"], steps["max_seqs"]).where(padded, steps["seqs"])
+    steps["linear_tokens"] = steps["graph_tokens"].where(steps["graph_tokens"] > 0, steps["tokens"])
+    steps["graph_seqs"] = [padded_seqs(t, s, m) for t, s, m in zip(steps["graph_tokens"], steps["seqs"],
+                                                                      steps["max_seqs"])]
     steps["swapped"] = steps["swap_in_blocks"] + steps["swap_out_blocks"]
     # The device was idle when the step's window opened (sim.calibrated: it waits for the launch): every sync
     # step; an async one scheduled after the step before had ended. Not a profile point (its own offset).

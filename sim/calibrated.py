@@ -127,6 +127,12 @@ class Calibration:
             raise ValueError(f"{path}: not a calibration ({e})") from None
 
 
+def padded_seqs(graph_tokens: int, seqs: int, max_num_seqs: int) -> int:
+    """The sequences a step's kernels run on: a mixed graph's min(its tokens, max_num_seqs), used or not (the
+    engine's runner pads them so: engine/cuda_graphs.py), else the `seqs` scheduled."""
+    return min(graph_tokens, max_num_seqs) if graph_tokens else seqs
+
+
 class CalibratedStepTime:
     """`predict`: a step's device time from a calibration; `host`: its host terms, for the engine loop."""
 
@@ -148,7 +154,7 @@ class CalibratedStepTime:
 
     def predict(self, out: SchedulerOutput) -> float:
         chunks = out.prefill_chunks
-        seqs = min(out.graph_tokens, self.max_num_seqs) if out.graph_tokens else len(out.requests)
+        seqs = padded_seqs(out.graph_tokens, len(out.requests), self.max_num_seqs)
         return self.calibration.device_time(
             out.graph_batch, out.graph_tokens or out.total_num_scheduled_tokens, seqs,
             len(chunks), prefill_attention(chunks), sum(c for _, c in chunks), out.decode_context_tokens,
