@@ -99,7 +99,10 @@ def _attend(acc, l_i, m_i, q, pos, start, hi, bt_ptr, k_base, v_base, scale_log2
     return acc, l_i, m_new
 
 
-@triton.jit(do_not_specialize=["num_seqs"])
+# Neither the sequence count nor the block table's width (stride_bt: the widest table of an eager step,
+# max_model_len's in a CUDA graph) may pick a compiled variant: Triton would compile one for each value that
+# is 1 or a multiple of 16, and an eager step of a new kind would wait ~1 s for it at serving time.
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
     block_tables_ptr, seq_lens_ptr, qsl_ptr, scale_log2, k_scale, v_scale, num_seqs,
