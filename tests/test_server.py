@@ -20,6 +20,7 @@ from servebench.engine.dummy import write_dummy_adapter
 from servebench.engine.lora import LoRARequest
 from servebench.engine.server.__main__ import lora_modules, parse_args
 from servebench.engine.server.api import build_app
+from servebench.engine.server.engine_process import EngineProcess
 from servebench.workbench.metrics import REQUEST_COLUMNS, summarize
 from servebench.workbench.serve_client import run_serving_benchmark
 from servebench.workbench.workloads import load_workload
@@ -385,6 +386,52 @@ def test_engine_failure_fails_requests_and_health(tiny_llama_dir) -> None:
         assert httpx.get(server.url + "/health").status_code == 503
     finally:
         server.stop()
+
+
+# ---- the engine in a process of its own (what servebench-serve runs) ------------------------------------------
+
+def test_engine_process_serves_what_the_offline_engine_generates(tiny_llama_dir, llm) -> None:
+    engine = EngineProcess(EngineArgs(model=str(tiny_llama_dir), **ENGINE_KW, async_scheduling=True))
+    server = ServerThread(build_app(engine, MODEL, str(tiny_llama_dir)))
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    try:
+        refs = llm.generate(PROMPTS, greedy(logprobs=2), use_tqdm=False)
+        stop = refs[0].outputs[0].text[3:5]  # the text is cut before it: a report that shortens the text
+        cut = llm.generate(PROMPTS[0], greedy(stop=[stop]), use_tqdm=False)[0].outputs[0]
+        for prompt, ref in zip(PROMPTS, refs, strict=True):
+            want = ref.outputs[0]
+            kw = {"model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0, "logprobs": 2}
+            resp = client.completions.create(**kw)
+            assert resp.choices[0].text == want.text
+            assert resp.choices[0].logprobs.token_logprobs == pytest.approx(
+                [p[t].logprob for t, p in zip(want.token_ids, want.logprobs, strict=True)], abs=1e-5)
+            text, n, reason = stream_text(client.completions.create(**kw, stream=True), chat=False)
+            assert (text, n, reason) == (want.text, len(want.token_ids), want.finish_reason)
+        resp = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=0,
+                                         stop=[stop], stream=True)
+        assert stream_text(resp, chat=False)[0] == cut.text
+
+        # Streams that stop reading after their first chunk are aborted, and the engine frees everything.
+        body = {"prompt": "Hello", "max_tokens": 100, "ignore_eos": True, "stream": True}
+        for _ in range(8):
+            with httpx.stream("POST", server.url + "/v1/completions", json=body) as resp:
+                assert next(resp.iter_lines()).startswith("data: {")
+        wait_until(lambda: metric(server.url, "vllm:num_requests_running") == 0, "requests kept running")
+        wait_until(lambda: metric(server.url, "vllm:kv_cache_usage_perc") == 0, "KV blocks stayed allocated")
+
+        # An engine process that dies fails what comes next, and /health says so.
+        engine.process.kill()
+        wait_until(lambda: httpx.get(server.url + "/health").status_code == 503, "/health stayed 200")
+        resp = httpx.post(server.url + "/v1/completions", json={"prompt": "Hello"})
+        assert resp.status_code == 500
+        assert_internal_error(resp.json()["error"])
+    finally:
+        server.stop()
+
+
+def test_engine_process_that_cannot_start_says_why(tmp_path) -> None:
+    with pytest.raises(ValueError, match="missing is not a local Hugging Face model directory"):
+        EngineProcess(EngineArgs(model=str(tmp_path / "missing"), device="cpu"))
 
 
 def test_models_health_version_metrics(url, client) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import tempfile
 import types
 import typing
@@ -14,8 +13,6 @@ from pathlib import Path
 
 from servebench.engine.config import EngineArgs
 from servebench.engine.lora import LoRARequest
-
-GIL_SWITCH_INTERVAL_S = 5e-4  # the engine thread's wait for the GIL while the event loop streams (main)
 
 
 def _flag_type(hint: typing.Any) -> typing.Callable[[str], typing.Any]:
@@ -78,8 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     # Heavy imports after parsing, so that --help is instant.
     import uvicorn
     from servebench.engine.dummy import resolve_model
-    from servebench.engine.llm_engine import LLMEngine
     from servebench.engine.server.api import build_app
+    from servebench.engine.server.engine_process import EngineProcess
 
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineArgs)}
     name = args.served_model_name or args.model
@@ -89,17 +86,10 @@ def main(argv: list[str] | None = None) -> None:
             # With --load-format dummy a conf/model shape name (tiny_llama, llama2_7b, ...) serves too.
             if args.load_format == "dummy":
                 fields["model"] = str(resolve_model(args.model, Path(tmp))[1])
-            engine = LLMEngine(EngineArgs(**fields))
-        for lora in loras:  # checked now, loaded when a request first needs it
-            engine.add_lora(lora)
+            engine = EngineProcess(EngineArgs(**fields), loras)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         raise SystemExit(f"servebench-serve: error: {e}") from None
     app = build_app(engine, name, args.model, args.api_key, args.max_request_body_bytes, loras)
-    # The engine thread gives up the GIL at every device wait and needs it back at once to launch the next
-    # step, while the event loop streams a token to each of hundreds of clients per step. At CPython's
-    # default 5 ms switch interval it waits up to 5 ms each time (benchmarks/RESULTS.md, "Server at
-    # saturation").
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 

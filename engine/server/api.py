@@ -23,7 +23,8 @@ from pydantic import BaseModel, ValidationError
 from servebench.engine.core.sampling_params import SamplingParams
 from servebench.engine.lora import LoRARequest
 from servebench.engine.outputs import PositionLogprobs
-from servebench.engine.server.async_engine import AsyncEngine, Update
+from servebench.engine.server.async_engine import AsyncEngine, EngineThread, Update
+from servebench.engine.server.engine_process import EngineProcess
 from servebench.engine.server.metrics import ServerMetrics
 from servebench.engine.server.protocol import (
     AssistantMessage,
@@ -99,14 +100,15 @@ class OpenAIServer:
 
     def __init__(self, engine, model_name: str, model_path: str, max_body_bytes: int | None = None,
                  loras: list[LoRARequest] | None = None) -> None:
-        # A copy of our own: the engine thread detokenizes with its tokenizer while we encode here.
+        loop = engine if isinstance(engine, EngineProcess) else EngineThread(engine)
+        # A copy of our own: an engine thread detokenizes with its tokenizer while we encode here.
         self.tokenizer = copy.deepcopy(engine.tokenizer)
         self.model_name, self.model_path, self.max_model_len = model_name, model_path, engine.max_model_len
         self.loras = {lora.lora_name: lora for lora in loras or ()}  # served as models under their names
         self.vocab_size = engine.vocab_size
         self.max_body_bytes = max_body_bytes or default_max_body_bytes(self.max_model_len)
         self.metrics = ServerMetrics(model_name)
-        self.engine = AsyncEngine(engine, self.metrics)
+        self.engine = AsyncEngine(loop, self.metrics)
         self.created = int(time.time())
         # Body parsing and tokenization run here, off the event loop; one thread, so the tokenizer is never
         # used by two threads at once.
@@ -487,8 +489,9 @@ def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
 
 def build_app(engine, model_name: str, model_path: str, api_key: str | None = None,
               max_body_bytes: int | None = None, loras: list[LoRARequest] | None = None) -> FastAPI:
-    """The app over `engine` (an `LLMEngine`), which its lifespan steps in a thread of its own; `loras`:
-    adapters the engine knows (LLMEngine.add_lora), served as models under their names."""
+    """The app over `engine`: an `LLMEngine`, which its lifespan steps in a thread of this process, or an
+    `EngineProcess`, whose loop it starts; `loras`: adapters the engine knows (LLMEngine.add_lora), served
+    as models under their names."""
     server = OpenAIServer(engine, model_name, model_path, max_body_bytes, loras)
     expected = f"Bearer {api_key}".encode()
 
