@@ -13,6 +13,12 @@ prefill-only step), then --seqs prompts sharing N tokens (a step of that many se
 with fresh prompts. Printed per call: its wall time and the kernels Triton compiled during it (new entries
 in a TRITON_CACHE_DIR of this run's own, so nothing is found in an older cache). A first call much slower
 than the second, with kernels listed, is a compile at serving time that the start-up should have done.
+
+On an H100 (results/h100_eager_first_steps.log, the block-table width already unspecialized) three first
+calls took 688-740 ms against 48-102 ms for the second, each compiling _paged_attention_kernel: its decode
+launch at a split count (8, 16, 2) that the CUDA graphs had compiled with their block tables 4 bytes off a
+16-byte boundary, where an eager step passes a fresh, aligned tensor. engine/cuda_graphs.py now aligns the
+graphs' inputs (VIEW_ALIGN).
 """
 
 from __future__ import annotations

@@ -18,6 +18,11 @@ from servebench.engine.models import AttentionMetadata, LlamaForCausalLM
 from servebench.engine.pending_tokens import PendingTokens
 from servebench.kernels import ops
 
+# Every view starts at a multiple of this many bytes, as a tensor of its own would: Triton compiles a kernel
+# per alignment of its pointer arguments, so a view that an eager step's fresh tensor replaces at another
+# alignment made that step compile the kernel anew (~0.7 s on an H100: benchmarks/eager_first_steps.py).
+VIEW_ALIGN = 16
+
 
 class GraphInputs:
     """The static tensors every captured graph reads, as typed views into one byte buffer, so that a step's
@@ -25,35 +30,47 @@ class GraphInputs:
     positions, KV slots and, with `max_loras`, the adapter slot rows as kernels.lora reads them), per sequence
     (context lengths, query start offsets, the token whose logits it samples) and the block tables."""
 
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    seq_lens: torch.Tensor
+    query_start_loc: torch.Tensor
+    logits_index: torch.Tensor
+    lora_rows: torch.Tensor
+    lora_starts: torch.Tensor
+    block_tables: torch.Tensor
+
     def __init__(self, buffer: torch.Tensor, max_tokens: int, max_seqs: int, max_blocks: int,
                  max_loras: int = 0) -> None:
         self.buffer = buffer
-        offset = 0
-
-        def take(dtype: torch.dtype, *shape: int) -> torch.Tensor:
-            nonlocal offset
+        offsets, _ = _layout(max_tokens, max_seqs, max_blocks, max_loras)
+        for name, (offset, dtype, shape) in offsets.items():
             nbytes = int(np.prod(shape)) * dtype.itemsize
-            view = buffer[offset:offset + nbytes].view(dtype).view(shape)
-            offset += nbytes
-            return view
-
-        self.input_ids = take(torch.long, max_tokens)
-        self.positions = take(torch.long, max_tokens)
-        self.slot_mapping = take(torch.long, max_tokens)
-        self.seq_lens = take(torch.int32, max_seqs)
-        self.query_start_loc = take(torch.int32, max_seqs + 1)
-        self.logits_index = take(torch.int32, max_seqs)
-        self.lora_rows = take(torch.int32, max_tokens if max_loras else 0)
-        self.lora_starts = take(torch.int32, max_loras + 2 if max_loras else 0)
-        self.block_tables = take(torch.int32, max_seqs, max_blocks)
+            setattr(self, name, buffer[offset:offset + nbytes].view(dtype).view(shape))
         # The block tables come last, so a batch of n sequences copies bytes [0, end_of_row[n]).
-        tables_at = offset - max_seqs * max_blocks * 4
+        tables_at = offsets["block_tables"][0]
         self.end_of_row = [tables_at + i * max_blocks * 4 for i in range(max_seqs + 1)]
 
     @staticmethod
     def nbytes(max_tokens: int, max_seqs: int, max_blocks: int, max_loras: int = 0) -> int:
-        lora = 4 * (max_tokens + max_loras + 2) if max_loras else 0
-        return max_tokens * 3 * 8 + max_seqs * (4 + 4 + 4 + 4 * max_blocks) + 4 + lora
+        return _layout(max_tokens, max_seqs, max_blocks, max_loras)[1]
+
+
+def _layout(max_tokens: int, max_seqs: int, max_blocks: int, max_loras: int
+            ) -> tuple[dict[str, tuple[int, torch.dtype, tuple[int, ...]]], int]:
+    """GraphInputs' views: name -> (byte offset, dtype, shape), and the bytes they take in all."""
+    views = [("input_ids", torch.long, (max_tokens,)), ("positions", torch.long, (max_tokens,)),
+             ("slot_mapping", torch.long, (max_tokens,)), ("seq_lens", torch.int32, (max_seqs,)),
+             ("query_start_loc", torch.int32, (max_seqs + 1,)), ("logits_index", torch.int32, (max_seqs,)),
+             ("lora_rows", torch.int32, (max_tokens if max_loras else 0,)),
+             ("lora_starts", torch.int32, (max_loras + 2 if max_loras else 0,)),
+             ("block_tables", torch.int32, (max_seqs, max_blocks))]
+    offsets, offset = {}, 0
+    for name, dtype, shape in views:
+        offset = -(-offset // VIEW_ALIGN) * VIEW_ALIGN
+        offsets[name] = (offset, dtype, shape)
+        offset += int(np.prod(shape)) * dtype.itemsize
+    return offsets, offset
 
 
 class CudaGraphs:

@@ -65,3 +65,15 @@ def test_decode_graph_inputs_give_the_eager_logits(runner):
         want = runner._run_eager(batch)
     got = graph_logits(runner, batch, 4, 4, mixed=False)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("max_seqs,max_loras", [(8, 0), (7, 3), (24, 0), (255, 16)])
+def test_graph_inputs_are_aligned_as_an_eager_steps_tensors(max_seqs, max_loras):
+    # Triton compiles a kernel per alignment of its pointer arguments: a view at another alignment than the
+    # fresh tensor an eager step passes made that step compile the attention kernel at serving time.
+    n = GraphInputs.nbytes(MAX_TOKENS, max_seqs, 33, max_loras)
+    g = GraphInputs(torch.zeros(n, dtype=torch.uint8), MAX_TOKENS, max_seqs, 33, max_loras)
+    views = [g.input_ids, g.positions, g.slot_mapping, g.seq_lens, g.query_start_loc, g.logits_index,
+             g.block_tables] + ([g.lora_rows, g.lora_starts] if max_loras else [])
+    assert all((v.data_ptr() - g.buffer.data_ptr()) % 16 == 0 for v in views)
+    assert g.end_of_row[max_seqs] == n and g.block_tables.shape == (max_seqs, 33)

@@ -388,7 +388,7 @@ def test_engine_failure_fails_requests_and_health(tiny_llama_dir) -> None:
         server.stop()
 
 
-# ---- the engine in a process of its own (what servebench-serve runs) ------------------------------------------
+# ---- the engine in a process of its own (what servebench-serve runs) ---------------------------------------
 
 def test_engine_process_serves_what_the_offline_engine_generates(tiny_llama_dir, llm) -> None:
     engine = EngineProcess(EngineArgs(model=str(tiny_llama_dir), **ENGINE_KW, async_scheduling=True))
