@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from servebench.engine.config import ModelConfig
 from servebench.engine.core.config import CacheConfig, SchedulerConfig
+from servebench.engine.host_to_device import to_device
 from servebench.engine.input_batch import HostBatch, host_batch
 from servebench.engine.models import LlamaForCausalLM
 
@@ -74,10 +75,8 @@ class KVCache:
             self.gpu[:, :, self._device_index(gpu)] = blocks.movedim(0, 2)
 
     def _device_index(self, ids: tuple[int, ...]) -> torch.Tensor:
-        """Block ids on the device, copied from pinned memory without a wait (a Python list as an index
-        would be copied synchronously, stalling the host behind every step in flight)."""
-        pinned = self.device.type == "cuda"
-        return torch.tensor(ids, dtype=torch.long, pin_memory=pinned).to(self.device, non_blocking=pinned)
+        """Block ids on the device (a Python list as an index would be copied with a wait for the device)."""
+        return to_device(list(ids), self.device, torch.long)
 
     def _num_gpu_blocks(self, model: LlamaForCausalLM, sched: SchedulerConfig, cache: CacheConfig,
                         kv_cache_memory_bytes: int | None, forward: Callable[[HostBatch], torch.Tensor]

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from servebench.engine.config import ModelConfig
 from servebench.engine.core.scheduler_output import SchedulerOutput
+from servebench.engine.host_to_device import to_device
 from servebench.engine.lora import AdapterConfig, LoRARequest, check_adapter, read_adapter
 from servebench.engine.lora_layers import LoRATables, PackedLoRA, group_rows
 from servebench.engine.models import LlamaForCausalLM
@@ -103,5 +104,5 @@ class LoRAManager:
             self.tables.indices = self.tables.idle
             return
         rows, starts, max_rows = group_rows(token_slots, self.tables.max_loras)
-        self.tables.indices = ops.LoRAIndices(torch.from_numpy(rows).to(self.device),
-                                              torch.from_numpy(starts).to(self.device), max_rows)
+        self.tables.indices = ops.LoRAIndices(to_device(rows, self.device), to_device(starts, self.device),
+                                              max_rows)

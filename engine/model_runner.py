@@ -11,6 +11,7 @@ from servebench.engine.config import EngineArgs, ModelConfig
 from servebench.engine.core.config import CacheConfig, SchedulerConfig
 from servebench.engine.core.scheduler_output import SchedulerOutput
 from servebench.engine.cuda_graphs import CudaGraphs
+from servebench.engine.host_to_device import to_device
 from servebench.engine.input_batch import HostBatch, prepare
 from servebench.engine.kv_cache import KVCache
 from servebench.engine.loader import load_model
@@ -148,7 +149,7 @@ class ModelRunner:
         scored, at = [], 0
         for i, start, token_rows in batch.prompt_rows:
             req, m = out.requests[i], len(token_rows)
-            targets = torch.tensor(req.all_token_ids[start + 1:start + 1 + m], device=self.device)
+            targets = to_device(req.all_token_ids[start + 1:start + 1 + m], self.device, torch.long)
             try:
                 scored.append((i, start, Logprobs.of(logits[at:at + m], targets,
                                                      req.sampling_params.prompt_logprobs)))
@@ -169,10 +170,8 @@ class ModelRunner:
         return self._run_eager(batch)
 
     def _run_eager(self, batch: HostBatch) -> torch.Tensor:
-        dev = self.device
-
         def put(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(a).to(dev)
+            return to_device(a, self.device)
 
         meta = AttentionMetadata(
             slot_mapping=put(batch.slot_mapping), block_tables=put(batch.block_tables),
@@ -183,6 +182,6 @@ class ModelRunner:
             self.lora.set_rows(batch.lora_slots)
         if batch.pending_rows is not None:
             self.pending_tokens.fill(input_ids, batch.pending_rows, batch.pending_from)
+        rows = put(np.concatenate([batch.logits_index, *(r for _, _, r in batch.prompt_rows)]))
         hidden = self.model(input_ids, put(batch.positions), meta)
-        rows = np.concatenate([batch.logits_index, *(r for _, _, r in batch.prompt_rows)])
-        return self.model.compute_logits(hidden[put(rows)])
+        return self.model.compute_logits(hidden[rows])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from servebench.engine.core.request import Request
+from servebench.engine.host_to_device import to_device
 
 
 class PendingTokens:
@@ -34,4 +35,4 @@ class PendingTokens:
             input_ids[:m].copy_(prev[:m])
             return
         dev = input_ids.device
-        input_ids[torch.from_numpy(rows).to(dev)] = prev[torch.from_numpy(source_rows).to(dev)]
+        input_ids[to_device(rows, dev)] = prev[to_device(source_rows, dev)]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from servebench.engine.core.request import Request
+from servebench.engine.host_to_device import to_device
 from servebench.engine.outputs import Logprob
 
 
@@ -72,7 +73,7 @@ class Sampler:
         logprobs = None
         if rows:
             k = max(reqs[i].sampling_params.logprobs for i in rows)
-            index = torch.tensor(rows, device=logits.device)
+            index = to_device(rows, logits.device, torch.long)
             try:
                 logprobs = Logprobs.of(logits[index], tokens[index], k)
             except Exception as e:  # the requests that asked for logprobs fail, not the batch
@@ -96,20 +97,20 @@ class Sampler:
         params = [r.sampling_params for r in reqs]
         if all(p.greedy for p in params):
             return greedy_tokens
-        temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=self.device)
+        temps = to_device([1.0 if p.greedy else p.temperature for p in params], self.device, torch.float32)
         logits = logits / temps[:, None]
         top_k = [p.top_k if p.top_k > 0 else logits.shape[-1] for p in params]
         top_p = [p.top_p for p in params]
         if any(k < logits.shape[-1] for k in top_k) or any(p < 1.0 for p in top_p):
-            logits = _top_k_top_p(logits, torch.tensor(top_k, device=self.device),
-                                  torch.tensor(top_p, device=self.device))
+            logits = _top_k_top_p(logits, to_device(top_k, self.device, torch.long),
+                                  to_device(top_p, self.device, torch.float32))
         probs = logits.softmax(dim=-1)
         noise = torch.empty_like(probs).exponential_()
         for i, r in enumerate(reqs):
             if r.sampling_params.seed is not None:
                 noise[i].exponential_(generator=self._generator(r))
         sampled = probs.div_(noise).argmax(dim=-1)
-        is_greedy = torch.tensor([p.greedy for p in params], device=self.device)
+        is_greedy = to_device([p.greedy for p in params], self.device, torch.bool)
         return torch.where(is_greedy, greedy_tokens, sampled)
 
     def _generator(self, req: Request) -> torch.Generator:

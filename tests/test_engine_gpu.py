@@ -120,6 +120,30 @@ def test_tiny_fp32_exact_on_gpu(tiny_llama_dir, knobs):
         assert bool(llm.engine.runner.cuda_graphs.mixed_graphs) == ("compilation_config" not in knobs)
 
 
+def test_async_launches_never_wait_for_the_device(tiny_llama_dir, monkeypatch):
+    """With async scheduling the host launches a step while the one before runs: nothing in a launch may copy
+    from pageable memory or read the device (each waits for every queued kernel). Eager steps (decode-only
+    graphs), sampling with temperature, top-k/top-p and logprobs, a changing batch (pending tokens), swaps."""
+    llm = LLM(model=str(tiny_llama_dir), dtype="float32", gpu_memory_utilization=0.05, async_scheduling=True,
+              compilation_config=DECODE_GRAPHS, max_model_len=256, num_gpu_blocks_override=16,
+              preemption_mode="swap", swap_space=0.01)
+    runner, launch = llm.engine.runner, llm.engine.runner.launch
+
+    def checked(out):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch(out)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(runner, "launch", checked)
+    params = [SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=i, max_tokens=40 - i, logprobs=2)
+              for i in range(len(PROMPTS))]
+    outputs = llm.generate(PROMPTS, params, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [40 - i for i in range(len(PROMPTS))]
+    assert llm.engine.stats().num_preemptions > 0
+
+
 TP_SWAP = {"max_model_len": 256, "preemption_mode": "swap", "num_gpu_blocks_override": 16, "swap_space": 0.01}
 
 
