@@ -79,13 +79,15 @@ GRIDS = {
     # batch sizes on both sides of each CUDA-graph size (a batch of 65 runs in the graph of 128)
     "full": Grid(
         linear_tokens=[1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 12288, 16384],
-        chunk_sizes=[256, 512, 1024, 2048, 4096],
+        # 2560 and 3072: single prompts that run eagerly (over the largest mixed graph) within a 4k model's
+        # max_model_len, where the linear points above 2048 tokens are all chunks of 128 with no attention
+        chunk_sizes=[256, 512, 1024, 2048, 2560, 3072, 4096],
         chunk_contexts=[0, 1024, 3072, 8192, 16384, 32768],
         decode_batches=[1, 2, 4, 8, 9, 16, 17, 32, 33, 64, 65, 128, 129, 256, 512],
         decode_contexts=[16, 256, 1024, 2048, 4096, 8192, 16384, 32768],
         mixed_batches=[16, 64, 128, 256],
         mixed_contexts=[256, 2048],
-        mixed_chunks=[256, 1024, 4096],
+        mixed_chunks=[256, 1024, 3072, 4096],
         skew_batches=[2, 4, 8, 9, 16, 32, 64],
         skew_contexts=[1024, 4096],
         cpu_batches=[1, 4, 16, 64, 128, 256, 512],
