@@ -147,7 +147,9 @@ class EngineLoop:
             self.engine.add_request(request_id, None, prompt_token_ids, params, arrival_time=arrival,
                                     lora_request=lora_request)
         except Exception as e:  # a bad request fails alone (ValueError: HTTP 400); the engine goes on
-            self._refused.append((request_id, e))
+            # As a plain exception of its message: a report may cross a pipe, whatever raised it.
+            self._refused.append((request_id, ValueError(str(e)) if isinstance(e, ValueError) else
+                                  RuntimeError(f"request {request_id} was refused: {e!r}")))
             return
         self._live[request_id] = _Seen()
 

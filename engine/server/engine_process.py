@@ -82,6 +82,8 @@ class EngineProcess:
                         deliver(RuntimeError(f"the engine process died (exit code {self.process.exitcode})"))
                     return
                 deliver(report)
+                if isinstance(report, Exception):  # the engine loop died and said why: nothing follows
+                    return
 
         self._reader = threading.Thread(target=read, name="engine-reports", daemon=True)
         self._reader.start()
