@@ -137,8 +137,8 @@ def test_async_launches_never_wait_for_the_device(tiny_llama_dir, monkeypatch):
             torch.cuda.set_sync_debug_mode("default")
 
     monkeypatch.setattr(runner, "launch", checked)
-    params = [SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=i, max_tokens=40 - i, logprobs=2)
-              for i in range(len(PROMPTS))]
+    params = [SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=i, max_tokens=40 - i, logprobs=2,
+                             ignore_eos=True) for i in range(len(PROMPTS))]
     outputs = llm.generate(PROMPTS, params, use_tqdm=False)
     assert [len(o.outputs[0].token_ids) for o in outputs] == [40 - i for i in range(len(PROMPTS))]
     assert llm.engine.stats().num_preemptions > 0
