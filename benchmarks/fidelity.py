@@ -21,6 +21,7 @@ import argparse
 import copy
 import json
 import math
+import tempfile
 import threading
 import time
 import traceback
@@ -49,6 +50,10 @@ METRICS = {
     "num_preemptions": ("num_preemptions", None), "prefix_cache_hit_rate": ("prefix_cache_hit_rate", None),
 }
 SWEEP_RANK_BY = ("median_e2el_ms", "median_ttft_ms", "median_tpot_ms")
+# compare also simulates each case with every step's device time this much shorter and longer
+# (backend.device_time_scale): how far the simulator's own metrics move for a change far below any step-time
+# model's error says where a case is chaotic (which request a preemption takes turns on a few microseconds)
+SENSITIVITY = 0.002
 
 
 @dataclass(slots=True)
@@ -247,8 +252,8 @@ def sim_config(engine_summary: dict[str, Any], profile_root: Path | None, step_t
     return cfg
 
 
-def compare(runs: Path, out: Path, profile_root: Path | None = None, step_time: str = "auto"
-            ) -> dict[str, Any]:
+def compare(runs: Path, out: Path, profile_root: Path | None = None, step_time: str = "auto",
+            sensitivity: float = SENSITIVITY) -> dict[str, Any]:
     from servebench.workbench.experiment import run_experiment
     from servebench.workbench.runs import load_run
 
@@ -259,9 +264,10 @@ def compare(runs: Path, out: Path, profile_root: Path | None = None, step_time: 
     for folder in sorted(p.parent for p in runs.glob("*/engine/summary.json")):
         engine, sim_dir, rerun = load_run(folder), folder.parent / "sim", folder.parent / RERUN
         summary = engine.summary | {"config": engine.config}
-        run_experiment(sim_config(summary, profile_root, step_time), sim_dir)
+        cfg = sim_config(summary, profile_root, step_time)
+        run_experiment(cfg, sim_dir)
         other = load_run(rerun) if (rerun / "summary.json").is_file() else None
-        case = case_result(engine, load_run(sim_dir), other)
+        case = case_result(engine, load_run(sim_dir), other, _nudged(cfg, sensitivity))
         if folder.parts[-2:] in fitted and case["role"] != "calibration":
             case["role"] += ", fitted on"  # a case the calibration saw is no test of it
         cases[folder.parent.name] = case
@@ -274,6 +280,21 @@ def compare(runs: Path, out: Path, profile_root: Path | None = None, step_time: 
     (out / "fidelity.json").write_text(json.dumps(_rounded(result), indent=2, allow_nan=False) + "\n")
     write_markdown(result, runs, out)
     return result
+
+
+def _nudged(cfg: dict[str, Any], sensitivity: float) -> list[dict[str, Any]]:
+    """The simulator's summaries of `cfg` with every device time `sensitivity` shorter and longer."""
+    from servebench.workbench.experiment import run_experiment
+    from servebench.workbench.runs import load_run
+
+    summaries = []
+    for scale in (1 - sensitivity, 1 + sensitivity) if sensitivity else ():
+        nudged = copy.deepcopy(cfg)
+        nudged["backend"]["device_time_scale"] = scale
+        with tempfile.TemporaryDirectory() as tmp:
+            run_experiment(nudged, Path(tmp) / "sim")
+            summaries.append(load_run(Path(tmp) / "sim").summary)
+    return summaries
 
 
 def calibration_metas(runs: Path, profile_root: Path | None) -> dict[str, dict[str, Any]]:
@@ -294,17 +315,21 @@ def calibration_metas(runs: Path, profile_root: Path | None) -> dict[str, dict[s
     return found
 
 
-def case_result(engine: Run, sim: Run, rerun: Run | None) -> dict[str, Any]:
+def case_result(engine: Run, sim: Run, rerun: Run | None,
+                nudged: list[dict[str, Any]] | tuple = ()) -> dict[str, Any]:
     """Each metric's simulator error, the engine's own spread (its rerun against it) and whether the error is
-    within the target, or within the spread where that is larger."""
+    within the target, or within the spread where that is larger; and how far the simulator's own metric
+    moves with its device times SENSITIVITY shorter or longer (`nudged`: those runs' summaries)."""
     metrics = {}
     for name, (key, target) in METRICS.items():
         e, s = engine.summary.get(key), sim.summary.get(key)
         spread = _rel(rerun.summary.get(key), e) if rerun else None
         spread = None if spread is None else abs(spread)
+        moves = [abs(r) for r in (_rel(n.get(key), s) for n in nudged) if r is not None]
         err = _rel(s, e)
         allowed = None if target is None else max(target, spread or 0.0)
-        metrics[name] = {"engine": e, "sim": s, "rel_error": err, "engine_spread": spread, "target": target,
+        metrics[name] = {"engine": e, "sim": s, "rel_error": err, "engine_spread": spread,
+                         "sim_sensitivity": max(moves) if moves else None, "target": target,
                          "met": None if allowed is None or err is None else abs(err) <= allowed}
     return {"what": engine.config.get("fidelity_case", ""), "role": engine.config.get("fidelity_role", ""),
             "metrics": metrics,
@@ -417,7 +442,11 @@ INTRO = ("Each workload ran on the engine (`backend=engine`) and on the simulato
          "is one, else its profile; same config, KV block count, sync or async scheduling). Relative "
          "error = (sim - engine) / engine. Targets: p50 within 3 %, p99 within 8 %, throughput within "
          "2 %, or within the engine's own spread (a held-out case's second engine run against its "
-         "first) where that is larger. Calibration cases, and any case marked 'fitted on', are those "
+         "first) where that is larger. Sim sensitivity: how far the simulator's own metric moves with "
+         "every device time 0.2 % shorter or longer (`backend.device_time_scale`), far less than any "
+         "step-time model's error; where that is as large as the miss, the case is chaotic (which request "
+         "a preemption or a batch takes turns on microseconds), and no step-time model can do better than "
+         "its engine's own run-to-run spread. Calibration cases, and any case marked 'fitted on', are those "
          "the calibration was fitted on; the others were not. Each case's step table shows where the "
          "time goes, and for a held-out case how its "
          "rerun's steps compare: steps replayed from CUDA graphs (decode steps; with cudagraph_mode "
@@ -437,14 +466,15 @@ def write_markdown(result: dict[str, Any], runs: Path, out: Path) -> None:
                   f"Step-time model: {case['step_time_model']}; steps outside the profile: "
                   f"{case['num_steps_outside_profile']}." + (f" **{case['step_time_stale']}**"
                                                               if case["step_time_stale"] else ""), "",
-                  "| metric | engine | sim | rel. error | engine spread | target | met |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| metric | engine | sim | rel. error | engine spread | sim sensitivity | target | met |",
+                  "|---|---|---|---|---|---|---|---|"]
         for metric, m in case["metrics"].items():
             target = f"{m['target']:.0%}" if m["target"] is not None else ""
             met = {True: "yes", False: "**no**", None: ""}[m["met"]]
-            spread = "" if m["engine_spread"] is None else f"{m['engine_spread']:.1%}"
+            spread, moves = ("" if m.get(k) is None else f"{m[k]:.1%}" for k in ("engine_spread",
+                                                                                 "sim_sensitivity"))
             lines.append(f"| {metric} | {_fmt(m['engine'])} | {_fmt(m['sim'])} | {_pct(m['rel_error'])} | "
-                         f"{spread} | {target} | {met} |")
+                         f"{spread} | {moves} | {target} | {met} |")
         lines += ["", "Step periods (median ms) by kind of step:", "",
                   "| steps | engine n | sim n | engine ms | sim ms | rel. error | engine rerun ms |",
                   "|---|---|---|---|---|---|---|"]
@@ -502,7 +532,12 @@ def _misses(case: dict[str, Any]) -> list[str]:
     worst = max(terms, default=None)
     why = (f"the largest step-period error is in {worst[1]} steps ({worst[2]:+.1%})" if worst
            else "no step kind with enough steps to attribute it")
-    return [f"Missed: {', '.join(missed)} (beyond the target); {why}."]
+    chaotic = [k for k, m in case["metrics"].items()
+               if m["met"] is False and (m.get("sim_sensitivity") or 0) >= abs(m["rel_error"])]
+    verb = "move" if len(chaotic) > 1 else "moves"
+    note = (f" The simulator's own {' and '.join(chaotic)} {verb} as far when its device times are "
+            f"{SENSITIVITY:.1%} shorter or longer: the case is chaotic there." if chaotic else "")
+    return [f"Missed: {', '.join(missed)} (beyond the target); {why}.{note}"]
 
 
 def _plot(case_dir: Path, out: Path, name: str) -> str:
@@ -560,11 +595,13 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--out", type=Path, default=REPO / "reports")
     c.add_argument("--profile-root", type=Path, default=None, help="default: data/profiles")
     c.add_argument("--step-time", default="auto", help="backend.step_time of the simulator runs")
+    c.add_argument("--sensitivity", type=float, default=SENSITIVITY,
+                   help="also simulate each case with its device times this much shorter and longer (0: not)")
     a = p.parse_args(argv)
     if a.cmd == "gpu":
         run_gpu(a.runs, a.model, a.hardware, a.device, a.tiny, a.budget_s, a.only, a.roles, a.cudagraph_mode)
     else:
-        compare(a.runs, a.out, a.profile_root, a.step_time)
+        compare(a.runs, a.out, a.profile_root, a.step_time, a.sensitivity)
 
 
 if __name__ == "__main__":

@@ -122,8 +122,10 @@ class ClusterSimulation(Simulation):
         on_finished: Callable[[int], None] | None = None,
         graph_sizes: GraphSizes | None = None,
         async_scheduling: bool = False,
+        device_time_scale: float = 1.0,
     ) -> None:
-        super().__init__(replicas[0][0], step_times[0], requests, on_finished, graph_sizes, async_scheduling)
+        super().__init__(replicas[0][0], step_times[0], requests, on_finished, graph_sizes, async_scheduling,
+                         device_time_scale)
         self.replicas = [
             Replica(self._engines(schedulers, step_time))
             for schedulers, step_time in zip(replicas, step_times, strict=True)

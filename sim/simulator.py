@@ -71,6 +71,7 @@ class Simulation:
     to, as the engine's runner does. None: eager. A step-time model with a `host`
     (sim.calibrated) prices the loop's host work apart from the device's, and `async_scheduling` overlaps the
     two as the engine's async loop does; without one, async and sync scheduling give the same timeline.
+    `device_time_scale` multiplies the model's device time (the whole step for a model without a host part).
     """
 
     def __init__(
@@ -81,7 +82,11 @@ class Simulation:
         on_finished: Callable[[int], None] | None = None,
         graph_sizes: GraphSizes | None = None,
         async_scheduling: bool = False,
+        device_time_scale: float = 1.0,
     ) -> None:
+        if not device_time_scale > 0:
+            raise ValueError(f"backend.device_time_scale={device_time_scale}: must be > 0")
+        self.device_time_scale = device_time_scale
         self.env = simpy.Environment()
         self.engines = [Engine(scheduler, step_time)]
         self.on_finished = on_finished
@@ -210,7 +215,7 @@ class Simulation:
         if self.graph_sizes is not None:
             out.graph_batch, out.graph_tokens = self.graph_sizes.padded(len(out.requests),
                                                                         out.total_num_scheduled_tokens)
-        out.device_s = engine.step_time.predict(out)
+        out.device_s = engine.step_time.predict(out) * self.device_time_scale
         return out.device_s
 
     def _finished(self, finished: list[Request]) -> None:

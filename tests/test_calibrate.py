@@ -128,7 +128,7 @@ def test_fit_drops_stalled_steps():
 
 
 def sim_run(tmp_path: Path, host: HostTerms, async_scheduling: bool, cudagraph_mode: str = "FULL_DECODE_ONLY",
-            max_num_seqs: int | None = None) -> dict:
+            max_num_seqs: int | None = None, device_time_scale: float = 1.0) -> dict:
     root = tmp_path / "profiles"
     folder = root / "h200" / "tiny_llama"
     folder.mkdir(parents=True, exist_ok=True)
@@ -144,9 +144,9 @@ def sim_run(tmp_path: Path, host: HostTerms, async_scheduling: bool, cudagraph_m
         cfg["scheduler"]["max_num_seqs"] = max_num_seqs
     cfg["backend"] = {"name": "sim", "step_time": "calibrated", "profile_root": str(root),
                       "async_scheduling": async_scheduling, "enforce_eager": False,
-                      "cudagraph_mode": cudagraph_mode}
+                      "cudagraph_mode": cudagraph_mode, "device_time_scale": device_time_scale}
     cfg |= {"report": False, "progress": False}
-    return run_experiment(cfg, tmp_path / f"run_{async_scheduling}_{host.pre_s}")
+    return run_experiment(cfg, tmp_path / f"run_{async_scheduling}_{host.pre_s}_{device_time_scale}")
 
 
 def test_async_scheduling_hides_host_work_behind_the_device(tmp_path):
@@ -157,7 +157,7 @@ def test_async_scheduling_hides_host_work_behind_the_device(tmp_path):
     assert sync["median_tpot_ms"] > no_host["median_tpot_ms"] + 4.9
     assert overlapped["median_tpot_ms"] < no_host["median_tpot_ms"] + 1.0
     assert overlapped["step_time_stale"] and "measured engine code test" in overlapped["step_time_stale"]
-    steps = pd.read_parquet(tmp_path / "run_True_0.003" / "steps.parquet")
+    steps = pd.read_parquet(tmp_path / "run_True_0.003_1.0" / "steps.parquet")
     assert (steps["host_gap_s"].dropna() < 0).mean() > 0.5  # scheduled while the previous step ran
 
 
@@ -172,10 +172,10 @@ def test_an_idle_device_waits_for_the_launch_a_queued_step_hides_it(tmp_path):
     # +2 ms a step, and a little more: slower steps gather larger batches
     assert 1.9 < sync["median_tpot_ms"] - sync_none["median_tpot_ms"] < 2.5
     assert queued["median_tpot_ms"] == pytest.approx(queued_none["median_tpot_ms"], rel=0.05)
-    steps = pd.read_parquet(tmp_path / "s" / "run_False_0.0" / "steps.parquet")
+    steps = pd.read_parquet(tmp_path / "s" / "run_False_0.0_1.0" / "steps.parquet")
     decode = steps[steps["num_prefill_tokens"] == 0]
     assert (decode["device_s"] > 2e-3 + 4e-3).all()  # the launch, then TRUTH's step (>= 4 ms)
-    steps = pd.read_parquet(tmp_path / "a" / "run_True_0.0" / "steps.parquet")
+    steps = pd.read_parquet(tmp_path / "a" / "run_True_0.0_1.0" / "steps.parquet")
     decode = steps[steps["num_prefill_tokens"] == 0]
     assert (decode["device_s"] < 6e-3).mean() > 0.95  # queued: TRUTH's step alone, no launch
 
@@ -268,3 +268,15 @@ def test_the_simulator_prices_a_step_as_the_fit_does(tmp_path):
     assert len(mixed) and (mixed["graph_seqs"] < mixed["graph_tokens"]).any()  # the graph caps sequences
     assert predicted_device(Calibration(TRUTH.device, HostTerms(0.0, 0.0, 0.0, 0.0, 0.0)), rows) == (
         pytest.approx(rows["device_s"].to_numpy(), rel=1e-9))
+
+
+def test_device_time_scale_is_a_card_that_much_faster(tmp_path):
+    """backend.device_time_scale multiplies every step's device time (what-if: a faster card; fidelity.py's
+    sensitivity): with no host time, the same first step takes half as long, and a token about half (the
+    faster steps meet the same arrivals in smaller batches)."""
+    none = HostTerms(0.0, 0.0, 0.0, 0.0, 0.0)
+    runs = {scale: sim_run(tmp_path, none, False, device_time_scale=scale) for scale in (1.0, 0.5)}
+    first = {scale: pd.read_parquet(tmp_path / f"run_False_0.0_{scale}" / "steps.parquet")["device_s"][0]
+             for scale in runs}
+    assert first[0.5] == pytest.approx(first[1.0] / 2, rel=1e-9)
+    assert 0.35 < runs[0.5]["median_tpot_ms"] / runs[1.0]["median_tpot_ms"] < 0.6

@@ -48,6 +48,7 @@ class Backend:
     # sim
     step_time: str = "auto"
     profile_root: str | None = None
+    device_time_scale: float = 1.0
     # engine and sim
     enforce_eager: bool = False
     async_scheduling: bool = False

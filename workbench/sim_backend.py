@@ -97,7 +97,8 @@ def run(cfg: dict[str, Any]) -> RunResult:
     requests = iter_requests(workload, d.model.vocab_size, d.mm.image_tokens or 0)
     with Progress(len(workload), "simulating", cfg.get("progress", True)) as bar:
         sim = ClusterSimulation(replicas, step_times, requests, make_router(d.cluster.router), bar.update,
-                                _graph_sizes(backend, d.sched), backend.get("async_scheduling", False))
+                                _graph_sizes(backend, d.sched), backend.get("async_scheduling", False),
+                                backend.get("device_time_scale", 1.0))
         end_s = sim.run()
     stats = [[s.stats() for s in replica] for replica in replicas]
     all_stats = [s for replica in stats for s in replica]
