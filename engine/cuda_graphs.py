@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from servebench.engine.core.graphs import GraphSizes
+from servebench.engine.core.graphs import GraphSizes, mixed_graph_seqs
 from servebench.engine.input_batch import HostBatch
 from servebench.engine.lora_layers import LoRATables, group_rows
 from servebench.engine.models import AttentionMetadata, LlamaForCausalLM
@@ -87,7 +87,7 @@ class CudaGraphs:
         # ascending: the keys of `graphs` (batches) and of `mixed_graphs` (tokens)
         self.sizes = GraphSizes.of(max_num_seqs, max_num_batched_tokens, mixed)
         # A mixed graph of t tokens holds up to this many sequences (at least one token each).
-        self.mixed_seqs = {t: min(t, max_num_seqs) for t in self.sizes.tokens}
+        self.mixed_seqs = {t: mixed_graph_seqs(t, max_num_seqs) for t in self.sizes.tokens}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.mixed_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._turn = 0  # which pinned host twin of the graph inputs the next replay fills

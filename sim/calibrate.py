@@ -304,8 +304,7 @@ def predicted_device(cal: Calibration, steps: pd.DataFrame) -> np.ndarray:
     h = cal.host
 
     def one(r: object) -> float:
-        launch = (h.launch_graph_s if r.graph_batch else h.launch_eager_s) if r.idle else 0.0
-        return launch + cal.device_time(int(r.graph_batch),
+        return (h.launch(r) if r.idle else 0.0) + cal.device_time(int(r.graph_batch),
                                         int(r.linear_tokens), int(r.graph_seqs), int(r.num_prefill_chunks),
                                         r.prefill_attention, int(r.prefill_context_sum),
                                         int(r.decode_context_sum), int(r.decode_context_max), int(r.swapped))
@@ -316,9 +315,13 @@ def predicted_device(cal: Calibration, steps: pd.DataFrame) -> np.ndarray:
 def predicted_duration(cal: Calibration, steps: pd.DataFrame, measured: bool = True) -> np.ndarray:
     """A sync step's duration: the host's work before the device, then the device's."""
     h = cal.host
-    pre = h.pre_s + h.pre_seq_s * steps["seqs"] + h.pre_token_s * steps["tokens"]
     first = steps["step"].map(lambda i: h.first_steps_s[i] if i < len(h.first_steps_s) else 0.0)
-    return predicted_device(cal, steps) + (pre.to_numpy() if measured else 0.0) + first.to_numpy()
+    return predicted_device(cal, steps) + (_pre(h, steps).to_numpy() if measured else 0.0) + first.to_numpy()
+
+
+def _pre(h: HostTerms, steps: pd.DataFrame) -> pd.Series:
+    """HostTerms.pre of each row, the first steps' own terms aside."""
+    return h.pre_s + h.pre_seq_s * steps["seqs"] + h.pre_token_s * steps["tokens"]
 
 
 def step_errors(cal: Calibration, steps: pd.DataFrame) -> dict[str, dict[str, float]]:
@@ -342,12 +345,9 @@ def host_ratios(cal: Calibration, steps: pd.DataFrame) -> dict[str, float]:
     """Per sync run, the median of its steps' host time before the device (duration less device time) over
     the fitted `pre`: near 1 where the host ran as fast as in the fit. A machine whose host work slows or
     speeds up between runs (seen: 2x in a card's first minutes) shows here, not in the device terms."""
-    h = cal.host
     sync = steps[~steps["async_"] & (steps["step"] >= FIRST_STEPS) & (steps["tokens"] > 0)]
-    pre = h.pre_s + h.pre_seq_s * sync["seqs"] + h.pre_token_s * sync["tokens"]
-    ratio = (sync["duration_s"] - sync["device_s"]) / pre
+    ratio = (sync["duration_s"] - sync["device_s"]) / _pre(cal.host, sync)
     return {run: float(r.median()) for run, r in ratio.groupby(sync["run"]) if r.notna().any()}
-
 
 
 # ---- the command ----

@@ -39,6 +39,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from servebench.engine.core.graphs import mixed_graph_seqs
 from servebench.engine.core.recorder import prefill_attention
 from servebench.engine.core.scheduler_output import SchedulerOutput
 
@@ -82,7 +83,8 @@ class HostTerms:
     launch_eager_s: float = 0.0
 
     def launch(self, out: SchedulerOutput) -> float:
-        """What the step's device window holds before its first kernel when the device was idle."""
+        """What the step's device window holds before its first kernel when the device was idle (`out`: a
+        step, or a steps-table row: its `graph_batch`)."""
         return self.launch_graph_s if out.graph_batch else self.launch_eager_s
 
     def pre(self, out: SchedulerOutput, step: int) -> float:
@@ -128,9 +130,9 @@ class Calibration:
 
 
 def padded_seqs(graph_tokens: int, seqs: int, max_num_seqs: int) -> int:
-    """The sequences a step's kernels run on: a mixed graph's min(its tokens, max_num_seqs), used or not (the
-    engine's runner pads them so: engine/cuda_graphs.py), else the `seqs` scheduled."""
-    return min(graph_tokens, max_num_seqs) if graph_tokens else seqs
+    """The sequences a step's kernels run on: those of the mixed graph it replays, as the engine's runner
+    pads them, else the `seqs` scheduled."""
+    return mixed_graph_seqs(graph_tokens, max_num_seqs) if graph_tokens else seqs
 
 
 class CalibratedStepTime:

@@ -40,6 +40,12 @@ def mixed_graph_tokens(max_num_batched_tokens: int) -> list[int]:
     return [*sizes, top] if top >= MIXED_GRAPH_MIN_TOKENS else []
 
 
+def mixed_graph_seqs(graph_tokens: int, max_num_seqs: int) -> int:
+    """The sequences a mixed graph of `graph_tokens` tokens holds (at least one token each), used or not:
+    each gets its attention programs and its row of logits."""
+    return min(graph_tokens, max_num_seqs)
+
+
 @dataclass(frozen=True, slots=True)
 class GraphSizes:
     """The CUDA graphs an engine captures: one per decode batch and, with cudagraph_mode FULL, one per token

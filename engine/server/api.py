@@ -100,7 +100,7 @@ class OpenAIServer:
 
     def __init__(self, engine, model_name: str, model_path: str, max_body_bytes: int | None = None,
                  loras: list[LoRARequest] | None = None) -> None:
-        loop = engine if isinstance(engine, EngineProcess) else EngineThread(engine)
+        engine_loop = engine if isinstance(engine, EngineProcess) else EngineThread(engine)
         # A copy of our own: an engine thread detokenizes with its tokenizer while we encode here.
         self.tokenizer = copy.deepcopy(engine.tokenizer)
         self.model_name, self.model_path, self.max_model_len = model_name, model_path, engine.max_model_len
@@ -108,7 +108,7 @@ class OpenAIServer:
         self.vocab_size = engine.vocab_size
         self.max_body_bytes = max_body_bytes or default_max_body_bytes(self.max_model_len)
         self.metrics = ServerMetrics(model_name)
-        self.engine = AsyncEngine(loop, self.metrics)
+        self.engine = AsyncEngine(engine_loop, self.metrics)
         self.created = int(time.time())
         # Body parsing and tokenization run here, off the event loop; one thread, so the tokenizer is never
         # used by two threads at once.
